@@ -1,0 +1,600 @@
+//! Agent configuration: a YAML file, overridden by command-line flags, each of which can also come
+//! from a `MESH_*` environment variable. Everything is parsed and validated here, before any socket
+//! is bound or program loaded; an error names the field and the reason.
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+    time::Duration,
+};
+
+use serde::Deserialize;
+
+pub const ENV_CONFIG: &str = "MESH_CONFIG";
+pub const ENV_INTERFACES: &str = "MESH_INTERFACES";
+pub const ENV_CAPTURE: &str = "MESH_CAPTURE";
+pub const ENV_FAIL_MODE: &str = "MESH_FAIL_MODE";
+pub const ENV_LISTEN_PORT: &str = "MESH_LISTEN_PORT";
+pub const ENV_IDLE_TIMEOUT: &str = "MESH_IDLE_TIMEOUT";
+pub const ENV_CONNECT_TIMEOUT: &str = "MESH_CONNECT_TIMEOUT";
+pub const ENV_DRAIN_TIMEOUT: &str = "MESH_DRAIN_TIMEOUT";
+pub const ENV_BPFFS_DIR: &str = "MESH_BPFFS_DIR";
+pub const ENV_MARK: &str = "MESH_MARK";
+pub const ENV_ROUTE_TABLE: &str = "MESH_ROUTE_TABLE";
+pub const ENV_SPLICE: &str = "MESH_SPLICE";
+
+pub const DEFAULT_LISTEN_PORT: u16 = 15001;
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
+pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/mesh";
+/// Mark bit set on captured packets; the policy-routing rule matches `mark/mark`.
+pub const DEFAULT_MARK: u32 = 0x1;
+pub const DEFAULT_ROUTE_TABLE: u32 = 100;
+
+/// What happens to targeted connections while no agent listener exists.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailMode {
+    /// Packets pass untouched, as if there were no mesh.
+    #[default]
+    Open,
+    /// New connections are refused at once (the client gets a RST).
+    Closed,
+}
+
+impl std::str::FromStr for FailMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "open" => Ok(Self::Open),
+            "closed" => Ok(Self::Closed),
+            other => Err(format!(
+                "{other:?} is not a fail mode (expected \"open\" or \"closed\")"
+            )),
+        }
+    }
+}
+
+/// A destination prefix and the ports on it that are captured.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CaptureRule {
+    pub prefix: Prefix,
+    /// Inclusive port ranges; `[(0, 65535)]` for every port.
+    pub ports: Vec<(u16, u16)>,
+}
+
+/// An IP prefix with its host bits cleared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Prefix {
+    pub addr: IpAddr,
+    pub len: u8,
+}
+
+impl fmt::Display for Prefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl std::str::FromStr for Prefix {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (a, l) = match s.split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (s, None),
+        };
+        let addr: IpAddr = a
+            .parse()
+            .map_err(|_| format!("{a:?} is not an IPv4 or IPv6 address"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len =
+            match l {
+                None => max,
+                Some(l) => l.parse::<u8>().ok().filter(|n| *n <= max).ok_or_else(|| {
+                    format!("prefix length {l:?} is not a number from 0 to {max}")
+                })?,
+            };
+        Ok(Prefix {
+            addr: mask(addr, len),
+            len,
+        })
+    }
+}
+
+fn mask(addr: IpAddr, len: u8) -> IpAddr {
+    match addr {
+        IpAddr::V4(a) => {
+            let m = if len == 0 {
+                0
+            } else {
+                u32::MAX << (32 - len as u32)
+            };
+            IpAddr::V4(Ipv4Addr::from(u32::from(a) & m))
+        }
+        IpAddr::V6(a) => {
+            let m = if len == 0 {
+                0
+            } else {
+                u128::MAX << (128 - len as u32)
+            };
+            IpAddr::V6(Ipv6Addr::from(u128::from(a) & m))
+        }
+    }
+}
+
+/// Parses `80`, `8000-8100`, `*` (all ports).
+pub fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let s = s.trim();
+    if s == "*" {
+        return Ok((0, 65535));
+    }
+    let port = |p: &str| {
+        p.trim()
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("{p:?} is not a port from 1 to 65535"))
+    };
+    match s.split_once('-') {
+        None => port(s).map(|p| (p, p)),
+        Some((a, b)) => {
+            let (a, b) = (port(a)?, port(b)?);
+            if a > b {
+                return Err(format!("range {s:?} ends before it starts"));
+            }
+            Ok((a, b))
+        }
+    }
+}
+
+/// Parses `10s`, `500ms`, `2m`, `1h`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration such as \"500ms\", \"10s\" or \"2m\""))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!("{s:?} has no unit (use ms, s, m or h)")),
+    }
+}
+
+/// The configuration file, as written by a person.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct File {
+    /// Host-side veth names whose traffic (the pods' egress) is captured.
+    #[serde(default)]
+    pub interfaces: Vec<String>,
+    /// Destinations to capture: prefix plus ports.
+    #[serde(default)]
+    pub capture: Vec<FileCaptureRule>,
+    /// `open` (default) or `closed`.
+    pub fail_mode: Option<String>,
+    /// Port of the agent's transparent listeners.
+    pub listen_port: Option<u16>,
+    /// A proxied connection idle in both directions this long is closed.
+    pub idle_timeout: Option<String>,
+    /// Upstream connect timeout.
+    pub connect_timeout: Option<String>,
+    /// How long open connections may finish after SIGTERM before the agent exits.
+    pub drain_timeout: Option<String>,
+    /// bpffs folder where links and counters are pinned.
+    pub bpffs_dir: Option<PathBuf>,
+    /// Packet mark for captured packets (one or more bits).
+    pub mark: Option<u32>,
+    /// Routing table that delivers marked packets locally.
+    pub route_table: Option<u32>,
+    /// Forward with splice(2) through a kernel pipe instead of userspace buffers.
+    pub splice: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileCaptureRule {
+    pub prefix: String,
+    #[serde(default)]
+    pub ports: Vec<PortSpec>,
+}
+
+/// A port written as a number or as a string (`"8000-8100"`, `"*"`).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum PortSpec {
+    Number(u32),
+    Text(String),
+}
+
+/// Flag and environment overrides; `None` leaves the file's value.
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct Overrides {
+    /// Configuration file (YAML).
+    #[arg(long, env = ENV_CONFIG)]
+    pub config: Option<PathBuf>,
+    /// Host-side veth to capture on; repeat or comma-separate. Adds to the file's list.
+    #[arg(long = "interface", env = ENV_INTERFACES, value_delimiter = ',')]
+    pub interfaces: Vec<String>,
+    /// Destination to capture, `PREFIX=PORTS` with PORTS like `80,443,8000-8100` or `*`; repeat or
+    /// separate with `;`. Adds to the file's list.
+    #[arg(long = "capture", env = ENV_CAPTURE, value_delimiter = ';')]
+    pub capture: Vec<String>,
+    /// `open` or `closed`.
+    #[arg(long, env = ENV_FAIL_MODE)]
+    pub fail_mode: Option<String>,
+    #[arg(long, env = ENV_LISTEN_PORT)]
+    pub listen_port: Option<u16>,
+    #[arg(long, env = ENV_IDLE_TIMEOUT)]
+    pub idle_timeout: Option<String>,
+    #[arg(long, env = ENV_CONNECT_TIMEOUT)]
+    pub connect_timeout: Option<String>,
+    #[arg(long, env = ENV_DRAIN_TIMEOUT)]
+    pub drain_timeout: Option<String>,
+    #[arg(long, env = ENV_BPFFS_DIR)]
+    pub bpffs_dir: Option<PathBuf>,
+    #[arg(long, env = ENV_MARK)]
+    pub mark: Option<u32>,
+    #[arg(long, env = ENV_ROUTE_TABLE)]
+    pub route_table: Option<u32>,
+    #[arg(long, env = ENV_SPLICE)]
+    pub splice: Option<bool>,
+}
+
+/// The validated configuration the agent runs with.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub interfaces: Vec<String>,
+    pub capture: Vec<CaptureRule>,
+    pub fail_mode: FailMode,
+    pub listen_port: u16,
+    pub idle_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub drain_timeout: Duration,
+    pub bpffs_dir: PathBuf,
+    pub mark: u32,
+    pub route_table: u32,
+    pub splice: bool,
+}
+
+/// Every problem found, each naming its field.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("invalid configuration:\n{}", .0.iter().map(|e| format!("  {e}")).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<FieldError>),
+}
+
+/// One invalid field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: String,
+    pub reason: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.reason)
+    }
+}
+
+impl Config {
+    /// Reads the file named by `ov.config` (if any), applies the overrides and validates.
+    pub fn load(ov: &Overrides) -> Result<Self, Error> {
+        let file = match &ov.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                Self::parse_file(&text).map_err(|message| Error::Syntax {
+                    path: path.clone(),
+                    message,
+                })?
+            }
+            None => File::default(),
+        };
+        Self::build(file, ov)
+    }
+
+    pub fn parse_file(text: &str) -> Result<File, String> {
+        if text.trim().is_empty() {
+            return Ok(File::default());
+        }
+        serde_yaml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Merges and validates; collects every error rather than stopping at the first.
+    pub fn build(file: File, ov: &Overrides) -> Result<Self, Error> {
+        let mut errs = Vec::new();
+        let mut err = |field: String, reason: String| errs.push(FieldError { field, reason });
+
+        let mut interfaces = file.interfaces;
+        interfaces.extend(ov.interfaces.iter().filter(|s| !s.is_empty()).cloned());
+        interfaces.dedup();
+        for (i, name) in interfaces.iter().enumerate() {
+            if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', '\0']) {
+                err(
+                    format!("interfaces[{i}]"),
+                    format!(
+                        "{name:?} is not a network interface name (1 to 15 characters, no '/' or spaces)"
+                    ),
+                );
+            }
+        }
+
+        let mut capture = Vec::new();
+        for (i, r) in file.capture.iter().enumerate() {
+            let prefix = match r.prefix.parse::<Prefix>() {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    err(format!("capture[{i}].prefix"), e);
+                    None
+                }
+            };
+            let mut ports = Vec::new();
+            if r.ports.is_empty() {
+                err(
+                    format!("capture[{i}].ports"),
+                    "must list at least one port, range, or \"*\"".into(),
+                );
+            }
+            for (j, p) in r.ports.iter().enumerate() {
+                let parsed = match p {
+                    PortSpec::Number(n) => u16::try_from(*n)
+                        .ok()
+                        .filter(|n| *n != 0)
+                        .map(|n| (n, n))
+                        .ok_or_else(|| format!("{n} is not a port from 1 to 65535")),
+                    PortSpec::Text(s) => parse_port_range(s),
+                };
+                match parsed {
+                    Ok(r) => ports.push(r),
+                    Err(e) => err(format!("capture[{i}].ports[{j}]"), e),
+                }
+            }
+            if let Some(prefix) = prefix {
+                capture.push(CaptureRule { prefix, ports });
+            }
+        }
+        for (i, s) in ov.capture.iter().enumerate() {
+            let field = format!("--capture[{i}]");
+            let Some((p, ports)) = s.split_once('=') else {
+                err(
+                    field,
+                    format!("{s:?} is not PREFIX=PORTS (for example 10.96.0.0/16=80,443)"),
+                );
+                continue;
+            };
+            let prefix = p.parse::<Prefix>().map_err(|e| err(field.clone(), e)).ok();
+            let ports: Vec<_> = ports
+                .split(',')
+                .filter_map(|r| parse_port_range(r).map_err(|e| err(field.clone(), e)).ok())
+                .collect();
+            if let Some(prefix) = prefix {
+                capture.push(CaptureRule { prefix, ports });
+            }
+        }
+        for (i, r) in capture.iter().enumerate() {
+            if r.ports.len() > mesh_common::redirect::MAX_PORT_RANGES {
+                err(
+                    format!("capture[{i}].ports"),
+                    format!(
+                        "{} ranges on one prefix; at most {} fit in the kernel map",
+                        r.ports.len(),
+                        mesh_common::redirect::MAX_PORT_RANGES
+                    ),
+                );
+            }
+        }
+
+        let fail_mode = match ov.fail_mode.as_ref().or(file.fail_mode.as_ref()) {
+            None => FailMode::default(),
+            Some(s) => s.parse().unwrap_or_else(|e| {
+                err("fail_mode".into(), e);
+                FailMode::default()
+            }),
+        };
+        let mut duration = |name: &str, v: Option<&String>, default: Duration| match v {
+            None => default,
+            Some(s) => match parse_duration(s) {
+                Ok(d) if d.is_zero() => {
+                    err(name.into(), "must be greater than zero".into());
+                    default
+                }
+                Ok(d) => d,
+                Err(e) => {
+                    err(name.into(), e);
+                    default
+                }
+            },
+        };
+        let idle_timeout = duration(
+            "idle_timeout",
+            ov.idle_timeout.as_ref().or(file.idle_timeout.as_ref()),
+            DEFAULT_IDLE_TIMEOUT,
+        );
+        let connect_timeout = duration(
+            "connect_timeout",
+            ov.connect_timeout
+                .as_ref()
+                .or(file.connect_timeout.as_ref()),
+            DEFAULT_CONNECT_TIMEOUT,
+        );
+        let drain_timeout = duration(
+            "drain_timeout",
+            ov.drain_timeout.as_ref().or(file.drain_timeout.as_ref()),
+            DEFAULT_DRAIN_TIMEOUT,
+        );
+        let listen_port = ov
+            .listen_port
+            .or(file.listen_port)
+            .unwrap_or(DEFAULT_LISTEN_PORT);
+        if listen_port == 0 {
+            err(
+                "listen_port".into(),
+                "must be a port from 1 to 65535".into(),
+            );
+        }
+        let mark = ov.mark.or(file.mark).unwrap_or(DEFAULT_MARK);
+        if mark == 0 {
+            err("mark".into(), "must have at least one bit set".into());
+        }
+        let route_table = ov
+            .route_table
+            .or(file.route_table)
+            .unwrap_or(DEFAULT_ROUTE_TABLE);
+        if matches!(route_table, 0 | 253..=255) {
+            err(
+                "route_table".into(),
+                format!("{route_table} is reserved (0, 253 default, 254 main, 255 local)"),
+            );
+        }
+        let bpffs_dir = ov
+            .bpffs_dir
+            .clone()
+            .or(file.bpffs_dir)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_BPFFS_DIR));
+        if !bpffs_dir.is_absolute() {
+            err(
+                "bpffs_dir".into(),
+                format!("{} is not an absolute path", bpffs_dir.display()),
+            );
+        }
+        let splice = ov.splice.or(file.splice).unwrap_or(true);
+
+        if !errs.is_empty() {
+            return Err(Error::Invalid(errs));
+        }
+        Ok(Config {
+            interfaces,
+            capture,
+            fail_mode,
+            listen_port,
+            idle_timeout,
+            connect_timeout,
+            drain_timeout,
+            bpffs_dir,
+            mark,
+            route_table,
+            splice,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn build(yaml: &str) -> Result<Config, Error> {
+        let file = Config::parse_file(yaml).map_err(|message| Error::Syntax {
+            path: "t.yaml".into(),
+            message,
+        })?;
+        Config::build(file, &Overrides::default())
+    }
+
+    fn fields(r: Result<Config, Error>) -> Vec<String> {
+        match r {
+            Err(Error::Invalid(v)) => v.into_iter().map(|e| e.field).collect(),
+            other => panic!("expected invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn full_file_parses() {
+        let c = build(
+            "interfaces: [veth1, veth2]\nfail_mode: closed\nlisten_port: 15010\n\
+             capture:\n- prefix: 10.96.0.0/16\n  ports: [80, \"8000-8100\"]\n\
+             - prefix: fd00:96::/64\n  ports: [\"*\"]\nidle_timeout: 90s\ndrain_timeout: 500ms\n",
+        )
+        .expect("valid");
+        assert_eq!(c.interfaces, ["veth1", "veth2"]);
+        assert_eq!(c.fail_mode, FailMode::Closed);
+        assert_eq!(c.listen_port, 15010);
+        assert_eq!(c.capture[0].ports, [(80, 80), (8000, 8100)]);
+        assert_eq!(c.capture[1].prefix.to_string(), "fd00:96::/64");
+        assert_eq!(c.capture[1].ports, [(0, 65535)]);
+        assert_eq!(c.idle_timeout, Duration::from_secs(90));
+        assert_eq!(c.drain_timeout, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn every_bad_field_is_named() {
+        let f = fields(build(
+            "interfaces: [\"this-name-is-far-too-long\"]\nfail_mode: sideways\n\
+             capture:\n- prefix: 10.0.0.0/33\n  ports: [0, \"90-80\", 70000]\n- prefix: x\n  ports: []\n\
+             idle_timeout: soon\nroute_table: 254\nmark: 0\n",
+        ));
+        assert_eq!(
+            f,
+            [
+                "interfaces[0]",
+                "capture[0].prefix",
+                "capture[0].ports[0]",
+                "capture[0].ports[1]",
+                "capture[0].ports[2]",
+                "capture[1].prefix",
+                "capture[1].ports",
+                "fail_mode",
+                "idle_timeout",
+                "mark",
+                "route_table",
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_field_is_a_syntax_error_naming_it() {
+        match build("interfacez: [a]\n") {
+            Err(Error::Syntax { message, .. }) => {
+                assert!(message.contains("interfacez"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn prefix_host_bits_are_cleared() {
+        let p: Prefix = "10.96.3.7/16".parse().expect("valid");
+        assert_eq!(p.to_string(), "10.96.0.0/16");
+        let h: Prefix = "fd00::1".parse().expect("valid");
+        assert_eq!(h.len, 128);
+    }
+
+    #[test]
+    fn flags_add_to_the_file() {
+        let ov = Overrides {
+            interfaces: vec!["h2".into()],
+            capture: vec!["10.1.0.0/24=80,9000-9100".into()],
+            fail_mode: Some("closed".into()),
+            ..Default::default()
+        };
+        let c = Config::build(
+            Config::parse_file("interfaces: [h1]\nfail_mode: open\n").expect("yaml"),
+            &ov,
+        )
+        .expect("valid");
+        assert_eq!(c.interfaces, ["h1", "h2"]);
+        assert_eq!(c.fail_mode, FailMode::Closed);
+        assert_eq!(c.capture[0].ports, [(80, 80), (9000, 9100)]);
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("").is_err());
+    }
+}

@@ -19,7 +19,7 @@ pub mod index {
     pub const ERRORS: u32 = 4;
     /// Targeted packets passed untouched because no listener exists and the fail mode is open.
     pub const FAIL_OPEN: u32 = 5;
-    /// Targeted packets delivered to the local stack to be refused (fail mode closed).
+    /// Targeted connection openings refused with a RST because no listener exists (fail mode closed).
     pub const FAIL_CLOSED: u32 = 6;
     /// Targeted packets of a connection the agent does not own (opened before capture): passed.
     pub const PASSED_UNOWNED: u32 = 7;

@@ -10,9 +10,12 @@
 
 mod maps;
 mod parse;
+mod reset;
 
 use aya_ebpf::{
-    bindings::{BPF_F_CURRENT_NETNS, TC_ACT_OK, TC_ACT_UNSPEC, bpf_sock, bpf_sock_tuple},
+    bindings::{
+        BPF_F_CURRENT_NETNS, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_sock, bpf_sock_tuple,
+    },
     helpers::{bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp},
     macros::classifier,
     maps::lpm_trie::Key,
@@ -78,11 +81,15 @@ fn try_capture(ctx: &TcContext) -> Result<i32, Error> {
             None => {
                 count(ctr::NO_LISTENER);
                 if fail_mode == FAIL_CLOSED {
-                    // Delivered locally where nothing listens on the destination: the node's
-                    // stack answers with a RST, so the client is refused at once.
-                    ctx.set_mark(mark);
                     count(ctr::FAIL_CLOSED);
-                    Ok(TC_ACT_OK as i32)
+                    // Refused at once with a RST, not left to time out.
+                    match reset::refuse(ctx, &seg) {
+                        Ok(action) => Ok(action),
+                        Err(reset::Failed) => {
+                            count(ctr::ERRORS);
+                            Ok(TC_ACT_SHOT as i32)
+                        }
+                    }
                 } else {
                     count(ctr::FAIL_OPEN);
                     Ok(TC_ACT_UNSPEC)

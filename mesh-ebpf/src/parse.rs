@@ -3,7 +3,7 @@
 //! packet yields `None`, never an out-of-bounds access.
 use aya_ebpf::programs::TcContext;
 
-const ETH_HLEN: usize = 14;
+pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
 const IPPROTO_TCP: u8 = 6;
@@ -27,6 +27,8 @@ pub struct Segment {
     pub sport_be: u16,
     /// Network byte order, as in the packet.
     pub dport_be: u16,
+    /// Sequence number, host byte order.
+    pub seq: u32,
     pub flags: u8,
 }
 
@@ -49,11 +51,13 @@ pub fn tcp_segment(ctx: &TcContext) -> Option<Segment> {
     };
     let sport_be: u16 = ctx.load(l4).ok()?;
     let dport_be: u16 = ctx.load(l4 + 2).ok()?;
+    let seq: u32 = u32::from_be(ctx.load(l4 + 4).ok()?);
     let flags: u8 = ctx.load(l4 + 13).ok()?;
     Some(Segment {
         addrs,
         sport_be,
         dport_be,
+        seq,
         flags,
     })
 }

@@ -1,1 +1,486 @@
+//! Test harness for privileged integration tests.
+//!
+//! A [`Topology`] is a node network namespace (where the agent runs, with no route out) and one
+//! namespace per pod behind a veth pair, named `mesh-test-<pid>-<n>[-pod]`. Everything is deleted
+//! when the value drops, also when a test panics. Nothing is attached to the root namespace.
+//! Sockets are opened inside a namespace with [`Netns::run`], so tests use real TCP from std.
+#![forbid(unsafe_code)]
 
+use std::{
+    fs::File,
+    io::Read,
+    net::{Ipv4Addr, Ipv6Addr},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Output, Stdio},
+    sync::atomic::{AtomicUsize, Ordering},
+    time::{Duration, Instant},
+};
+
+use nix::sched::CloneFlags;
+
+static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+/// Whether privileged tests can run. Without root, prints `skipping: <why>` and returns false,
+/// unless `CI` or `MESH_REQUIRE_PRIVILEGED` is set: then it panics, so CI never passes by skipping.
+pub fn privileged(test: &str) -> bool {
+    let why = if !nix::unistd::geteuid().is_root() {
+        Some("not running as root (needs CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)")
+    } else if !Path::new("/run/netns").exists() && Command::new("ip").arg("-V").output().is_err() {
+        Some("iproute2 (`ip`) is not installed")
+    } else {
+        None
+    };
+    match why {
+        None => true,
+        Some(why) => {
+            if std::env::var_os("CI").is_some()
+                || std::env::var_os("MESH_REQUIRE_PRIVILEGED").is_some()
+            {
+                panic!("{test}: privileged test cannot run: {why}");
+            }
+            eprintln!("skipping: {test}: {why}");
+            false
+        }
+    }
+}
+
+/// Runs a command and panics with its output if it fails.
+pub fn sh(args: &[&str]) -> Output {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("running {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A named network namespace.
+#[derive(Debug, Clone)]
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    /// Runs `f` on a thread that has entered this namespace; sockets it opens stay in it.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = self.path();
+        std::thread::spawn(move || {
+            let fd = File::open(&path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+            nix::sched::setns(&fd, CloneFlags::CLONE_NEWNET).expect("setns");
+            f()
+        })
+        .join()
+        .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    }
+
+    /// Spawns `f` on a thread inside this namespace and returns its handle (for servers).
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        let path = self.path();
+        std::thread::spawn(move || {
+            let fd = File::open(&path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+            nix::sched::setns(&fd, CloneFlags::CLONE_NEWNET).expect("setns");
+            f()
+        })
+    }
+
+    /// A command run inside this namespace (`ip netns exec`).
+    pub fn cmd(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+
+    /// Runs a command inside the namespace and panics if it fails.
+    pub fn sh(&self, args: &[&str]) -> Output {
+        let mut all = vec!["ip", "netns", "exec", &self.name];
+        all.extend_from_slice(args);
+        sh(&all)
+    }
+}
+
+/// A pod: a namespace behind a veth whose host end is in the node namespace.
+#[derive(Debug, Clone)]
+pub struct Pod {
+    pub name: String,
+    pub ns: Netns,
+    pub ip4: Ipv4Addr,
+    pub ip6: Ipv6Addr,
+    /// The node's address on this pod's link (what a server in the pod sees as the agent's).
+    pub gw4: Ipv4Addr,
+    pub gw6: Ipv6Addr,
+    /// Host-side veth name, in the node namespace.
+    pub host_if: String,
+}
+
+/// Node namespace plus pods; deleted on drop.
+pub struct Topology {
+    pub id: String,
+    pub node: Netns,
+    pub pods: Vec<Pod>,
+    /// bpffs folder the agents of this topology pin into.
+    pub bpffs_dir: PathBuf,
+}
+
+impl Topology {
+    /// Builds the node namespace and one pod per name. Pod `i` (from 1) gets 10.201.i.2/24 and
+    /// fd00:201:i::2/64, default routes via the node, whose side has .1 and ::1.
+    pub fn new(pods: &[&str]) -> Self {
+        let id = format!(
+            "mesh-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let node = Netns { name: id.clone() };
+        let mut topo = Topology {
+            bpffs_dir: PathBuf::from("/sys/fs/bpf").join(&id),
+            id: id.clone(),
+            node: node.clone(),
+            pods: Vec::new(),
+        };
+        sh(&["ip", "netns", "add", &node.name]);
+        sh(&["ip", "-n", &node.name, "link", "set", "lo", "up"]);
+        node.sh(&[
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+            "net.ipv6.conf.all.forwarding=1",
+        ]);
+        for (i, name) in pods.iter().enumerate() {
+            let i = i + 1;
+            let ns = Netns {
+                name: format!("{id}-{name}"),
+            };
+            let host_if = format!("h{i}");
+            sh(&["ip", "netns", "add", &ns.name]);
+            // Registered before configuring, so a failure below still cleans it up.
+            let pod = Pod {
+                name: name.to_string(),
+                ns: ns.clone(),
+                ip4: Ipv4Addr::new(10, 201, i as u8, 2),
+                ip6: format!("fd00:201:{i}::2").parse().expect("v6"),
+                gw4: Ipv4Addr::new(10, 201, i as u8, 1),
+                gw6: format!("fd00:201:{i}::1").parse().expect("v6"),
+                host_if: host_if.clone(),
+            };
+            topo.pods.push(pod.clone());
+            let n = &node.name;
+            sh(&[
+                "ip", "-n", n, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0",
+                "netns", &ns.name,
+            ]);
+            sh(&["ip", "-n", n, "link", "set", &host_if, "up"]);
+            sh(&["ip", "-n", &ns.name, "link", "set", "lo", "up"]);
+            sh(&["ip", "-n", &ns.name, "link", "set", "eth0", "up"]);
+            sh(&[
+                "ip",
+                "-n",
+                n,
+                "addr",
+                "add",
+                &format!("{}/24", pod.gw4),
+                "dev",
+                &host_if,
+            ]);
+            sh(&[
+                "ip",
+                "-n",
+                n,
+                "-6",
+                "addr",
+                "add",
+                &format!("{}/64", pod.gw6),
+                "dev",
+                &host_if,
+                "nodad",
+            ]);
+            sh(&[
+                "ip",
+                "-n",
+                &ns.name,
+                "addr",
+                "add",
+                &format!("{}/24", pod.ip4),
+                "dev",
+                "eth0",
+            ]);
+            sh(&[
+                "ip",
+                "-n",
+                &ns.name,
+                "-6",
+                "addr",
+                "add",
+                &format!("{}/64", pod.ip6),
+                "dev",
+                "eth0",
+                "nodad",
+            ]);
+            sh(&[
+                "ip",
+                "-n",
+                &ns.name,
+                "route",
+                "add",
+                "default",
+                "via",
+                &pod.gw4.to_string(),
+            ]);
+            sh(&[
+                "ip",
+                "-n",
+                &ns.name,
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &pod.gw6.to_string(),
+            ]);
+        }
+        topo
+    }
+
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name}"))
+    }
+
+    /// Makes the node DNAT its own connections to `vip:port` to `backend:bport`, as kube-proxy
+    /// does for host-network clients: this is how a Service IP reaches a pod without the mesh.
+    pub fn kube_proxy_dnat(&self, vip: Ipv4Addr, port: u16, backend: Ipv4Addr, bport: u16) {
+        let rules = format!(
+            "table ip kubeproxy {{\n chain out {{\n  type nat hook output priority -100;\n  ip daddr {vip} tcp dport {port} dnat to {backend}:{bport}\n }}\n}}\n"
+        );
+        let mut c = self.node.cmd("nft");
+        c.args(["-f", "-"]).stdin(Stdio::piped());
+        let mut child = c.spawn().expect("nft");
+        std::io::Write::write_all(child.stdin.as_mut().expect("stdin"), rules.as_bytes())
+            .expect("write rules");
+        assert!(child.wait().expect("nft").success(), "nft rules failed");
+        // A node has a default route; this one has no route out, so give the node's own
+        // connections a route for the VIP (the DNAT above then re-routes them to the pod).
+        self.node
+            .sh(&["ip", "route", "replace", &format!("{vip}/32"), "dev", "lo"]);
+    }
+
+    /// Starts `mesh-agent run` in the node namespace with these extra arguments and waits until
+    /// it reports ready.
+    pub fn start_agent(&self, args: &[&str]) -> Agent {
+        Agent::start(self, args)
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        for ns in self
+            .pods
+            .iter()
+            .map(|p| &p.ns)
+            .chain(std::iter::once(&self.node))
+        {
+            if let Ok(out) = Command::new("ip")
+                .args(["netns", "pids", &ns.name])
+                .output()
+            {
+                for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                    let _ = Command::new("kill").args(["-9", pid]).status();
+                }
+            }
+        }
+        for ns in self
+            .pods
+            .iter()
+            .map(|p| &p.ns)
+            .chain(std::iter::once(&self.node))
+        {
+            let _ = Command::new("ip").args(["netns", "del", &ns.name]).status();
+        }
+        let _ = std::fs::remove_dir_all(&self.bpffs_dir);
+        // Agent logs are kept when a test fails, for the report.
+        if !std::thread::panicking()
+            && let Ok(dir) = std::fs::read_dir(std::env::temp_dir())
+        {
+            for e in dir.flatten() {
+                if e.file_name()
+                    .to_string_lossy()
+                    .starts_with(&format!("{}-agent-", self.id))
+                {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+}
+
+/// The agent binary: `MESH_AGENT_BIN`, or the workspace's `target/debug/mesh-agent`.
+pub fn agent_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("MESH_AGENT_BIN") {
+        return PathBuf::from(p);
+    }
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/mesh-agent");
+    assert!(
+        p.exists(),
+        "{} not found: build it first (`cargo build -p mesh-agent`) or run `cargo xtask test`",
+        p.display()
+    );
+    p
+}
+
+/// A running agent; killed on drop if still running.
+pub struct Agent {
+    child: Option<Child>,
+    pub log_path: PathBuf,
+    pub bpffs_dir: PathBuf,
+}
+
+impl Agent {
+    fn start(topo: &Topology, args: &[&str]) -> Agent {
+        let log_path = std::env::temp_dir().join(format!(
+            "{}-agent-{}.log",
+            topo.id,
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let log = File::create(&log_path).expect("agent log");
+        let bpffs = topo.bpffs_dir.to_string_lossy().to_string();
+        // nsenter enters only the network namespace: the agent keeps the host's mount namespace,
+        // so its pinned links live in the real bpffs and survive the agent, as on a node.
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", topo.node.path().display()))
+            .arg(agent_bin())
+            .arg("run")
+            .args(["--bpffs-dir", &bpffs])
+            .args(args)
+            .env("LOG_FORMAT", "json")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn agent");
+        let mut agent = Agent {
+            child: Some(child),
+            log_path,
+            bpffs_dir: topo.bpffs_dir.clone(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if agent.log().contains("agent ready") {
+                return agent;
+            }
+            if let Some(status) = agent
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("agent exited ({status}) before ready:\n{}", agent.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent not ready after 20 s:\n{}",
+                agent.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).expect("agent running")
+    }
+
+    pub fn log(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = File::open(&self.log_path) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    /// The agent's JSON log lines.
+    pub fn log_lines(&self) -> Vec<serde_json::Value> {
+        self.log()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Resident set size in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .expect("VmRSS")
+    }
+
+    /// Kernel counters, read from the pinned map with `mesh-agent counters`.
+    pub fn counters(&self) -> serde_json::Value {
+        read_counters(&self.bpffs_dir)
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self, within: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        sh(&["kill", "-TERM", &child.id().to_string()]);
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(s) = child.try_wait().expect("wait") {
+                return s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!(
+                    "agent did not exit within {within:?} of SIGTERM:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL: the agent dies without cleaning up, as in a crash or OOM kill.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Counters pinned in `dir`.
+pub fn read_counters(dir: &Path) -> serde_json::Value {
+    let out = sh(&[
+        agent_bin().to_str().expect("utf8"),
+        "counters",
+        "--bpffs-dir",
+        dir.to_str().expect("utf8"),
+    ]);
+    serde_json::from_slice(&out.stdout).expect("counters JSON")
+}
+
+/// Counter `name` from a counters object.
+pub fn counter(v: &serde_json::Value, name: &str) -> u64 {
+    v[name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no counter {name} in {v}"))
+}

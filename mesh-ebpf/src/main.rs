@@ -5,17 +5,17 @@
 //! policy routing delivers it locally) and assigns it to an agent socket: a SYN to the agent's
 //! transparent listener, any later segment to the agent socket that already owns the flow. All
 //! other traffic passes untouched. When no listener exists the configured fail mode decides.
-#![no_std]
-#![no_main]
+// Built for bpfel-unknown-none by mesh-agent's build script. On the host (`cargo clippy
+// --workspace`) it is an ordinary binary with an empty `main`, so the workspace checks cleanly.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
 
 mod maps;
 mod parse;
 mod reset;
 
 use aya_ebpf::{
-    bindings::{
-        BPF_F_CURRENT_NETNS, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_sock, bpf_sock_tuple,
-    },
+    bindings::{BPF_F_CURRENT_NETNS, TC_ACT_UNSPEC, bpf_sock, bpf_sock_tuple},
     helpers::{bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp},
     macros::classifier,
     maps::lpm_trie::Key,
@@ -30,6 +30,15 @@ use crate::{
     maps::{CAPTURE_V4, CAPTURE_V6, LISTENERS, SETTINGS, count},
     parse::{Addrs, Segment, TCP_ACK, TCP_SYN},
 };
+
+/// TC verdicts as `i32`; the bindings' integer types differ between the bpf and host targets.
+#[allow(clippy::unnecessary_cast)]
+pub mod verdict {
+    use aya_ebpf::bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT};
+    pub const OK: i32 = TC_ACT_OK as i32;
+    pub const SHOT: i32 = TC_ACT_SHOT as i32;
+    pub const REDIRECT: i32 = TC_ACT_REDIRECT as i32;
+}
 
 /// `state` of a listening socket in `struct bpf_sock`.
 const TCP_LISTEN: u32 = 10;
@@ -76,7 +85,7 @@ fn try_capture(ctx: &TcContext) -> Result<i32, Error> {
                 ctx.set_mark(mark);
                 assign(ctx, sk)?;
                 count(ctr::REDIRECTED);
-                Ok(TC_ACT_OK as i32)
+                Ok(verdict::OK)
             }
             None => {
                 count(ctr::NO_LISTENER);
@@ -87,7 +96,7 @@ fn try_capture(ctx: &TcContext) -> Result<i32, Error> {
                         Ok(action) => Ok(action),
                         Err(reset::Failed) => {
                             count(ctr::ERRORS);
-                            Ok(TC_ACT_SHOT as i32)
+                            Ok(verdict::SHOT)
                         }
                     }
                 } else {
@@ -105,7 +114,7 @@ fn try_capture(ctx: &TcContext) -> Result<i32, Error> {
             ctx.set_mark(mark);
             assign(ctx, sk)?;
             count(ctr::REDIRECTED);
-            Ok(TC_ACT_OK as i32)
+            Ok(verdict::OK)
         }
         None => {
             count(ctr::PASSED_UNOWNED);
@@ -209,7 +218,10 @@ fn words(b: [u8; 16]) -> [u32; 4] {
     ]
 }
 
-#[cfg(not(test))]
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
+
+#[cfg(target_arch = "bpf")]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}

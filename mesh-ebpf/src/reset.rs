@@ -4,7 +4,6 @@
 //! The node's own stack cannot do this: it will not send a RST from an address that is not its
 //! own, and with no agent there is no socket whose transparency would allow it.
 use aya_ebpf::{
-    bindings::TC_ACT_REDIRECT,
     helpers::{bpf_redirect, bpf_skb_change_tail},
     programs::TcContext,
 };
@@ -76,7 +75,7 @@ pub fn refuse(ctx: &TcContext, seg: &Segment) -> Result<i32, Failed> {
     }
     // SAFETY: plain helper call; egress redirect to the device the packet arrived on.
     unsafe { bpf_redirect(ifindex, 0) };
-    Ok(TC_ACT_REDIRECT as i32)
+    Ok(crate::verdict::REDIRECT)
 }
 
 #[inline(always)]

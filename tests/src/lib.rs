@@ -6,6 +6,8 @@
 //! Sockets are opened inside a namespace with [`Netns::run`], so tests use real TCP from std.
 #![forbid(unsafe_code)]
 
+pub mod servers;
+
 use std::{
     fs::File,
     io::Read,

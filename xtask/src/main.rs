@@ -1,1 +1,52 @@
-fn main() {}
+//! `cargo xtask <command>`: setup, demo, test, bench. Every command but `setup` first runs the
+//! setup steps that are missing, so a fresh machine needs nothing else.
+mod bench;
+mod demo;
+mod setup;
+mod test;
+mod util;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what building and testing need (idempotent): nightly rust-src, bpf-linker built
+    /// against rustc's LLVM, and the Debian packages the tests use.
+    Setup,
+    /// Build a topology in network namespaces, run the agent, make requests, show what happened.
+    Demo,
+    /// Lints, unit tests, privileged integration tests (as root), and the conformance suite.
+    Test {
+        /// Skip `cargo fmt --check` and clippy.
+        #[arg(long)]
+        no_lint: bool,
+    },
+    /// End-to-end figures: throughput, latency and memory through the agent against direct.
+    Bench,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Setup => setup::run(),
+        Command::Demo => {
+            setup::run()?;
+            demo::run()
+        }
+        Command::Test { no_lint } => {
+            setup::run()?;
+            test::run(!no_lint)
+        }
+        Command::Bench => {
+            setup::run()?;
+            bench::run()
+        }
+    }
+}

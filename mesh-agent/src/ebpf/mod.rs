@@ -33,7 +33,7 @@ use crate::config::{CaptureRule, Config, FailMode, Prefix};
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf"));
 
 const PROGRAM: &str = "capture";
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const BPF_FS_MAGIC: libc::__fsword_t = 0xcafe_4a11;
 const COUNTERS_PIN: &str = "counters";
 
 #[derive(Debug, thiserror::Error)]
@@ -348,7 +348,7 @@ pub fn pinned_counters(dir: &Path) -> Result<[u64; counters::MAX_ENTRIES as usiz
 fn ensure_bpffs(dir: &Path) -> Result<(), Error> {
     let is_bpffs = |p: &Path| {
         nix::sys::statfs::statfs(p)
-            .map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+            .map(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
             .unwrap_or(false)
     };
     let root = Path::new("/sys/fs/bpf");

@@ -1,0 +1,129 @@
+//! Idempotent machine setup. Each step checks first and does nothing when already satisfied.
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{Context as _, bail};
+
+use crate::util::{exec, output};
+
+/// bpf-linker version known to work with aya 0.14 and rustc's LLVM 22.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// Commands the tests, demo and benchmarks use, and the Debian package of each.
+const PACKAGES: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("nsenter", "util-linux"),
+    ("nft", "nftables"),
+    ("curl", "curl"),
+    ("openssl", "openssl"),
+    ("socat", "socat"),
+    ("iperf3", "iperf3"),
+    ("bpftool", "bpftool"),
+];
+
+pub fn run() -> anyhow::Result<()> {
+    rust_src()?;
+    bpf_linker()?;
+    packages()?;
+    Ok(())
+}
+
+fn rust_src() -> anyhow::Result<()> {
+    let toolchains = output("rustup", &["toolchain", "list"]).context("rustup is required")?;
+    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
+        eprintln!("setup: installing the nightly toolchain");
+        exec(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
+    }
+    let installed = output(
+        "rustup",
+        &["component", "list", "--toolchain", "nightly", "--installed"],
+    )
+    .unwrap_or_default();
+    if !installed.lines().any(|l| l.starts_with("rust-src")) {
+        eprintln!("setup: adding rust-src to nightly");
+        exec(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+    Ok(())
+}
+
+/// bpf-linker must link with the LLVM that nightly rustc uses: point LLVM_PREFIX at a folder of
+/// symlinks to the nightly sysroot's libLLVM and build it with the matching `llvm-NN` feature.
+fn bpf_linker() -> anyhow::Result<()> {
+    if output("bpf-linker", &["--version"]).is_some_and(|v| v.contains(BPF_LINKER_VERSION)) {
+        return Ok(());
+    }
+    let sysroot = output("rustc", &["+nightly", "--print", "sysroot"]).context("nightly rustc")?;
+    let lib = PathBuf::from(sysroot.trim()).join("lib");
+    let llvm = std::fs::read_dir(&lib)?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .find(|n| n.starts_with("libLLVM.so.") && n.contains("-rust-"))
+        .with_context(|| format!("no libLLVM.so.*-rust-* in {}", lib.display()))?;
+    let major = llvm
+        .trim_start_matches("libLLVM.so.")
+        .split('.')
+        .next()
+        .and_then(|m| m.parse::<u32>().ok())
+        .with_context(|| format!("cannot read the LLVM version from {llvm}"))?;
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    let prefix = PathBuf::from(home).join(".cache/mesh-llvm");
+    let plib = prefix.join("lib");
+    std::fs::create_dir_all(&plib)?;
+    for name in ["libLLVM.so", llvm.as_str()] {
+        let link = plib.join(name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(lib.join(&llvm), &link)
+            .with_context(|| format!("symlink {}", link.display()))?;
+    }
+    eprintln!(
+        "setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM {major} (about a minute)"
+    );
+    exec(
+        Command::new("cargo")
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--no-default-features",
+                "--features",
+            ])
+            .arg(format!("llvm-{major}"))
+            .env("LLVM_PREFIX", &prefix),
+    )?;
+    Ok(())
+}
+
+fn packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .filter(|(bin, _)| output("sh", &["-c", &format!("command -v {bin}")]).is_none())
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if output("id", &["-u"]).is_none_or(|u| u.trim() != "0") {
+        bail!("missing packages {missing:?}; run as root so setup can install them");
+    }
+    eprintln!("setup: installing {}", missing.join(" "));
+    exec(Command::new("apt-get").args(["update", "-qq"]))?;
+    exec(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    Ok(())
+}

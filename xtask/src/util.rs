@@ -1,0 +1,75 @@
+//! Running commands from the workspace root.
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    p.canonicalize().unwrap_or(p)
+}
+
+/// Runs a command from the workspace root, streaming its output; fails on non-zero exit.
+pub fn exec(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd
+        .current_dir(root())
+        .status()
+        .with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// Runs a command and returns its stdout, or None if it could not run or failed.
+pub fn output(program: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(program).args(args).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+pub fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+/// Builds the agent (debug) and returns the binary's path.
+pub fn build_agent(release: bool) -> anyhow::Result<PathBuf> {
+    let mut c = cargo();
+    c.args(["build", "-p", "mesh-agent"]);
+    if release {
+        c.arg("--release");
+    }
+    exec(&mut c)?;
+    Ok(root()
+        .join("target")
+        .join(if release { "release" } else { "debug" })
+        .join("mesh-agent"))
+}
+
+/// Deletes network namespaces and bpffs folders that an interrupted test or demo left behind.
+pub fn clean_leftovers() {
+    if let Some(list) = output("ip", &["netns", "list"]) {
+        for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
+            if name.starts_with("mesh-test-") || name.starts_with("mesh-demo-") {
+                if let Some(pids) = output("ip", &["netns", "pids", name]) {
+                    for pid in pids.split_whitespace() {
+                        let _ = Command::new("kill").args(["-9", pid]).status();
+                    }
+                }
+                let _ = Command::new("ip").args(["netns", "del", name]).status();
+            }
+        }
+    }
+    if let Ok(dir) = std::fs::read_dir("/sys/fs/bpf") {
+        for e in dir.flatten() {
+            let n = e.file_name().to_string_lossy().to_string();
+            if n.starts_with("mesh-test-") || n.starts_with("mesh-demo-") {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}

@@ -65,13 +65,15 @@ pub(crate) fn parse_request_line(buf: &[u8]) -> Verdict {
 }
 
 fn parse_window(buf: &[u8]) -> Verdict {
-    // An unknown method is accepted (RFC 9110 section 9.1 lets servers define their own), so any
-    // short run of token characters may still become a request line. Protocols that do not
-    // start with one, binary ones especially, fail on their first bytes.
+    // An unknown method is accepted (RFC 9110 section 9.1 lets servers define their own), so a
+    // short run of method characters may still become a request line. Methods are taken to be
+    // upper case, as every registered one is: a protocol whose first bytes are lower case or
+    // binary is settled on its first byte, instead of waiting for more bytes a client-speaks-
+    // first protocol may never send (a one-byte ping would otherwise wait for the timeout).
     let Some(method_len) = buf
         .iter()
         .take(MAX_METHOD_LEN + 1)
-        .position(|&byte| !is_tchar(byte))
+        .position(|&byte| !is_method_char(byte))
     else {
         return if buf.len() <= MAX_METHOD_LEN {
             Verdict::NeedMore
@@ -125,9 +127,10 @@ fn parse_window(buf: &[u8]) -> Verdict {
     })
 }
 
-/// RFC 9110 section 5.6.2 `tchar`: the characters of a method token.
-fn is_tchar(byte: u8) -> bool {
-    byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte)
+/// The characters of a method as used in practice: RFC 9110 `tchar` restricted to upper-case
+/// letters, `-` and `_` (every method in the IANA registry fits).
+fn is_method_char(byte: u8) -> bool {
+    byte.is_ascii_uppercase() || byte == b'-' || byte == b'_'
 }
 
 /// Bytes allowed in a request-target: any visible character. The exact grammar

@@ -59,7 +59,7 @@ fn http1_prefixes_need_more() {
 fn http1_methods_versions_and_targets() {
     for method in [
         "GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "CONNECT", "TRACE", "PROPFIND",
-        "M-SEARCH", "get",
+        "M-SEARCH", "BASELINE-CONTROL",
     ] {
         let request = format!("{method} / HTTP/1.1\r\n");
         let line = http1(request.as_bytes());
@@ -96,6 +96,14 @@ fn http1_methods_versions_and_targets() {
         assert_eq!(line.version, *version);
         assert_eq!(line.line_len, request.len());
     }
+}
+
+#[test]
+fn lower_case_first_bytes_are_settled_at_once() {
+    // A client-speaks-first protocol that sends one byte must not wait for more.
+    assert_eq!(detect(b"x"), Detection::Opaque);
+    assert_eq!(detect(b"get / HTTP/1.1\r\n"), Detection::Opaque);
+    assert_eq!(detect(b"ping"), Detection::Opaque);
 }
 
 #[test]

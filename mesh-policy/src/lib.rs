@@ -1,1 +1,71 @@
+//! The Skiff policy engine: what the per-node agent consults to decide where a captured TCP
+//! connection to a Service virtual IP goes.
+//!
+//! Users write policy exactly as they would `kubectl apply` it: Kubernetes `Service` and
+//! `EndpointSlice` objects, Gateway API routes in their GAMMA (mesh) form — `HTTPRoute`,
+//! `GRPCRoute`, `TLSRoute` and `TCPRoute` whose `parentRefs` name a Service — and our own
+//! `skiff.dev/v1alpha1 MeshPolicy` for capture ranges and data-plane defaults.
+//!
+//! The life of a policy:
+//!
+//! 1. [`parse_documents`] / [`load_path`] turn YAML into typed [`Object`]s; every document that
+//!    does not parse becomes a [`ValidationError`] naming the document and, where serde knows it,
+//!    the field.
+//! 2. [`validate`] checks the objects against each other and against the Gateway API rules (CRD
+//!    limits, CEL rules, reference resolution), collecting every error rather than stopping at
+//!    the first.
+//! 3. [`Compiled::compile`] lowers valid objects into an immutable, indexed route table. It is
+//!    `Send + Sync`, never locked, built once per reload and swapped atomically by the agent
+//!    (see [`PolicyStore`]).
+//! 4. Per connection or request the agent calls [`Compiled::route_http`],
+//!    [`Compiled::route_grpc`], [`Compiled::route_tls`] or [`Compiled::route_tcp`], and picks a
+//!    backend with [`pick_weighted`] using randomness it supplies.
+//!
+//! Lookups are built so that their cost does not grow with the number of routes: hostnames are
+//! resolved through hash maps (exact names, then wildcard suffixes label by label), and inside a
+//! hostname bucket Exact paths and PathPrefix segments are hash lookups too; only
+//! RegularExpression paths are scanned.
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod backend;
+mod compiled;
+mod error;
+mod filter;
+mod grpc;
+mod hosts;
+mod http;
+mod l4;
+mod load;
+mod lower;
+mod model;
+mod names;
+mod settings;
+mod store;
+mod views;
+
+pub use backend::{Backend, pick_weighted};
+pub use compiled::{CaptureEntry, CaptureRule, Compiled, ServicePort, Summary};
+pub use error::{LoadError, ValidationError};
+pub use filter::{
+    Fraction, HeaderModifier, HttpFilter, Mirror, PathModifier, Redirect, UrlRewrite,
+};
+pub use grpc::{GrpcDecision, GrpcOutcome, GrpcRequest, split_grpc_path};
+pub use http::{
+    HttpAction, HttpDecision, HttpOutcome, HttpRule, MatchedPath, PathMatchKind, RequestParts,
+    Timeouts,
+};
+pub use l4::Decision;
+pub use load::{load_path, parse_documents, parse_documents_partial};
+pub use lower::validate;
+pub use model::{
+    CaptureSpec, FailMode, HeaderPolicy, MeshPolicy, MeshPolicySpec, Object, PortSpec, Resource,
+    RouteId, RouteKind, ServiceRef,
+};
+pub use settings::{
+    DEFAULT_FAIL_MODE, DEFAULT_PROTOCOL_DETECTION_TIMEOUT, HeaderDefaults, MeshSettings,
+};
+pub use store::PolicyStore;
+
+#[cfg(test)]
+mod tests;

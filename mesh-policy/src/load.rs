@@ -1,0 +1,263 @@
+//! Reading policy: multi-document YAML into typed [`Object`]s.
+//!
+//! Each document is first read as a generic YAML value so that `apiVersion` and `kind` choose the
+//! type, then deserialized through `serde_path_to_error` so that a wrong type or an unknown enum
+//! value becomes a [`ValidationError`] with the field path (`spec.rules[0].matches[0].method`).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_yaml::Value;
+
+use crate::error::{LoadError, ValidationError};
+use crate::model::{DEFAULT_NAMESPACE, Object, Resource};
+
+const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
+const MESH_POLICY_API_VERSION: &str = "skiff.dev/v1alpha1";
+
+/// Parses multi-document YAML text. `source_name` (usually the file name) prefixes each
+/// document's source, `name#N` with N counted from 1.
+///
+/// Empty documents and documents holding only comments are skipped, and so are `v1 Namespace`
+/// objects. Every other document must be one of the supported kinds. All errors in the text are
+/// returned, not only the first.
+pub fn parse_documents(text: &str, source_name: &str) -> Result<Vec<Object>, Vec<ValidationError>> {
+    let (objects, errors) = parse_documents_partial(text, source_name);
+    if errors.is_empty() {
+        Ok(objects)
+    } else {
+        Err(errors)
+    }
+}
+
+/// Like [`parse_documents`], but returns the documents that parsed alongside the errors of
+/// those that did not, so that a caller can validate the rest and report everything at once.
+pub fn parse_documents_partial(
+    text: &str,
+    source_name: &str,
+) -> (Vec<Object>, Vec<ValidationError>) {
+    let mut objects = Vec::new();
+    let mut errors = Vec::new();
+    for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let source = format!("{source_name}#{}", index + 1);
+        let value = match Value::deserialize(document) {
+            Ok(value) => value,
+            Err(error) => {
+                errors.push(ValidationError::new(
+                    "document",
+                    &source,
+                    "",
+                    format!("not valid YAML: {error}"),
+                ));
+                // The YAML stream cannot be resynchronized after a syntax error (the document
+                // iterator would keep repeating it), so the rest of this text is not read.
+                break;
+            }
+        };
+        match parse_value(value, &source) {
+            Ok(Some(resource)) => objects.push(Object { source, resource }),
+            Ok(None) => {}
+            Err(error) => errors.push(*error),
+        }
+    }
+    (objects, errors)
+}
+
+/// Loads a policy file, or every `*.yaml` / `*.yml` file directly inside a directory, in file
+/// name order. Sources are named by file name (`routes.yaml#2`).
+pub fn load_path(path: impl AsRef<Path>) -> Result<Vec<Object>, LoadError> {
+    let (objects, errors) = load_path_partial(path.as_ref())?;
+    if errors.is_empty() {
+        Ok(objects)
+    } else {
+        Err(LoadError::Invalid(errors))
+    }
+}
+
+/// [`load_path`] that keeps the documents that parsed alongside the errors (I/O errors still
+/// fail the whole load).
+pub(crate) fn load_path_partial(
+    path: &Path,
+) -> Result<(Vec<Object>, Vec<ValidationError>), LoadError> {
+    let io_error = |path: &Path| {
+        let path = path.to_path_buf();
+        move |error| LoadError::Io { path, error }
+    };
+    let metadata = fs::metadata(path).map_err(io_error(path))?;
+    let files: Vec<PathBuf> = if metadata.is_dir() {
+        let mut files = Vec::new();
+        for entry in fs::read_dir(path).map_err(io_error(path))? {
+            let entry = entry.map_err(io_error(path))?;
+            let file = entry.path();
+            let is_yaml = file
+                .extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| e == "yaml" || e == "yml");
+            if is_yaml && file.is_file() {
+                files.push(file);
+            }
+        }
+        files.sort();
+        files
+    } else {
+        vec![path.to_path_buf()]
+    };
+
+    let mut objects = Vec::new();
+    let mut errors = Vec::new();
+    for file in &files {
+        let text = fs::read_to_string(file).map_err(io_error(file))?;
+        let name = file
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| file.display().to_string());
+        let (parsed, found) = parse_documents_partial(&text, &name);
+        objects.extend(parsed);
+        errors.extend(found);
+    }
+    Ok((objects, errors))
+}
+
+/// Parses one document; `Ok(None)` for documents that are skipped.
+fn parse_value(mut value: Value, source: &str) -> Result<Option<Resource>, Box<ValidationError>> {
+    if value.is_null() {
+        return Ok(None);
+    }
+    let Value::Mapping(map) = &value else {
+        return Err(Box::new(ValidationError::new(
+            "document",
+            source,
+            "",
+            "a policy document must be a mapping with apiVersion, kind and metadata",
+        )));
+    };
+    let kind = map.get("kind");
+    let api_version = map.get("apiVersion");
+    let label = describe(&value);
+    let error = |field: &str, reason: String| {
+        Box::new(ValidationError::new(label.clone(), source, field, reason))
+    };
+    let kind = match kind {
+        Some(Value::String(kind)) => kind.clone(),
+        Some(_) => return Err(error("kind", "must be a string".into())),
+        None => return Err(error("kind", "missing".into())),
+    };
+    let api_version = match api_version {
+        Some(Value::String(v)) => v.clone(),
+        Some(_) => return Err(error("apiVersion", "must be a string".into())),
+        None => return Err(error("apiVersion", "missing".into())),
+    };
+    let (group, version) = match api_version.split_once('/') {
+        Some((group, version)) => (group, version),
+        None => ("", api_version.as_str()),
+    };
+
+    let unsupported = |expected: &str| {
+        Err(error(
+            "apiVersion",
+            format!("{api_version} is not a supported version of {kind} (expected {expected})"),
+        ))
+    };
+    let resource = match kind.as_str() {
+        "Namespace" if group.is_empty() => return Ok(None),
+        "Service" => {
+            if api_version != "v1" {
+                return unsupported("v1");
+            }
+            Resource::Service(Box::new(typed(value, &label, source)?))
+        }
+        "EndpointSlice" => {
+            if api_version != "discovery.k8s.io/v1" {
+                return unsupported("discovery.k8s.io/v1");
+            }
+            Resource::EndpointSlice(Box::new(typed(value, &label, source)?))
+        }
+        "HTTPRoute" => {
+            if group != GATEWAY_GROUP || !matches!(version, "v1" | "v1beta1") {
+                return unsupported("gateway.networking.k8s.io/v1");
+            }
+            Resource::HttpRoute(Box::new(typed(value, &label, source)?))
+        }
+        "GRPCRoute" => {
+            if group != GATEWAY_GROUP || !matches!(version, "v1" | "v1alpha2") {
+                return unsupported("gateway.networking.k8s.io/v1");
+            }
+            Resource::GrpcRoute(Box::new(typed(value, &label, source)?))
+        }
+        "TLSRoute" => {
+            if group != GATEWAY_GROUP || !matches!(version, "v1alpha2" | "v1alpha3" | "v1") {
+                return unsupported("gateway.networking.k8s.io/v1alpha2, v1alpha3 or v1");
+            }
+            if version == "v1alpha2" {
+                // v1alpha2 made hostnames optional (no hostnames: any SNI); the v1 type needs
+                // the field.
+                if let Some(Value::Mapping(spec)) = value.get_mut("spec") {
+                    spec.entry(Value::String("hostnames".into()))
+                        .or_insert_with(|| Value::Sequence(Vec::new()));
+                }
+            }
+            Resource::TlsRoute(Box::new(typed(value, &label, source)?))
+        }
+        "TCPRoute" => {
+            if group != GATEWAY_GROUP || version != "v1alpha2" {
+                return unsupported("gateway.networking.k8s.io/v1alpha2");
+            }
+            Resource::TcpRoute(Box::new(typed(value, &label, source)?))
+        }
+        "MeshPolicy" => {
+            if api_version != MESH_POLICY_API_VERSION {
+                return unsupported(MESH_POLICY_API_VERSION);
+            }
+            Resource::MeshPolicy(Box::new(typed(value, &label, source)?))
+        }
+        other => {
+            return Err(error(
+                "kind",
+                format!(
+                    "unknown kind {other} ({api_version}); supported: Service, EndpointSlice, \
+                     HTTPRoute, GRPCRoute, TLSRoute, TCPRoute, MeshPolicy"
+                ),
+            ));
+        }
+    };
+    Ok(Some(resource))
+}
+
+fn typed<T: DeserializeOwned>(
+    value: Value,
+    label: &str,
+    source: &str,
+) -> Result<T, Box<ValidationError>> {
+    serde_path_to_error::deserialize(value).map_err(|error| {
+        let field = error.path().to_string();
+        let field = if field == "." { String::new() } else { field };
+        Box::new(ValidationError::new(
+            label,
+            source,
+            field,
+            error.into_inner().to_string(),
+        ))
+    })
+}
+
+/// `Kind namespace/name` from an untyped document, as far as it can be read.
+fn describe(value: &Value) -> String {
+    let kind = value.get("kind").and_then(Value::as_str);
+    let Some(kind) = kind else {
+        return "document".to_owned();
+    };
+    let metadata = value.get("metadata");
+    let field = |name: &str| {
+        metadata
+            .and_then(|m| m.get(name))
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+    };
+    let namespace = field("namespace").unwrap_or(DEFAULT_NAMESPACE);
+    match field("name") {
+        Some(name) => format!("{kind} {namespace}/{name}"),
+        None => format!("{kind} {namespace}/<unnamed>"),
+    }
+}

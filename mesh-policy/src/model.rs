@@ -1,0 +1,249 @@
+//! The objects a policy is made of, as parsed: Kubernetes and Gateway API types from their
+//! crates, and our own `MeshPolicy`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use gateway_api::experimental::grpcroutes::GrpcRoute;
+use gateway_api::experimental::httproutes::HttpRoute;
+use gateway_api::experimental::tcproutes::TcpRoute;
+use gateway_api::experimental::tlsroutes::TlsRoute;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde::{Deserialize, Serialize};
+
+/// The namespace of an object whose metadata names none, as `kubectl apply` would use.
+pub(crate) const DEFAULT_NAMESPACE: &str = "default";
+
+/// One parsed policy document and where it came from.
+#[derive(Debug, Clone)]
+pub struct Object {
+    /// `file.yaml#3`: source name and 1-based document index, used in every error about it.
+    pub source: String,
+    /// The typed object.
+    pub resource: Resource,
+}
+
+/// The kinds of object the engine understands.
+#[derive(Debug, Clone)]
+pub enum Resource {
+    /// `v1/Service`.
+    Service(Box<Service>),
+    /// `discovery.k8s.io/v1/EndpointSlice`.
+    EndpointSlice(Box<EndpointSlice>),
+    /// `gateway.networking.k8s.io/v1 HTTPRoute` (also accepted as v1beta1).
+    HttpRoute(Box<HttpRoute>),
+    /// `gateway.networking.k8s.io/v1 GRPCRoute` (also accepted as v1alpha2).
+    GrpcRoute(Box<GrpcRoute>),
+    /// `gateway.networking.k8s.io/v1alpha2|v1alpha3|v1 TLSRoute`.
+    TlsRoute(Box<TlsRoute>),
+    /// `gateway.networking.k8s.io/v1alpha2 TCPRoute`.
+    TcpRoute(Box<TcpRoute>),
+    /// `skiff.dev/v1alpha1 MeshPolicy`.
+    MeshPolicy(Box<MeshPolicy>),
+}
+
+impl Resource {
+    /// The Kubernetes kind, e.g. `HTTPRoute`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Resource::Service(_) => "Service",
+            Resource::EndpointSlice(_) => "EndpointSlice",
+            Resource::HttpRoute(_) => "HTTPRoute",
+            Resource::GrpcRoute(_) => "GRPCRoute",
+            Resource::TlsRoute(_) => "TLSRoute",
+            Resource::TcpRoute(_) => "TCPRoute",
+            Resource::MeshPolicy(_) => "MeshPolicy",
+        }
+    }
+
+    /// The object's metadata.
+    pub fn metadata(&self) -> &ObjectMeta {
+        match self {
+            Resource::Service(o) => &o.metadata,
+            Resource::EndpointSlice(o) => &o.metadata,
+            Resource::HttpRoute(o) => &o.metadata,
+            Resource::GrpcRoute(o) => &o.metadata,
+            Resource::TlsRoute(o) => &o.metadata,
+            Resource::TcpRoute(o) => &o.metadata,
+            Resource::MeshPolicy(o) => &o.metadata,
+        }
+    }
+
+    /// `metadata.namespace`, or `default` when unset.
+    pub fn namespace(&self) -> &str {
+        self.metadata()
+            .namespace
+            .as_deref()
+            .filter(|ns| !ns.is_empty())
+            .unwrap_or(DEFAULT_NAMESPACE)
+    }
+
+    /// `metadata.name`, empty when unset (which validation reports).
+    pub fn name(&self) -> &str {
+        self.metadata().name.as_deref().unwrap_or("")
+    }
+}
+
+impl Object {
+    /// `Kind namespace/name`, the form used in [`crate::ValidationError::object`].
+    pub fn display_name(&self) -> String {
+        let name = self.resource.name();
+        let name = if name.is_empty() { "<unnamed>" } else { name };
+        format!(
+            "{} {}/{}",
+            self.resource.kind(),
+            self.resource.namespace(),
+            name
+        )
+    }
+}
+
+/// A Service by namespace and name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct ServiceRef {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+}
+
+impl fmt::Display for ServiceRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// The route kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub enum RouteKind {
+    /// HTTPRoute.
+    #[serde(rename = "HTTPRoute")]
+    Http,
+    /// GRPCRoute.
+    #[serde(rename = "GRPCRoute")]
+    Grpc,
+    /// TLSRoute.
+    #[serde(rename = "TLSRoute")]
+    Tls,
+    /// TCPRoute.
+    #[serde(rename = "TCPRoute")]
+    Tcp,
+}
+
+impl RouteKind {
+    /// The Kubernetes kind name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouteKind::Http => "HTTPRoute",
+            RouteKind::Grpc => "GRPCRoute",
+            RouteKind::Tls => "TLSRoute",
+            RouteKind::Tcp => "TCPRoute",
+        }
+    }
+}
+
+/// Identifies a route in decisions, logs (`route` span field) and metrics.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct RouteId {
+    /// Route kind.
+    pub kind: RouteKind,
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+}
+
+impl fmt::Display for RouteId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}/{}", self.kind.as_str(), self.namespace, self.name)
+    }
+}
+
+/// `skiff.dev/v1alpha1 MeshPolicy`: node-wide data-plane settings.
+///
+/// Several MeshPolicies may exist; they are merged field by field, the oldest
+/// (`creationTimestamp`, then `namespace/name`) winning each field (see
+/// [`crate::MeshSettings`]).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshPolicy {
+    /// Standard object metadata.
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    /// The settings.
+    #[serde(default)]
+    pub spec: MeshPolicySpec,
+}
+
+/// The `spec` of a [`MeshPolicy`]. Unknown fields are rejected so that typos are not silently
+/// ignored.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MeshPolicySpec {
+    /// Extra destinations to capture even when no Service or route names them.
+    #[serde(default)]
+    pub capture: Vec<CaptureSpec>,
+    /// What the agent does with captured traffic it cannot handle (`open` passes it through
+    /// untouched, `closed` refuses it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fail_mode: Option<FailMode>,
+    /// Header injection defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers: Option<HeaderPolicy>,
+    /// How long to wait for the first client bytes before treating a connection as opaque TCP,
+    /// as a Gateway API duration (`100ms`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol_detection_timeout: Option<String>,
+}
+
+/// One `spec.capture[]` entry: `{cidr: "10.96.0.0/16", ports: [80, "8000-8100", "*"]}`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CaptureSpec {
+    /// An IPv4 or IPv6 CIDR; host bits are ignored.
+    pub cidr: String,
+    /// Ports or ranges; empty means every port.
+    #[serde(default)]
+    pub ports: Vec<PortSpec>,
+}
+
+/// A port in a [`CaptureSpec`]: a number, a `"low-high"` range, or `"*"` for every port.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum PortSpec {
+    /// A single port.
+    Number(i64),
+    /// `"8000-8100"`, `"8080"` or `"*"`.
+    Text(String),
+}
+
+/// What to do with captured traffic that the agent cannot handle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailMode {
+    /// Let the connection through to its original destination.
+    Open,
+    /// Refuse the connection.
+    Closed,
+}
+
+/// `spec.headers` of a [`MeshPolicy`]; unset fields fall through to older policies and then to
+/// the defaults (all `true`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HeaderPolicy {
+    /// Inject `x-request-id` when absent (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<bool>,
+    /// Propagate or start W3C `traceparent` (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_context: Option<bool>,
+    /// Add `forwarded` / `x-forwarded-for` (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forwarded: Option<bool>,
+    /// Headers set on every proxied request.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub set: BTreeMap<String, String>,
+}

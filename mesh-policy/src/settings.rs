@@ -1,0 +1,112 @@
+//! Node-wide data-plane settings from `MeshPolicy` objects.
+//!
+//! Several MeshPolicies may exist (one per team, say). They merge deterministically, field by
+//! field: policies are ordered oldest first (`creationTimestamp`; a policy without one counts
+//! as newest), ties broken by `namespace/name`, and for each field the first policy that sets it
+//! wins. `headers.set` merges per header name (case-insensitive), again oldest first. Fields no
+//! policy sets take the defaults below.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::model::{FailMode, HeaderPolicy, MeshPolicySpec};
+
+/// Fail mode when no MeshPolicy sets one: keep traffic flowing if the agent cannot handle it.
+pub const DEFAULT_FAIL_MODE: FailMode = FailMode::Open;
+/// How long to wait for a client's first bytes before treating the connection as opaque TCP.
+pub const DEFAULT_PROTOCOL_DETECTION_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// Header injection defaults.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HeaderDefaults {
+    /// Inject `x-request-id` when absent.
+    pub request_id: bool,
+    /// Propagate or start W3C trace context.
+    pub trace_context: bool,
+    /// Add `forwarded` / `x-forwarded-for`.
+    pub forwarded: bool,
+    /// Headers set on every proxied request, sorted by name.
+    pub set: Vec<(String, String)>,
+}
+
+impl Default for HeaderDefaults {
+    fn default() -> Self {
+        Self {
+            request_id: true,
+            trace_context: true,
+            forwarded: true,
+            set: Vec::new(),
+        }
+    }
+}
+
+/// The merged settings; see the module docs for the merge order.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MeshSettings {
+    /// What to do with captured traffic the agent cannot handle.
+    pub fail_mode: FailMode,
+    /// Header injection defaults.
+    pub headers: HeaderDefaults,
+    /// Protocol detection timeout.
+    pub protocol_detection_timeout: Duration,
+    /// The MeshPolicies merged, oldest first (`namespace/name`).
+    pub sources: Vec<String>,
+}
+
+impl Default for MeshSettings {
+    fn default() -> Self {
+        Self {
+            fail_mode: DEFAULT_FAIL_MODE,
+            headers: HeaderDefaults::default(),
+            protocol_detection_timeout: DEFAULT_PROTOCOL_DETECTION_TIMEOUT,
+            sources: Vec::new(),
+        }
+    }
+}
+
+/// One validated policy, ready to merge.
+pub(crate) struct PolicyInput<'a> {
+    pub name: String,
+    pub spec: &'a MeshPolicySpec,
+    pub detection_timeout: Option<Duration>,
+}
+
+impl MeshSettings {
+    /// Merges policies given oldest first.
+    pub(crate) fn merge(policies: &[PolicyInput<'_>]) -> Self {
+        let mut settings = MeshSettings::default();
+        if let Some(mode) = policies.iter().find_map(|p| p.spec.fail_mode) {
+            settings.fail_mode = mode;
+        }
+        if let Some(timeout) = policies.iter().find_map(|p| p.detection_timeout) {
+            settings.protocol_detection_timeout = timeout;
+        }
+        let header = |get: fn(&HeaderPolicy) -> Option<bool>| {
+            policies
+                .iter()
+                .find_map(|p| p.spec.headers.as_ref().and_then(get))
+        };
+        if let Some(v) = header(|h| h.request_id) {
+            settings.headers.request_id = v;
+        }
+        if let Some(v) = header(|h| h.trace_context) {
+            settings.headers.trace_context = v;
+        }
+        if let Some(v) = header(|h| h.forwarded) {
+            settings.headers.forwarded = v;
+        }
+        let mut set: Vec<(String, String)> = Vec::new();
+        for policy in policies {
+            for (name, value) in policy.spec.headers.iter().flat_map(|h| h.set.iter()) {
+                if !set.iter().any(|(n, _)| n.eq_ignore_ascii_case(name)) {
+                    set.push((name.clone(), value.clone()));
+                }
+            }
+        }
+        set.sort();
+        settings.headers.set = set;
+        settings.sources = policies.iter().map(|p| p.name.clone()).collect();
+        settings
+    }
+}

@@ -1,0 +1,303 @@
+//! The HTTP layer of the Skiff data plane: serves captured client connections that the agent
+//! detected as HTTP/1.x or HTTP/2 with prior knowledge (h2c, gRPC), and routes every request
+//! with the Gateway API (GAMMA) policy of [`mesh_policy`].
+//!
+//! The agent calls [`Proxy::serve`] with the accepted socket, the bytes it already read for
+//! protocol detection and the connection's original destination (a Service `VIP:port` or a
+//! pod `IP:port`). For each request (each HTTP/1 request on a keep-alive connection, each HTTP/2
+//! stream) the proxy takes the current policy snapshot, so long-lived connections follow
+//! reloads, and then:
+//!
+//! 1. routes it with [`mesh_policy::Compiled::route_http`] (or `route_grpc` for gRPC over
+//!    HTTP/2): no attached route forwards to the Service itself, no matching route answers 404;
+//! 2. applies the rule's filters in Gateway API order: redirect (answered here), URL rewrite,
+//!    request header modifier, response header modifier, request mirror; then picks a weighted
+//!    backend and applies that backendRef's own filters (no usable backend answers 500);
+//! 3. injects `x-request-id`, W3C `traceparent`, `x-forwarded-for`/`-proto` and the
+//!    MeshPolicy's fixed headers, and removes hop-by-hop headers;
+//! 4. picks an endpoint by least-request power of two choices, skipping endpoints that passive
+//!    outlier detection ejected, and sends with the rule's timeouts (504), retrying connect
+//!    failures and resets within a retry budget;
+//! 5. streams the response back (trailers, upgrades and `CONNECT` tunnels included) and writes
+//!    one access log line when it ends.
+//!
+//! HTTP/1 input passes a strict scanner first (see `guard`): ambiguous framing and malformed
+//! heads that hyper would tolerate are answered 400 before any routing.
+//!
+//! Answers the proxy gives itself: 400 malformed or ambiguous request head, 404 no matching
+//! route, 431 head too large or too many headers (HTTP/2: header list too large), 500 no usable
+//! backend, 502 the endpoint did not speak HTTP, 503 no endpoint or all ejected, connect
+//! failure or reset before response headers (after retries), 504 route or backend-request
+//! timeout. gRPC requests get these as trailers-only `grpc-status` answers instead. A client
+//! that starts an HTTP/1 request head and does not finish it within
+//! [`Config::header_read_timeout`] is disconnected without an answer (hyper offers no way to
+//! write a 408 into a half-read head); an idle keep-alive connection is only subject to
+//! [`Config::idle_timeout`].
+#![forbid(unsafe_code)]
+
+mod balance;
+mod body;
+mod config;
+mod guard;
+pub mod headers;
+mod io;
+mod proxy;
+mod stats;
+mod upstream;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use hyper::server::conn::{http1, http2};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use mesh_policy::PolicyStore;
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+use tracing::Instrument;
+
+pub use config::{
+    Config, DEFAULT_CONNECT_TIMEOUT, DEFAULT_H2_MAX_CONCURRENT_STREAMS,
+    DEFAULT_H2_MAX_HEADER_LIST_SIZE, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_HEADERS, Resilience,
+};
+pub use stats::{Stats, StatsSnapshot};
+
+use crate::balance::{Balancer, RetryBudget};
+use crate::config::{
+    H2_MAX_LOCAL_ERROR_RESET_STREAMS, H2_MAX_PENDING_ACCEPT_RESET_STREAMS, MAX_MIRRORS_IN_FLIGHT,
+};
+use crate::guard::HeadScanner;
+use crate::io::{ClientIo, ConnState, now_ms, reject_reason};
+use crate::proxy::{ConnCtx, Shared};
+use crate::upstream::Upstream;
+
+/// Why serving a client connection ended badly. Per-request problems (no route, upstream
+/// failures, timeouts) are answered with a status and are not errors of the connection.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The client sent a request head with ambiguous framing or malformed syntax; it was
+    /// answered 400 and the connection closed. Nothing reached a backend.
+    #[error("client {src} sent a malformed request head: {reason}")]
+    Rejected {
+        /// Client address.
+        src: SocketAddr,
+        /// What was wrong.
+        reason: &'static str,
+    },
+    /// The client did not complete a request head in time; the connection was closed.
+    #[error("client {src} did not complete a request head within {timeout:?}")]
+    HeaderTimeout {
+        /// Client address.
+        src: SocketAddr,
+        /// The configured header read timeout.
+        timeout: Duration,
+    },
+    /// The client connection failed at the HTTP level (protocol error, reset, limit).
+    #[error("client {src}: {source}")]
+    Downstream {
+        /// Client address.
+        src: SocketAddr,
+        /// hyper's account.
+        #[source]
+        source: hyper::Error,
+    },
+}
+
+/// What happened on a served connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConnSummary {
+    /// Requests received (HTTP/1 requests or HTTP/2 streams).
+    pub requests: u64,
+}
+
+/// The HTTP proxy. Cheap to clone; clones share upstream pools, endpoint health, the retry
+/// budget and [`Stats`].
+#[derive(Debug, Clone)]
+pub struct Proxy {
+    shared: Arc<Shared>,
+}
+
+/// Drives a hyper server connection while watching the header read and idle timeouts.
+macro_rules! drive {
+    ($conn:expr, $state:expr, $config:expr, $h1:expr, $src:expr, $stats:expr) => {{
+        let conn = $conn;
+        tokio::pin!(conn);
+        let state: &ConnState = &$state;
+        let header_ms = u64::try_from($config.header_read_timeout.as_millis()).unwrap_or(u64::MAX);
+        let idle_ms = u64::try_from($config.idle_timeout.as_millis()).unwrap_or(u64::MAX);
+        // A head may start at any time on HTTP/1, so its timeout is polled; the idle deadline
+        // only moves later with activity, so sleeping until it is enough.
+        let head_tick = u64::try_from(($config.header_read_timeout / 4).as_millis())
+            .unwrap_or(u64::MAX)
+            .clamp(10, 1000);
+        let mut shutting_down = false;
+        loop {
+            let sleep = {
+                let now = now_ms();
+                let mut next = if shutting_down {
+                    u64::MAX
+                } else {
+                    state
+                        .last_activity
+                        .load(Ordering::Relaxed)
+                        .saturating_add(idle_ms)
+                        .max(now)
+                };
+                if $h1 {
+                    next = next.min(now + head_tick);
+                }
+                Duration::from_millis(next.saturating_sub(now).clamp(10, 3_600_000))
+            };
+            tokio::select! {
+                result = conn.as_mut() => break result.map_err(|source| Error::Downstream { src: $src, source }),
+                () = tokio::time::sleep(sleep) => {
+                    let now = now_ms();
+                    let active = state.active.load(Ordering::Relaxed);
+                    let started = state.head_started.load(Ordering::Relaxed);
+                    if $h1 && active == 0 && started != 0 && now + 1 - started >= header_ms {
+                        $stats.header_timeouts.fetch_add(1, Ordering::Relaxed);
+                        return Err(Error::HeaderTimeout {
+                            src: $src,
+                            timeout: $config.header_read_timeout,
+                        });
+                    }
+                    let last = state.last_activity.load(Ordering::Relaxed);
+                    if !shutting_down && active == 0 && now.saturating_sub(last) >= idle_ms {
+                        tracing::debug!("closing idle connection");
+                        conn.as_mut().graceful_shutdown();
+                        shutting_down = true;
+                    }
+                }
+            }
+        }
+    }};
+}
+
+impl Proxy {
+    /// A proxy with the default [`Resilience`].
+    pub fn new(config: Config, policy: Arc<PolicyStore>) -> Self {
+        Self::with_resilience(config, policy, Resilience::default())
+    }
+
+    /// A proxy with explicit retry and outlier-detection settings.
+    pub fn with_resilience(
+        config: Config,
+        policy: Arc<PolicyStore>,
+        resilience: Resilience,
+    ) -> Self {
+        let shared = Shared {
+            upstream: Upstream::new(config.connect_timeout),
+            budget: RetryBudget::new(&resilience),
+            balancer: Balancer::new(resilience),
+            config,
+            policy,
+            stats: Arc::new(Stats::default()),
+            mirrors: Arc::new(Semaphore::new(MAX_MIRRORS_IN_FLIGHT)),
+        };
+        Self {
+            shared: Arc::new(shared),
+        }
+    }
+
+    /// Counters for metrics.
+    pub fn stats(&self) -> &Stats {
+        &self.shared.stats
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &Config {
+        &self.shared.config
+    }
+
+    /// Serves one captured client connection until it closes. `prefix` holds the bytes the
+    /// agent already read from `client` for protocol detection (they are replayed first). `h2`
+    /// is true when the client sent the HTTP/2 prior-knowledge preface. `src` is the client
+    /// address, `dst` the original destination.
+    pub async fn serve(
+        &self,
+        client: TcpStream,
+        prefix: Vec<u8>,
+        src: SocketAddr,
+        dst: SocketAddr,
+        h2: bool,
+    ) -> Result<ConnSummary, Error> {
+        let shared = &self.shared;
+        let config = &shared.config;
+        shared.stats.connections.fetch_add(1, Ordering::Relaxed);
+        let _ = client.set_nodelay(true);
+        let state = Arc::new(ConnState::new(!h2));
+        let scanner = (!h2).then(|| HeadScanner::new(config.max_header_bytes));
+        let io = TokioIo::new(ClientIo::new(
+            client,
+            prefix,
+            scanner,
+            state.clone(),
+            shared.stats.clone(),
+        ));
+        let ctx = Arc::new(ConnCtx {
+            shared: shared.clone(),
+            src,
+            dst,
+            h2,
+            state: state.clone(),
+        });
+        let service = service_fn(move |request| {
+            let ctx = ctx.clone();
+            async move { Ok::<_, Infallible>(ctx.handle(request).await) }
+        });
+        let span = tracing::debug_span!("http", %src, %dst, h2);
+        let watched = state.clone();
+        let served = async move {
+            if h2 {
+                let mut builder = http2::Builder::new(TokioExecutor::new());
+                builder
+                    .timer(TokioTimer::new())
+                    .max_concurrent_streams(config.h2_max_concurrent_streams)
+                    .max_header_list_size(config.h2_max_header_list_size)
+                    .max_pending_accept_reset_streams(H2_MAX_PENDING_ACCEPT_RESET_STREAMS)
+                    .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESET_STREAMS);
+                drive!(
+                    builder.serve_connection(io, service),
+                    watched,
+                    config,
+                    false,
+                    src,
+                    shared.stats
+                )
+            } else {
+                let mut builder = http1::Builder::new();
+                builder
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(None)
+                    .max_headers(config.max_headers)
+                    .max_header_size(config.max_header_bytes)
+                    .keep_alive(true);
+                drive!(
+                    builder.serve_connection(io, service).with_upgrades(),
+                    watched,
+                    config,
+                    true,
+                    src,
+                    shared.stats
+                )
+            }
+        };
+        let result = served.instrument(span).await;
+        let summary = ConnSummary {
+            requests: state.requests.load(Ordering::Relaxed),
+        };
+        match result {
+            Ok(()) => Ok(summary),
+            Err(Error::Downstream { .. })
+                if let Some(reason) = reject_reason(state.rejected.load(Ordering::Relaxed)) =>
+            {
+                Err(Error::Rejected { src, reason })
+            }
+            Err(error) => Err(error),
+        }
+    }
+}

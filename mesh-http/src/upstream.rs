@@ -1,0 +1,216 @@
+//! Connections to endpoints: a pooled HTTP/1 client (hyper-util's legacy client, pooled by the
+//! endpoint `ip:port` used as URI authority), a pool of multiplexed HTTP/2 connections (one per
+//! endpoint, so that `:authority` can stay the client's while the TCP connection goes to the
+//! endpoint), and one-off HTTP/1 connections for upgrades and `CONNECT`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::combinators::UnsyncBoxBody;
+use hyper::body::Incoming;
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+
+use crate::config::UPSTREAM_POOL_IDLE_TIMEOUT;
+
+/// Boxed error of bodies.
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The body type used on both sides of the proxy.
+pub(crate) type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+/// Why an upstream attempt failed before response headers.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SendError {
+    /// No connection: refused, unreachable or timed out. The request was not sent.
+    #[error("connect to {endpoint}: {reason}")]
+    Connect {
+        endpoint: SocketAddr,
+        reason: String,
+    },
+    /// The connection broke before response headers; the request may have been processed.
+    #[error("{endpoint} reset before response headers: {reason}")]
+    Reset {
+        endpoint: SocketAddr,
+        reason: String,
+    },
+    /// The endpoint answered something that is not HTTP.
+    #[error("{endpoint} sent an invalid response: {reason}")]
+    Protocol {
+        endpoint: SocketAddr,
+        reason: String,
+    },
+}
+
+fn classify_hyper(endpoint: SocketAddr, error: &hyper::Error) -> SendError {
+    let reason = error.to_string();
+    if error.is_parse() || error.is_parse_status() || error.is_parse_too_large() {
+        SendError::Protocol { endpoint, reason }
+    } else {
+        SendError::Reset { endpoint, reason }
+    }
+}
+
+/// Finds the innermost [`hyper::Error`] of an error chain.
+fn find_hyper<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a hyper::Error> {
+    let mut current: Option<&'a (dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = current {
+        if let Some(h) = e.downcast_ref::<hyper::Error>() {
+            return Some(h);
+        }
+        current = e.source();
+    }
+    None
+}
+
+/// All upstream clients.
+pub(crate) struct Upstream {
+    h1: Client<HttpConnector, Body>,
+    h2: Mutex<HashMap<SocketAddr, SendRequest<Body>>>,
+    connect_timeout: Duration,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("connect_timeout", &self.connect_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Upstream {
+    pub(crate) fn new(connect_timeout: Duration) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(connect_timeout));
+        connector.set_nodelay(true);
+        connector.enforce_http(true);
+        let h1 = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(UPSTREAM_POOL_IDLE_TIMEOUT)
+            .pool_max_idle_per_host(64)
+            .build(connector);
+        Self {
+            h1,
+            h2: Mutex::new(HashMap::new()),
+            connect_timeout,
+        }
+    }
+
+    async fn connect(&self, endpoint: SocketAddr) -> Result<TcpStream, SendError> {
+        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(endpoint))
+            .await
+            .map_err(|_| SendError::Connect {
+                endpoint,
+                reason: format!("timed out after {:?}", self.connect_timeout),
+            })?
+            .map_err(|e| SendError::Connect {
+                endpoint,
+                reason: e.to_string(),
+            })?;
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+
+    /// Sends an HTTP/1.1 request whose URI authority is `endpoint` (the pool key); the Host
+    /// header is the caller's.
+    pub(crate) async fn send_h1(
+        &self,
+        endpoint: SocketAddr,
+        request: Request<Body>,
+    ) -> Result<Response<Incoming>, SendError> {
+        self.h1.request(request).await.map_err(|e| {
+            if e.is_connect() {
+                let reason = std::error::Error::source(&e)
+                    .map_or_else(|| e.to_string(), ToString::to_string);
+                SendError::Connect { endpoint, reason }
+            } else {
+                match find_hyper(&e) {
+                    Some(h) => classify_hyper(endpoint, h),
+                    None => SendError::Reset {
+                        endpoint,
+                        reason: e.to_string(),
+                    },
+                }
+            }
+        })
+    }
+
+    async fn h2_sender(&self, endpoint: SocketAddr) -> Result<SendRequest<Body>, SendError> {
+        let cached = self
+            .h2
+            .lock()
+            .ok()
+            .and_then(|pool| pool.get(&endpoint).cloned());
+        if let Some(sender) = cached
+            && !sender.is_closed()
+        {
+            return Ok(sender);
+        }
+        let stream = self.connect(endpoint).await?;
+        let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| SendError::Connect {
+                endpoint,
+                reason: format!("HTTP/2 handshake: {e}"),
+            })?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%endpoint, %error, "upstream HTTP/2 connection ended");
+            }
+        });
+        if let Ok(mut pool) = self.h2.lock() {
+            pool.retain(|_, s| !s.is_closed());
+            pool.insert(endpoint, sender.clone());
+        }
+        Ok(sender)
+    }
+
+    /// Sends an HTTP/2 request over the endpoint's shared connection. The URI's authority
+    /// becomes `:authority`.
+    pub(crate) async fn send_h2(
+        &self,
+        endpoint: SocketAddr,
+        request: Request<Body>,
+    ) -> Result<Response<Incoming>, SendError> {
+        let mut sender = self.h2_sender(endpoint).await?;
+        sender
+            .ready()
+            .await
+            .map_err(|e| classify_hyper(endpoint, &e))?;
+        sender
+            .send_request(request)
+            .await
+            .map_err(|e| classify_hyper(endpoint, &e))
+    }
+
+    /// Sends an upgrade or `CONNECT` request over a new HTTP/1.1 connection that is never
+    /// pooled; after a 101 (or 2xx to `CONNECT`) the connection belongs to the tunnel.
+    pub(crate) async fn send_upgrade(
+        &self,
+        endpoint: SocketAddr,
+        request: Request<Body>,
+    ) -> Result<Response<Incoming>, SendError> {
+        let stream = self.connect(endpoint).await?;
+        let (mut sender, connection) = hyper::client::conn::http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| classify_hyper(endpoint, &e))?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.with_upgrades().await {
+                tracing::debug!(%endpoint, %error, "upstream upgrade connection ended");
+            }
+        });
+        sender
+            .send_request(request)
+            .await
+            .map_err(|e| classify_hyper(endpoint, &e))
+    }
+}

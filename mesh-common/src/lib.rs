@@ -5,5 +5,6 @@
 //! Fields that hold network-order values end in `_be`.
 #![no_std]
 
+pub mod authz;
 pub mod counters;
 pub mod redirect;

@@ -10,6 +10,7 @@
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
+mod authz;
 mod maps;
 mod parse;
 mod reset;

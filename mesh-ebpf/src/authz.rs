@@ -1,0 +1,464 @@
+//! XDP L4 authorization program.
+//!
+//! `authorize` runs on the host side of a pod's veth, like `capture` (so it sees the pod's
+//! egress), before any skb exists in driver mode. It decides each packet from the rule maps
+//! described in `mesh_common::authz`:
+//!
+//! 1. Non-IP frames (ARP, ...) and IPv6 neighbour discovery (router solicitation, neighbour
+//!    solicitation and advertisement: IPv6's ARP) pass. So do frames whose IP header cannot be
+//!    read (the stack drops them anyway).
+//! 2. Two longest-prefix lookups in the active generation: `{ingress ifindex, dst}` (the
+//!    interface's own rules, closed over covering prefixes, and its default action) and
+//!    `{0, dst}` (rules for all interfaces). No entry in either: the interface has no rules, pass.
+//! 3. Lists hold deny rules first, so the first match decides: any matching deny -> `XDP_DROP`,
+//!    else any matching allow -> `XDP_PASS`, looking at the interface's list before the
+//!    all-interfaces list for each action. The deciding rule's counters move.
+//! 4. Nothing matched: the interface's default action (allow without an own entry), counted per
+//!    interface.
+//!
+//! A rule with ports matches only TCP/UDP packets whose destination port is in its range. A
+//! non-first fragment carries no ports: only port-less rules can decide it, and if none does it
+//! passes (its first fragment, which has the ports, was judged; without it the datagram is never
+//! reassembled). A packet whose transport header cannot be located (truncated, or an IPv6
+//! extension header chain longer than `MAX_IPV6_EXT`) has no known protocol: only port-less
+//! any-protocol rules can decide it, and otherwise it is dropped, so a deny rule cannot be
+//! bypassed by padding the header chain.
+use core::{ffi::c_void, mem::MaybeUninit};
+
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_DROP, XDP_PASS},
+    helpers::generated::bpf_xdp_load_bytes,
+    macros::{map, xdp},
+    maps::{Array, HashMap, LpmTrie, LruPerCpuHashMap, PerCpuArray, lpm_trie::Key},
+    programs::XdpContext,
+};
+use mesh_common::authz::{
+    self, ACTION_ALLOW, ACTION_DENY, ANY_IFINDEX, DstV4, DstV6, IfaceCounters, RuleList,
+};
+
+#[map(name = "AUTHZ_V4_0")]
+static V4_0: LpmTrie<DstV4, u32> = LpmTrie::with_max_entries(authz::MAX_PREFIXES, 0);
+#[map(name = "AUTHZ_V4_1")]
+static V4_1: LpmTrie<DstV4, u32> = LpmTrie::with_max_entries(authz::MAX_PREFIXES, 0);
+#[map(name = "AUTHZ_V6_0")]
+static V6_0: LpmTrie<DstV6, u32> = LpmTrie::with_max_entries(authz::MAX_PREFIXES, 0);
+#[map(name = "AUTHZ_V6_1")]
+static V6_1: LpmTrie<DstV6, u32> = LpmTrie::with_max_entries(authz::MAX_PREFIXES, 0);
+
+/// Not preallocated: memory follows the number of distinct lists, not `MAX_LISTS`.
+const BPF_F_NO_PREALLOC: u32 = 1;
+
+#[map(name = "AUTHZ_LISTS_0")]
+static LISTS_0: HashMap<u32, RuleList> =
+    HashMap::with_max_entries(authz::MAX_LISTS, BPF_F_NO_PREALLOC);
+#[map(name = "AUTHZ_LISTS_1")]
+static LISTS_1: HashMap<u32, RuleList> =
+    HashMap::with_max_entries(authz::MAX_LISTS, BPF_F_NO_PREALLOC);
+
+#[map(name = "AUTHZ_GENERATION")]
+static GENERATION: Array<u32> = Array::with_max_entries(1, 0);
+
+#[map(name = "AUTHZ_RULE_STATS")]
+static RULE_STATS: PerCpuArray<authz::Counters> =
+    PerCpuArray::with_max_entries(authz::MAX_RULE_ID, 0);
+
+/// LRU: veths come and go with pods, and the counters of long-gone ifindexes make room.
+#[map(name = "AUTHZ_IFACE_STATS")]
+static IFACE_STATS: LruPerCpuHashMap<u32, IfaceCounters> =
+    LruPerCpuHashMap::with_max_entries(authz::MAX_IFACES, 0);
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+const IPV6_HLEN: usize = 40;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const IPPROTO_ICMPV6: u8 = 58;
+/// Extension headers followed; a longer chain leaves the transport protocol unknown.
+const MAX_IPV6_EXT: usize = 8;
+const ND_ROUTER_SOLICIT: u8 = 133;
+const ND_NEIGHBOUR_SOLICIT: u8 = 135;
+const ND_NEIGHBOUR_ADVERT: u8 = 136;
+const BPF_NOEXIST: u64 = 1;
+
+/// Why a packet was not judged; it passes.
+enum Skip {
+    /// Not IPv4/IPv6, or the IP header is unreadable.
+    NotIp,
+    /// IPv6 neighbour discovery.
+    NeighbourDiscovery,
+}
+
+#[xdp]
+pub fn authorize(ctx: XdpContext) -> u32 {
+    match try_authorize(&ctx) {
+        Ok(verdict) => verdict,
+        Err(Skip::NotIp | Skip::NeighbourDiscovery) => XDP_PASS,
+    }
+}
+
+#[inline(always)]
+fn try_authorize(ctx: &XdpContext) -> Result<u32, Skip> {
+    let pkt = packet(ctx)?;
+    let ifindex = ctx.ingress_ifindex() as u32;
+    let generation = match GENERATION.get(0) {
+        Some(g) => *g & 1,
+        None => 0,
+    };
+    let (own, any) = if pkt.v6 != 0 {
+        (
+            lookup_v6(generation, ifindex, pkt.dst),
+            lookup_v6(generation, ANY_IFINDEX, pkt.dst),
+        )
+    } else {
+        let dst = [pkt.dst[0], pkt.dst[1], pkt.dst[2], pkt.dst[3]];
+        (
+            lookup_v4(generation, ifindex, dst),
+            lookup_v4(generation, ANY_IFINDEX, dst),
+        )
+    };
+    let len = (ctx.data_end() - ctx.data()) as u64;
+
+    // Both searches return scalars: no pointer into a list survives them, so their paths do
+    // not multiply downstream.
+    let own_hit = match own {
+        Some(l) => authz_first_match(l, &pkt),
+        None => NO_MATCH,
+    };
+    let any_hit = match any {
+        Some(l) => authz_first_match(l, &pkt),
+        None => NO_MATCH,
+    };
+    // Deny anywhere beats allow; the interface's own list is looked at first.
+    let hit = if hit_action(own_hit) == ACTION_DENY {
+        own_hit
+    } else if hit_action(any_hit) == ACTION_DENY || own_hit == NO_MATCH {
+        any_hit
+    } else {
+        own_hit
+    };
+    if hit != NO_MATCH {
+        count_rule((hit >> 8) as u32, len);
+        return Ok(if hit_action(hit) == ACTION_DENY {
+            XDP_DROP
+        } else {
+            XDP_PASS
+        });
+    }
+
+    // Kept as nested branches: LLVM folds `own.is_none() && any.is_none()` into an OR of the
+    // two pointers, which the verifier rejects.
+    let default_action = match own {
+        Some(l) => l.default_action,
+        None => {
+            if any.is_none() {
+                // The interface has no rules.
+                return Ok(XDP_PASS);
+            }
+            ACTION_ALLOW
+        }
+    };
+    let verdict = fallback(&pkt, default_action);
+    if let Some(c) = iface_counters(ifindex) {
+        // SAFETY: per-CPU value; only this CPU touches it while the program runs.
+        let c = unsafe { &mut *c };
+        let slot = if pkt.fragment != 0 {
+            &mut c.fragments_passed
+        } else if pkt.proto_known == 0 {
+            &mut c.unparsed_dropped
+        } else if verdict == XDP_DROP {
+            &mut c.default_deny
+        } else {
+            &mut c.default_allow
+        };
+        slot.packets += 1;
+        slot.bytes += len;
+    }
+    Ok(verdict)
+}
+
+/// The verdict when no rule matched.
+#[inline(always)]
+fn fallback(pkt: &Packet, default_action: u8) -> u32 {
+    if pkt.fragment != 0 {
+        XDP_PASS
+    } else if pkt.proto_known == 0 || default_action == ACTION_DENY {
+        XDP_DROP
+    } else {
+        XDP_PASS
+    }
+}
+
+/// [`authz_first_match`] found nothing.
+const NO_MATCH: u64 = 0;
+
+#[inline(always)]
+fn hit_action(hit: u64) -> u8 {
+    (hit & 0xff) as u8
+}
+
+/// The first rule of `list` matching `pkt`, as `id << 8 | action` (actions are never 0), or
+/// [`NO_MATCH`]. Lists hold deny rules first, so the first match is the list's decision.
+///
+/// A global function on purpose (`no_mangle`, never inlined): the verifier checks a global
+/// function once, on its own, and a call to it costs one instruction on every path that makes
+/// it. Inlined, or as a static subprogram, the 16-rule loop was re-verified on every path
+/// (families x generations x list combinations x packet shapes: 600k+ of the 1M budget).
+#[unsafe(no_mangle)]
+#[inline(never)]
+extern "C" fn authz_first_match(list: *const RuleList, pkt: *const Packet) -> u64 {
+    // SAFETY: null-checked; the verifier bounds both pointers to their types' sizes.
+    let (Some(list), Some(pkt)) = (unsafe { list.as_ref() }, unsafe { pkt.as_ref() }) else {
+        return NO_MATCH;
+    };
+    let mut i = 0;
+    while i < authz::MAX_LIST_RULES {
+        if i as u32 >= list.count {
+            return NO_MATCH;
+        }
+        let r = &list.rules[i];
+        if r.matches(
+            &pkt.src,
+            pkt.proto,
+            pkt.proto_known,
+            pkt.dport,
+            pkt.has_port,
+        ) {
+            return ((r.id as u64) << 8) | r.action as u64;
+        }
+        i += 1;
+    }
+    NO_MATCH
+}
+
+#[inline(always)]
+fn lookup_v4(generation: u32, ifindex: u32, addr_be: [u8; 4]) -> Option<&'static RuleList> {
+    let key = Key::new(64, DstV4 { ifindex, addr_be });
+    let id = if generation == 0 {
+        V4_0.get(&key)
+    } else {
+        V4_1.get(&key)
+    }?;
+    list(generation, *id)
+}
+
+#[inline(always)]
+fn lookup_v6(generation: u32, ifindex: u32, addr_be: [u8; 16]) -> Option<&'static RuleList> {
+    let key = Key::new(160, DstV6 { ifindex, addr_be });
+    let id = if generation == 0 {
+        V6_0.get(&key)
+    } else {
+        V6_1.get(&key)
+    }?;
+    list(generation, *id)
+}
+
+#[inline(always)]
+fn list(generation: u32, id: u32) -> Option<&'static RuleList> {
+    let p = if generation == 0 {
+        LISTS_0.get_ptr(id)
+    } else {
+        LISTS_1.get_ptr(id)
+    }?;
+    // SAFETY: a non-preallocated hash map value stays valid for this program run (RCU); userspace
+    // only rewrites the inactive generation, and clears it after a grace period.
+    Some(unsafe { &*p })
+}
+
+#[inline(always)]
+fn count_rule(id: u32, len: u64) {
+    if let Some(c) = RULE_STATS.get_ptr_mut(id) {
+        // SAFETY: per-CPU slot; only this CPU writes it while the program runs.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += len;
+        }
+    }
+}
+
+/// This CPU's counters of `ifindex`, created on first use.
+#[inline(always)]
+fn iface_counters(ifindex: u32) -> Option<*mut IfaceCounters> {
+    if let Some(c) = IFACE_STATS.get_ptr_mut(ifindex) {
+        return Some(c);
+    }
+    // Another CPU may insert it first; either way the lookup below finds it.
+    let _ = IFACE_STATS.insert(ifindex, IfaceCounters::default(), BPF_NOEXIST);
+    IFACE_STATS.get_ptr_mut(ifindex)
+}
+
+/// What the decision needs from an IP packet. `repr(C)` without padding: the verifier wants
+/// every byte of it initialised when it is passed to [`authz_first_match`].
+#[repr(C)]
+struct Packet {
+    /// Source address as [`authz::words`] (IPv4 in the first 4 bytes, the rest zero).
+    src: [u64; 2],
+    /// Network order; IPv4 in the first 4 bytes.
+    dst: [u8; 16],
+    /// Destination port, host order.
+    dport: u16,
+    /// Transport protocol (IP protocol / last IPv6 next header); valid if `proto_known == 1`.
+    proto: u8,
+    /// 0 when the header chain could not be walked to the transport header.
+    proto_known: u8,
+    /// 1 when `dport` holds the TCP/UDP destination port.
+    has_port: u8,
+    /// 1: a non-first fragment (protocol known, no ports).
+    fragment: u8,
+    /// 1: IPv6.
+    v6: u8,
+    _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<Packet>() == 40);
+
+/// Reads a `T` at `off` from the frame.
+#[inline(always)]
+fn load<T: Copy>(ctx: &XdpContext, off: usize) -> Option<T> {
+    let mut v = MaybeUninit::<T>::uninit();
+    // SAFETY: the helper writes exactly size_of::<T>() bytes into `v` or fails.
+    let ret = unsafe {
+        bpf_xdp_load_bytes(
+            ctx.ctx,
+            off as u32,
+            v.as_mut_ptr() as *mut c_void,
+            core::mem::size_of::<T>() as u32,
+        )
+    };
+    if ret == 0 {
+        // SAFETY: fully written by the helper.
+        Some(unsafe { v.assume_init() })
+    } else {
+        None
+    }
+}
+
+#[inline(always)]
+fn packet(ctx: &XdpContext) -> Result<Packet, Skip> {
+    let ethertype = u16::from_be(load(ctx, 12).ok_or(Skip::NotIp)?);
+    match ethertype {
+        ETH_P_IP => ipv4(ctx),
+        ETH_P_IPV6 => ipv6(ctx),
+        _ => Err(Skip::NotIp),
+    }
+}
+
+#[inline(always)]
+fn ipv4(ctx: &XdpContext) -> Result<Packet, Skip> {
+    let hdr: [u8; 20] = load(ctx, ETH_HLEN).ok_or(Skip::NotIp)?;
+    let ihl = ((hdr[0] & 0x0f) as usize) * 4;
+    if hdr[0] >> 4 != 4 || ihl < 20 {
+        return Err(Skip::NotIp);
+    }
+    let mut pkt = Packet {
+        v6: 0,
+        _pad: 0,
+        src: authz::words([
+            hdr[12], hdr[13], hdr[14], hdr[15], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        ]),
+        dst: [0; 16],
+        proto: hdr[9],
+        proto_known: 1,
+        has_port: 0,
+        dport: 0,
+        // Fragment offset (13 bits): later fragments carry no transport header.
+        fragment: (u16::from_be_bytes([hdr[6], hdr[7]]) & 0x1fff != 0) as u8,
+    };
+    pkt.dst[..4].copy_from_slice(&hdr[16..20]);
+    if pkt.fragment == 0 {
+        transport(ctx, &mut pkt, ETH_HLEN + ihl);
+    }
+    Ok(pkt)
+}
+
+#[inline(always)]
+fn ipv6(ctx: &XdpContext) -> Result<Packet, Skip> {
+    let hdr: [u8; 8] = load(ctx, ETH_HLEN).ok_or(Skip::NotIp)?;
+    if hdr[0] >> 4 != 6 {
+        return Err(Skip::NotIp);
+    }
+    let mut pkt = Packet {
+        v6: 1,
+        _pad: 0,
+        src: authz::words(load(ctx, ETH_HLEN + 8).ok_or(Skip::NotIp)?),
+        dst: load(ctx, ETH_HLEN + 24).ok_or(Skip::NotIp)?,
+        proto: 0,
+        proto_known: 0,
+        has_port: 0,
+        dport: 0,
+        fragment: 0,
+    };
+    let mut next = hdr[6];
+    let mut off = ETH_HLEN + IPV6_HLEN;
+    let mut i = 0;
+    while i < MAX_IPV6_EXT {
+        match next {
+            // Hop-by-hop, routing, destination options: length in 8-byte units, not counting
+            // the first 8.
+            0 | 43 | 60 => {
+                let Some(ext) = load::<[u8; 2]>(ctx, off) else {
+                    return Ok(pkt);
+                };
+                next = ext[0];
+                off += (ext[1] as usize + 1) * 8;
+            }
+            // Fragment header: only the first fragment (offset 0) carries the transport header.
+            44 => {
+                let Some(ext) = load::<[u8; 4]>(ctx, off) else {
+                    return Ok(pkt);
+                };
+                next = ext[0];
+                off += 8;
+                if u16::from_be_bytes([ext[2], ext[3]]) >> 3 != 0 {
+                    pkt.fragment = 1;
+                    pkt.proto = next;
+                    pkt.proto_known = 1;
+                    return Ok(pkt);
+                }
+            }
+            // Authentication header: length in 4-byte units, not counting the first 8.
+            51 => {
+                let Some(ext) = load::<[u8; 2]>(ctx, off) else {
+                    return Ok(pkt);
+                };
+                next = ext[0];
+                off += (ext[1] as usize + 2) * 4;
+            }
+            // Anything else is the transport (or ESP / no-next-header: no ports).
+            _ => {
+                pkt.proto = next;
+                pkt.proto_known = 1;
+                if next == IPPROTO_ICMPV6 {
+                    if let Some(t) = load::<u8>(ctx, off)
+                        && (t == ND_ROUTER_SOLICIT
+                            || t == ND_NEIGHBOUR_SOLICIT
+                            || t == ND_NEIGHBOUR_ADVERT)
+                    {
+                        return Err(Skip::NeighbourDiscovery);
+                    }
+                } else {
+                    transport(ctx, &mut pkt, off);
+                }
+                return Ok(pkt);
+            }
+        }
+        i += 1;
+    }
+    // The chain is longer than we follow: protocol unknown.
+    Ok(pkt)
+}
+
+/// Reads the destination port of a TCP/UDP header at `off`; a truncated one leaves the protocol
+/// unknown.
+#[inline(always)]
+fn transport(ctx: &XdpContext, pkt: &mut Packet, off: usize) {
+    if pkt.proto != IPPROTO_TCP && pkt.proto != IPPROTO_UDP {
+        return;
+    }
+    match load::<u16>(ctx, off + 2) {
+        Some(p) => {
+            pkt.dport = u16::from_be(p);
+            pkt.has_port = 1;
+        }
+        None => pkt.proto_known = 0,
+    }
+}

@@ -1,43 +1,107 @@
-//! Wiring: validated config -> policy routing -> eBPF capture -> listeners -> accept loops, then
-//! the shutdown sequence (stop accepting, drain, detach, remove routing).
-use std::sync::{Arc, atomic::Ordering};
+//! Wiring: validated config and policy -> listeners -> policy routing -> eBPF capture -> accept
+//! loops and the policy watcher; then the shutdown sequence (stop accepting, drain, detach,
+//! remove routing).
+use std::sync::{
+    Arc, Mutex,
+    atomic::{AtomicBool, Ordering},
+};
 
 use anyhow::Context as _;
+use mesh_policy::{Compiled, PolicyStore};
 use tokio::{signal::unix::SignalKind, sync::watch};
 use tracing::{info, warn};
 
 use crate::{
+    admin,
     config::Config,
     ebpf::Capture,
-    proxy::{self, Listeners, Stats},
+    metrics::Metrics,
+    policy::{self, ReloadStats},
+    proxy::{self, Listeners, Stats, balance::Balancer},
     routing::PolicyRouting,
 };
 
-pub async fn run(cfg: Config) -> anyhow::Result<()> {
+/// Different endpoints tried for one connection before it is given up.
+const CONNECT_ATTEMPTS: usize = 3;
+
+pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
     raise_fd_limit();
     let mut sigterm =
         tokio::signal::unix::signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut sigint =
         tokio::signal::unix::signal(SignalKind::interrupt()).context("SIGINT handler")?;
 
+    let rules = policy::capture_rules(&cfg, &initial);
+    let fail_mode = policy::fail_mode(&cfg, &initial);
+    let summary = initial.summary();
+    let store = Arc::new(PolicyStore::new(initial));
+    let mut metrics = Metrics::new();
+    let ready = Arc::new(AtomicBool::new(false));
+
     // Listeners first: once the program is attached, SYNs need somewhere to go.
     let listeners = Listeners::bind(cfg.listen_port)?;
     let mut routing = PolicyRouting::install(cfg.mark, cfg.route_table)?;
-    let mut capture = Capture::load(&cfg)?;
+    let mut capture = Capture::load(&cfg, fail_mode, &rules)?;
     capture.set_listeners(&listeners.v4, listeners.v6.as_ref())?;
+    let capture = Arc::new(Mutex::new(capture));
+    metrics.register_kernel(capture.clone());
+    let metrics = Arc::new(metrics);
+    let status: admin::StatusFn = {
+        let capture = capture.clone();
+        Arc::new(move || capture.lock().unwrap_or_else(|e| e.into_inner()).status())
+    };
+    let admin_state = Arc::new(admin::State {
+        metrics: metrics.clone(),
+        ready: ready.clone(),
+        policy: store.clone(),
+        config: cfg.to_json(),
+        status,
+    });
+    let admin_addr = admin::spawn(cfg.admin_address, admin_state).await?;
     info!(
         interfaces = ?cfg.interfaces,
-        rules = cfg.capture.len(),
-        fail_mode = ?cfg.fail_mode,
+        capture_rules = rules.len(),
+        ?fail_mode,
         port = cfg.listen_port,
+        policy = ?summary,
+        admin = %admin_addr,
         "agent ready"
     );
+
+    let reloads = Arc::new(ReloadStats {
+        metrics: metrics.policy.clone(),
+        ..Default::default()
+    });
+    let watcher = cfg.policy.clone().map(|path| {
+        let (cfg, store, capture, reloads) =
+            (cfg.clone(), store.clone(), capture.clone(), reloads.clone());
+        tokio::spawn(crate::watch::watch(path.clone(), move |trigger| {
+            policy::reload(&path, trigger, &cfg, &store, &capture, &reloads);
+        }))
+    });
 
     let settings = Arc::new(proxy::Settings {
         connect_timeout: cfg.connect_timeout,
         idle_timeout: cfg.idle_timeout,
         splice: cfg.splice,
         listen_port: cfg.listen_port,
+        connect_attempts: CONNECT_ATTEMPTS,
+        policy: store.clone(),
+        balancer: Arc::new(Balancer::default()),
+        metrics: metrics.tcp.clone(),
+        // Like Istio's default retry policy: 503s and connect failures of idempotent requests
+        // are retried (twice at most, within the retry budget).
+        http: mesh_http::Proxy::with_resilience(
+            mesh_http::Config {
+                connect_timeout: cfg.connect_timeout,
+                ..Default::default()
+            },
+            store.clone(),
+            mesh_http::Resilience {
+                retry_on_status: vec![503],
+                ..Default::default()
+            },
+        ),
     });
     let stats = Arc::new(Stats::default());
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -51,12 +115,24 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         )));
     }
 
+    // Programs attached, listeners in the SockMap, policy loaded, accepting.
+    ready.store(true, Ordering::Release);
+
     tokio::select! {
         _ = sigterm.recv() => info!("SIGTERM: draining"),
         _ = sigint.recv() => info!("SIGINT: draining"),
     }
+    ready.store(false, Ordering::Release);
+    if let Some(w) = watcher {
+        w.abort();
+        // Wait until the task (and its handle on the capture) is gone.
+        let _ = w.await;
+    }
     // Stop accepting: listeners close and leave the SockMap; new SYNs follow the fail mode.
-    capture.clear_listeners();
+    capture
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clear_listeners();
     let _ = stop_tx.send(true);
     for l in loops {
         let _ = l.await;
@@ -65,12 +141,15 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     if left > 0 {
         warn!(open = left, grace = ?cfg.drain_timeout, "drain period over; closing the rest");
     }
+    let mut capture = capture.lock().unwrap_or_else(|e| e.into_inner());
     let counters = capture.counters().ok();
     capture.detach();
     routing.remove();
     info!(
         accepted = stats.accepted.load(Ordering::Relaxed),
         upstream_failures = stats.upstream_failures.load(Ordering::Relaxed),
+        policy_reloads = reloads.applied.load(Ordering::Relaxed),
+        policy_rejections = reloads.rejected.load(Ordering::Relaxed),
         kernel = ?counters,
         "agent stopped"
     );

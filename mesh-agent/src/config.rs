@@ -22,6 +22,8 @@ pub const ENV_BPFFS_DIR: &str = "MESH_BPFFS_DIR";
 pub const ENV_MARK: &str = "MESH_MARK";
 pub const ENV_ROUTE_TABLE: &str = "MESH_ROUTE_TABLE";
 pub const ENV_SPLICE: &str = "MESH_SPLICE";
+pub const ENV_POLICY: &str = "MESH_POLICY";
+pub const ENV_ADMIN_ADDRESS: &str = "MESH_ADMIN_ADDRESS";
 
 pub const DEFAULT_LISTEN_PORT: u16 = 15001;
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -31,6 +33,8 @@ pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/mesh";
 /// Mark bit set on captured packets; the policy-routing rule matches `mark/mark`.
 pub const DEFAULT_MARK: u32 = 0x1;
 pub const DEFAULT_ROUTE_TABLE: u32 = 100;
+/// Loopback only unless configured otherwise (like ztunnel's 15020/15021).
+pub const DEFAULT_ADMIN_ADDRESS: &str = "127.0.0.1:15020";
 
 /// What happens to targeted connections while no agent listener exists.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Deserialize)]
@@ -193,6 +197,10 @@ pub struct File {
     pub route_table: Option<u32>,
     /// Forward with splice(2) through a kernel pipe instead of userspace buffers.
     pub splice: Option<bool>,
+    /// Policy file or folder (Services, EndpointSlices, Gateway API routes, MeshPolicy).
+    pub policy: Option<PathBuf>,
+    /// Admin server address (`/metrics`, `/healthz`, `/readyz`, `/config_dump`, `/status`).
+    pub admin_address: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -243,6 +251,12 @@ pub struct Overrides {
     pub route_table: Option<u32>,
     #[arg(long, env = ENV_SPLICE)]
     pub splice: Option<bool>,
+    /// Policy file or folder of YAML documents, reloaded on change and on SIGHUP.
+    #[arg(long, env = ENV_POLICY)]
+    pub policy: Option<PathBuf>,
+    /// Admin server address; `0.0.0.0:PORT` only when it must be reachable from outside the node.
+    #[arg(long, env = ENV_ADMIN_ADDRESS)]
+    pub admin_address: Option<String>,
 }
 
 /// The validated configuration the agent runs with.
@@ -250,7 +264,8 @@ pub struct Overrides {
 pub struct Config {
     pub interfaces: Vec<String>,
     pub capture: Vec<CaptureRule>,
-    pub fail_mode: FailMode,
+    /// Set by the file or a flag; otherwise the policy's MeshPolicy decides (default open).
+    pub fail_mode: Option<FailMode>,
     pub listen_port: u16,
     pub idle_timeout: Duration,
     pub connect_timeout: Duration,
@@ -259,6 +274,8 @@ pub struct Config {
     pub mark: u32,
     pub route_table: u32,
     pub splice: bool,
+    pub policy: Option<PathBuf>,
+    pub admin_address: std::net::SocketAddr,
 }
 
 /// Every problem found, each naming its field.
@@ -289,6 +306,28 @@ impl fmt::Display for FieldError {
 }
 
 impl Config {
+    /// The configuration in force, for `/config_dump`.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "interfaces": self.interfaces,
+            "capture": self.capture.iter().map(|r| serde_json::json!({
+                "prefix": r.prefix.to_string(),
+                "ports": r.ports.iter().map(|(a, b)| if a == b { a.to_string() } else { format!("{a}-{b}") }).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+            "fail_mode": self.fail_mode.map(|m| format!("{m:?}").to_lowercase()),
+            "listen_port": self.listen_port,
+            "idle_timeout_ms": self.idle_timeout.as_millis() as u64,
+            "connect_timeout_ms": self.connect_timeout.as_millis() as u64,
+            "drain_timeout_ms": self.drain_timeout.as_millis() as u64,
+            "bpffs_dir": self.bpffs_dir,
+            "mark": self.mark,
+            "route_table": self.route_table,
+            "splice": self.splice,
+            "policy": self.policy,
+            "admin_address": self.admin_address.to_string(),
+        })
+    }
+
     /// Reads the file named by `ov.config` (if any), applies the overrides and validates.
     pub fn load(ov: &Overrides) -> Result<Self, Error> {
         let file = match &ov.config {
@@ -399,11 +438,8 @@ impl Config {
         }
 
         let fail_mode = match ov.fail_mode.as_ref().or(file.fail_mode.as_ref()) {
-            None => FailMode::default(),
-            Some(s) => s.parse().unwrap_or_else(|e| {
-                err("fail_mode".into(), e);
-                FailMode::default()
-            }),
+            None => None,
+            Some(s) => s.parse().map_err(|e| err("fail_mode".into(), e)).ok(),
         };
         let mut duration = |name: &str, v: Option<&String>, default: Duration| match v {
             None => default,
@@ -472,6 +508,24 @@ impl Config {
             );
         }
         let splice = ov.splice.or(file.splice).unwrap_or(true);
+        let policy = ov.policy.clone().or(file.policy);
+        let admin_text = ov
+            .admin_address
+            .clone()
+            .or(file.admin_address)
+            .unwrap_or_else(|| DEFAULT_ADMIN_ADDRESS.to_string());
+        let admin_address = admin_text.parse().unwrap_or_else(|_| {
+            err(
+                "admin_address".into(),
+                format!("{admin_text:?} is not IP:PORT (for example 127.0.0.1:15020)"),
+            );
+            std::net::SocketAddr::from(([127, 0, 0, 1], 15020))
+        });
+        if let Some(p) = &policy
+            && !p.exists()
+        {
+            err("policy".into(), format!("{} does not exist", p.display()));
+        }
 
         if !errs.is_empty() {
             return Err(Error::Invalid(errs));
@@ -488,6 +542,8 @@ impl Config {
             mark,
             route_table,
             splice,
+            policy,
+            admin_address,
         })
     }
 }
@@ -520,7 +576,7 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(c.interfaces, ["veth1", "veth2"]);
-        assert_eq!(c.fail_mode, FailMode::Closed);
+        assert_eq!(c.fail_mode, Some(FailMode::Closed));
         assert_eq!(c.listen_port, 15010);
         assert_eq!(c.capture[0].ports, [(80, 80), (8000, 8100)]);
         assert_eq!(c.capture[1].prefix.to_string(), "fd00:96::/64");
@@ -586,7 +642,7 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(c.interfaces, ["h1", "h2"]);
-        assert_eq!(c.fail_mode, FailMode::Closed);
+        assert_eq!(c.fail_mode, Some(FailMode::Closed));
         assert_eq!(c.capture[0].ports, [(80, 80), (9000, 9100)]);
     }
 

@@ -3,11 +3,15 @@
 //! `run` captures targeted connections of the pods behind the configured veths and forwards them;
 //! `check` validates a configuration without touching the kernel; `counters` prints the kernel
 //! counters of a running (or killed) agent.
+mod admin;
 mod app;
 mod config;
 mod ebpf;
+mod metrics;
+mod policy;
 mod proxy;
 mod routing;
+mod watch;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -28,7 +32,8 @@ struct Cli {
 enum Command {
     /// Capture and proxy the pods' targeted connections until SIGTERM or SIGINT.
     Run(config::Overrides),
-    /// Validate the configuration and print every error; exit non-zero if there is one.
+    /// Validate the configuration and the policy (`--policy`) without touching the kernel; print
+    /// every error with its object, field and reason; exit non-zero if there is one.
     Check(config::Overrides),
     /// Print the capture program's kernel counters as JSON.
     Counters {
@@ -58,21 +63,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
     match cli.command {
-        Command::Check(ov) => match config::Config::load(&ov) {
-            Ok(cfg) => {
-                println!(
-                    "configuration is valid: {} interface(s), {} capture rule(s), fail mode {:?}",
-                    cfg.interfaces.len(),
-                    cfg.capture.len(),
-                    cfg.fail_mode
-                );
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("{e}");
-                ExitCode::from(2)
-            }
-        },
+        Command::Check(ov) => check(&ov),
         Command::Run(ov) => {
             let cfg = match config::Config::load(&ov) {
                 Ok(c) => c,
@@ -80,6 +71,19 @@ fn main() -> ExitCode {
                     eprintln!("{e}");
                     return ExitCode::from(2);
                 }
+            };
+            let initial = match &cfg.policy {
+                None => mesh_policy::Compiled::empty(),
+                Some(path) => match policy::load(path) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        eprintln!("policy {}:", path.display());
+                        for l in policy::error_lines(&e) {
+                            eprintln!("  {l}");
+                        }
+                        return ExitCode::from(2);
+                    }
+                },
             };
             let rt = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -91,7 +95,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match rt.block_on(app::run(cfg)) {
+            match rt.block_on(app::run(cfg, initial)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");
@@ -115,5 +119,55 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+    }
+}
+
+/// `mesh-agent check`: configuration, then policy; every error on its own line.
+fn check(ov: &config::Overrides) -> ExitCode {
+    let cfg = match config::Config::load(ov) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    println!(
+        "configuration is valid: {} interface(s), {} capture rule(s), fail mode {}",
+        cfg.interfaces.len(),
+        cfg.capture.len(),
+        cfg.fail_mode
+            .map_or("from policy".to_string(), |m| format!("{m:?}"))
+    );
+    let Some(path) = &cfg.policy else {
+        return ExitCode::SUCCESS;
+    };
+    match policy::load(path) {
+        Ok(p) => {
+            let s = p.summary();
+            println!(
+                "policy {} is valid: {} service(s), {} HTTPRoute(s), {} GRPCRoute(s), {} TLSRoute(s), {} TCPRoute(s), {} MeshPolicy(s), {} capture rule(s)",
+                path.display(),
+                s.services,
+                s.http_routes,
+                s.grpc_routes,
+                s.tls_routes,
+                s.tcp_routes,
+                s.mesh_policies,
+                s.capture_rules
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            let lines = policy::error_lines(&e);
+            eprintln!(
+                "policy {} is invalid ({} error(s)):",
+                path.display(),
+                lines.len()
+            );
+            for l in lines {
+                eprintln!("  {l}");
+            }
+            ExitCode::from(2)
+        }
     }
 }

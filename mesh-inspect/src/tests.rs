@@ -58,8 +58,18 @@ fn http1_prefixes_need_more() {
 #[test]
 fn http1_methods_versions_and_targets() {
     for method in [
-        "GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "CONNECT", "TRACE", "PROPFIND",
-        "M-SEARCH", "BASELINE-CONTROL",
+        "GET",
+        "POST",
+        "PUT",
+        "DELETE",
+        "HEAD",
+        "OPTIONS",
+        "PATCH",
+        "CONNECT",
+        "TRACE",
+        "PROPFIND",
+        "M-SEARCH",
+        "BASELINE-CONTROL",
     ] {
         let request = format!("{method} / HTTP/1.1\r\n");
         let line = http1(request.as_bytes());

@@ -6,7 +6,9 @@
 //! Sockets are opened inside a namespace with [`Netns::run`], so tests use real TCP from std.
 #![forbid(unsafe_code)]
 
+pub mod policy;
 pub mod servers;
+pub mod tls;
 
 use std::{
     fs::File,
@@ -326,6 +328,49 @@ impl Drop for Topology {
             }
         }
     }
+}
+
+impl Netns {
+    /// Starts the test echo backend (`tests/support/echo.py`) in this namespace and waits until
+    /// it listens. Extra arguments: `--tls CERT KEY`, `--log FILE`, `--status CODE`.
+    pub fn echo(&self, name: &str, port: u16, extra: &[&str]) {
+        let script = support("echo.py");
+        let mut args = vec![
+            script.to_string_lossy().to_string(),
+            name.to_string(),
+            port.to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        self.serve("/usr/bin/python3", &args);
+    }
+
+    /// Starts a server that prints `ready` on stdout once it listens, waits for that line, and
+    /// leaves it running until the namespace is torn down (a thread reaps it then).
+    pub fn serve(&self, program: &str, args: &[String]) {
+        let mut child = self
+            .cmd(program)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {program}: {e}"));
+        let mut out = child.stdout.take().expect("stdout");
+        let mut b = [0u8; 6];
+        out.read_exact(&mut b)
+            .unwrap_or_else(|e| panic!("{program} {args:?} did not start: {e}"));
+        assert_eq!(&b, b"ready\n");
+        std::thread::spawn(move || {
+            let _ = child.wait();
+            drop(out);
+        });
+    }
+}
+
+/// A file in `tests/support`.
+pub fn support(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("support")
+        .join(name)
 }
 
 /// The agent binary: `MESH_AGENT_BIN`, or the workspace's `target/debug/mesh-agent`.

@@ -4,7 +4,9 @@ use std::{net::Ipv4Addr, thread, time::Duration};
 
 use mesh_tests::{
     Topology,
+    policy::write_atomically,
     servers::{greeter, greeting, sa},
+    tls::Ca,
 };
 
 use crate::util::{build_agent, clean_leftovers, root};
@@ -19,8 +21,11 @@ pub fn run() -> anyhow::Result<()> {
     // Built where the harness looks for it (target/debug/mesh-agent).
     build_agent(false)?;
 
-    println!("== topology: node namespace with the agent; pods client (h1), web (h2), api (h3)");
-    let t = Topology::new(&["client", "web", "api"]);
+    println!("== topology: node namespace with the agent; pods behind veths h1..h11");
+    let t = Topology::new(&[
+        "client", "web", "api", "tls-a", "tls-b", "tcp-x", "tcp-y", "shop-v1", "shop-v2", "grpc-a",
+        "grpc-b",
+    ]);
     let (client, web, api) = (t.pod("client"), t.pod("web"), t.pod("api"));
     greeter(&web.ns, sa(web.ip4, 8080), "web");
     greeter(&web.ns, sa(web.ip6, 8080), "web");
@@ -33,10 +38,57 @@ pub fn run() -> anyhow::Result<()> {
         );
     }
 
+    let scratch = std::env::temp_dir().join(format!("{}-demo", t.id));
+    std::fs::create_dir_all(&scratch)?;
+    let ca = Ca::new(&scratch.join("ca"));
+    for (pod, names) in [
+        ("tls-a", &["a.example.com"][..]),
+        ("tls-b", &["*.b.example.com"][..]),
+    ] {
+        let (cert, key) = ca.leaf(pod, names);
+        t.pod(pod).ns.echo(
+            pod,
+            8443,
+            &["--tls", &cert.to_string_lossy(), &key.to_string_lossy()],
+        );
+    }
+    greeter(
+        &t.pod("tcp-x").ns,
+        sa(t.pod("tcp-x").ip4, 9000),
+        "ledger-v1",
+    );
+    greeter(
+        &t.pod("tcp-y").ns,
+        sa(t.pod("tcp-y").ip4, 9000),
+        "ledger-v2",
+    );
+    for pod in ["shop-v1", "shop-v2"] {
+        t.pod(pod).ns.echo(pod, 8080, &[]);
+    }
+    let support = root().join("tests/support");
+    for pod in ["grpc-a", "grpc-b"] {
+        let server = support.join("grpc_server.py").to_string_lossy().to_string();
+        t.pod(pod).ns.serve(
+            "/usr/bin/python3",
+            &[server, pod.to_string(), "50051".to_string()],
+        );
+    }
+
     let config = root().join("manifests/examples/agent.yaml");
-    println!("== agent: mesh-agent run --config {}", config.display());
+    // The policy is copied so the demo can edit it live without touching the repository.
+    let policy = scratch.join("policy.yaml");
+    let policy_text = std::fs::read_to_string(root().join("manifests/examples/policy.yaml"))?;
+    write_atomically(&policy, &policy_text);
+    println!(
+        "== agent: mesh-agent run --config manifests/examples/agent.yaml --policy manifests/examples/policy.yaml"
+    );
     println!("{}", indent(&std::fs::read_to_string(&config)?));
-    let mut agent = t.start_agent(&["--config", config.to_str().unwrap_or_default()]);
+    let mut agent = t.start_agent(&[
+        "--config",
+        config.to_str().unwrap_or_default(),
+        "--policy",
+        policy.to_str().unwrap_or_default(),
+    ]);
     let before = agent.counters();
 
     let calls = [
@@ -77,16 +129,176 @@ pub fn run() -> anyhow::Result<()> {
             Err(e) => println!("   failed: {e}"),
         }
     }
+    println!(
+        "== TLS by SNI behind one VIP (10.96.0.30:443), verified end to end by curl: never terminated"
+    );
+    for host in ["a.example.com", "www.b.example.com", "other.example.com"] {
+        // No route for other.example.com: the Service's own endpoint (tls-a) answers with its own
+        // certificate, which does not name other.example.com, so that one call skips verification.
+        let verify = if host == "other.example.com" {
+            "--insecure"
+        } else {
+            "--show-error"
+        };
+        let out = client
+            .ns
+            .cmd("curl")
+            .args([
+                "-sS",
+                verify,
+                "--max-time",
+                "5",
+                "--cacert",
+                &ca.cert.to_string_lossy(),
+            ])
+            .args([
+                "--resolve",
+                &format!("{host}:443:10.96.0.30"),
+                &format!("https://{host}/"),
+            ])
+            .output()?;
+        let answer = serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .map(|v| format!("backend {}", v["backend"]))
+            .unwrap_or_else(|_| {
+                format!("no answer: {}", String::from_utf8_lossy(&out.stderr).trim())
+            });
+        let note = if host == "other.example.com" {
+            "  (no TLSRoute matches: original destination)"
+        } else {
+            ""
+        };
+        println!("   SNI {host:<18} -> {answer}{note}");
+    }
+
+    println!(
+        "== HTTP: GET http://10.96.0.50/api/v2/items (HTTPRoute rule with a header filter); what the backend received:"
+    );
+    let out = client
+        .ns
+        .cmd("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "5",
+            "-H",
+            "Host: shop.demo",
+            "http://10.96.0.50/api/v2/items",
+        ])
+        .output()?;
+    match serde_json::from_slice::<serde_json::Value>(&out.stdout) {
+        Ok(v) => {
+            println!(
+                "   backend {} got {} {}",
+                v["backend"], v["method"], v["path"]
+            );
+            for h in [
+                "x-request-id",
+                "traceparent",
+                "x-forwarded-for",
+                "x-forwarded-proto",
+                "x-mesh",
+                "x-canary",
+            ] {
+                println!("   {h:<18} {}", v["headers"][h]);
+            }
+        }
+        Err(_) => println!(
+            "   no answer: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+    }
+    println!(
+        "== HTTP: 1,000 requests to http://10.96.0.50/ on one keep-alive connection (weights 90/10)"
+    );
+    let out = client
+        .ns
+        .cmd("curl")
+        .args(["-sS", "--max-time", "60", "http://10.96.0.50/[1-1000]"])
+        .output()?;
+    let mut shop = std::collections::BTreeMap::new();
+    for v in serde_json::Deserializer::from_slice(&out.stdout)
+        .into_iter::<serde_json::Value>()
+        .flatten()
+    {
+        *shop
+            .entry(v["backend"].as_str().unwrap_or("?").to_string())
+            .or_insert(0usize) += 1;
+    }
+    println!("   {shop:?}");
+    println!("== gRPC over h2c to 10.96.0.60:50051, routed by method (GRPCRoute)");
+    for (method, payload) in [("Echo", "hello"), ("Count", "3")] {
+        let out = client
+            .ns
+            .cmd("/usr/bin/python3")
+            .arg(support.join("grpc_client.py"))
+            .args(["10.96.0.60:50051", method, payload])
+            .output()?;
+        println!(
+            "   mesh.Test/{method}: {}",
+            String::from_utf8_lossy(&out.stdout).trim()
+        );
+    }
+
+    let ledger = sa(Ipv4Addr::new(10, 96, 0, 40), 9000);
+    println!("== TCPRoute ledger-canary, weights 90/10: 500 connections to 10.96.0.40:9000");
+    println!("   {}", split(&t, ledger, 500));
+    println!("== live policy edit: weights 50/50 (the agent notices the file change)");
+    write_atomically(
+        &policy,
+        &policy_text
+            .replace("weight: 90}", "weight: 50}")
+            .replace("weight: 10}", "weight: 50}"),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while agent.log().matches("policy reloaded").count() < 1 && std::time::Instant::now() < deadline
+    {
+        thread::sleep(Duration::from_millis(50));
+    }
+    println!("   {}", split(&t, ledger, 500));
+    println!(
+        "== an invalid edit (a backendRef to a port the Service lacks) is rejected; 50/50 stays"
+    );
+    write_atomically(
+        &policy,
+        &policy_text.replace(
+            "{name: ledger-v2, port: 9000, weight: 10}",
+            "{name: ledger-v2, port: 9001, weight: 10}",
+        ),
+    );
+    while !agent.log().contains("policy rejected") && std::time::Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+    }
+    for l in agent
+        .log_lines()
+        .iter()
+        .filter(|l| l["message"] == "policy error")
+    {
+        println!("   agent: {}", l["l"].as_str().unwrap_or_default());
+    }
+    println!("   {}", split(&t, ledger, 200));
+
     thread::sleep(Duration::from_millis(300));
     println!("== what the agent logged per connection (original destination as it saw it)");
+    let mut shown = 0;
     for l in agent.log_lines() {
-        if l["message"] == "connection closed" {
+        let span = &l["span"];
+        // The first few, and the TLS ones; the 1,200 ledger connections look alike.
+        if l["message"] == "connection closed"
+            && (shown < 3 || span["sni"].is_string() || l["requests"].is_u64())
+        {
+            shown += 1;
+            let traffic = match l["requests"].as_u64() {
+                Some(n) => format!("requests={n}"),
+                None => format!("sent={} received={}", l["bytes_sent"], l["bytes_received"]),
+            };
             println!(
-                "   src={} original_dst={} sent={} received={}",
-                l["span"]["src"].as_str().unwrap_or("?"),
-                l["span"]["dst"].as_str().unwrap_or("?"),
-                l["bytes_sent"],
-                l["bytes_received"]
+                "   src={} original_dst={} proto={} sni={} route={} upstream={} {traffic}",
+                span["src"].as_str().unwrap_or("?"),
+                span["dst"].as_str().unwrap_or("?"),
+                span["proto"].as_str().unwrap_or("-"),
+                span["sni"].as_str().unwrap_or("-"),
+                span["route"].as_str().unwrap_or("-"),
+                span["upstream"].as_str().unwrap_or("-"),
             );
         }
     }
@@ -101,8 +313,26 @@ pub fn run() -> anyhow::Result<()> {
     println!("   agent exited: {status}");
     println!("== tearing down the namespaces");
     drop(t);
+    let _ = std::fs::remove_dir_all(&scratch);
     println!("demo done");
     Ok(())
+}
+
+/// Opens `n` connections to `addr` from the client and counts which server greeted each.
+fn split(t: &Topology, addr: std::net::SocketAddr, n: usize) -> String {
+    let mut counts = std::collections::BTreeMap::new();
+    for _ in 0..n {
+        let who = match greeting(&t.pod("client").ns, addr) {
+            Ok(g) => g.rsplit("server=").next().unwrap_or_default().to_string(),
+            Err(e) => format!("error: {e}"),
+        };
+        *counts.entry(who).or_insert(0usize) += 1;
+    }
+    counts
+        .iter()
+        .map(|(k, v)| format!("{k}: {v} ({:.1}%)", 100.0 * *v as f64 / n as f64))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn indent(s: &str) -> String {

@@ -18,7 +18,14 @@ const PACKAGES: &[(&str, &str)] = &[
     ("socat", "socat"),
     ("iperf3", "iperf3"),
     ("bpftool", "bpftool"),
+    ("h2load", "nghttp2-client"),
+    ("nghttp", "nghttp2-client"),
+    ("prometheus", "prometheus"),
+    ("promtool", "prometheus"),
 ];
+
+/// Python modules the tests import (with Debian's /usr/bin/python3), and their packages.
+const PYTHON_MODULES: &[(&str, &str)] = &[("grpc", "python3-grpcio")];
 
 pub fn run() -> anyhow::Result<()> {
     rust_src()?;
@@ -106,11 +113,21 @@ fn bpf_linker() -> anyhow::Result<()> {
 }
 
 fn packages() -> anyhow::Result<()> {
-    let missing: Vec<&str> = PACKAGES
+    let mut missing: Vec<&str> = PACKAGES
         .iter()
         .filter(|(bin, _)| output("sh", &["-c", &format!("command -v {bin}")]).is_none())
         .map(|(_, pkg)| *pkg)
         .collect();
+    missing.extend(
+        PYTHON_MODULES
+            .iter()
+            .filter(|(module, _)| {
+                output("/usr/bin/python3", &["-c", &format!("import {module}")]).is_none()
+            })
+            .map(|(_, pkg)| *pkg),
+    );
+    missing.sort_unstable();
+    missing.dedup();
     if missing.is_empty() {
         return Ok(());
     }

@@ -5,6 +5,10 @@
 //! Links are pinned in `bpffs_dir` so that capture outlives the process: a new agent replaces the
 //! program atomically (no window where traffic bypasses the mesh), and if the agent dies the
 //! program stays and applies the fail mode. A clean shutdown unpins and detaches.
+// Wired into the agent with the MeshPolicy authorization section (next step).
+#[allow(dead_code)]
+pub mod authz;
+
 use std::{
     collections::BTreeMap,
     net::IpAddr,
@@ -72,31 +76,16 @@ pub struct Capture {
 
 impl Capture {
     /// Loads the object, writes settings and capture rules, attaches to every interface.
-    pub fn load(cfg: &Config) -> Result<Self, Error> {
+    pub fn load(cfg: &Config, fail_mode: FailMode, rules: &[CaptureRule]) -> Result<Self, Error> {
         ensure_bpffs(&cfg.bpffs_dir)?;
-        let mut bpf = EbpfLoader::new().load(OBJECT)?;
+        let bpf = EbpfLoader::new().load(OBJECT)?;
         let mut cap = Capture {
-            bpf: {
-                let settings = Settings {
-                    fail_mode: match cfg.fail_mode {
-                        FailMode::Open => redirect::FAIL_OPEN,
-                        FailMode::Closed => redirect::FAIL_CLOSED,
-                    },
-                    mark: cfg.mark,
-                };
-                let mut arr: Array<_, Settings> = Array::try_from(
-                    bpf.map_mut(redirect::MAP_SETTINGS)
-                        .ok_or(Error::MissingMap(redirect::MAP_SETTINGS))?,
-                )
-                .map_err(map_err(redirect::MAP_SETTINGS))?;
-                arr.set(0, settings, 0)
-                    .map_err(map_err(redirect::MAP_SETTINGS))?;
-                bpf
-            },
+            bpf,
             links: Vec::new(),
             dir: cfg.bpffs_dir.clone(),
         };
-        cap.sync_rules(&cfg.capture)?;
+        cap.set_settings(fail_mode, cfg.mark)?;
+        cap.sync_rules(rules)?;
         cap.pin_counters()?;
         let prog: &mut SchedClassifier = cap
             .bpf
@@ -111,6 +100,71 @@ impl Capture {
             info!(iface, mode = "tcx", "capture attached at TC ingress");
         }
         Ok(cap)
+    }
+
+    /// What `/status` shows: attached interfaces and modes, map fill levels, listeners.
+    pub fn status(&self) -> serde_json::Value {
+        let v4 = self
+            .bpf
+            .map(redirect::MAP_CAPTURE_V4)
+            .and_then(|m| LpmTrie::<_, AddrV4, PortSet>::try_from(m).ok())
+            .map_or(0, |t| t.keys().count());
+        let v6 = self
+            .bpf
+            .map(redirect::MAP_CAPTURE_V6)
+            .and_then(|m| LpmTrie::<_, AddrV6, PortSet>::try_from(m).ok())
+            .map_or(0, |t| t.keys().count());
+        let listeners = self
+            .bpf
+            .map(redirect::MAP_LISTENERS)
+            .and_then(|m| SockMap::try_from(m).ok())
+            .map_or(0, |m: SockMap<&MapData>| {
+                m.indices().filter(|i| i.is_ok()).count()
+            });
+        serde_json::json!({
+            "capture": {
+                "program": PROGRAM,
+                "hook": "tc ingress",
+                "mode": "tcx",
+                "interfaces": self.links.iter().map(|(i, p, _)| serde_json::json!({"name": i, "pin": p})).collect::<Vec<_>>(),
+            },
+            "maps": {
+                redirect::MAP_CAPTURE_V4: {"entries": v4, "max": redirect::MAX_PREFIXES},
+                redirect::MAP_CAPTURE_V6: {"entries": v6, "max": redirect::MAX_PREFIXES},
+                redirect::MAP_LISTENERS: {"entries": listeners, "max": redirect::MAX_LISTENERS},
+            },
+        })
+    }
+
+    /// The loaded object, for the other program families (see [`authz`]).
+    #[allow(dead_code)]
+    pub fn bpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.bpf
+    }
+
+    /// The bpffs folder links are pinned in.
+    #[allow(dead_code)]
+    pub fn pin_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Writes the fail mode and packet mark the program applies.
+    pub fn set_settings(&mut self, fail_mode: FailMode, mark: u32) -> Result<(), Error> {
+        let settings = Settings {
+            fail_mode: match fail_mode {
+                FailMode::Open => redirect::FAIL_OPEN,
+                FailMode::Closed => redirect::FAIL_CLOSED,
+            },
+            mark,
+        };
+        let mut arr: Array<_, Settings> = Array::try_from(
+            self.bpf
+                .map_mut(redirect::MAP_SETTINGS)
+                .ok_or(Error::MissingMap(redirect::MAP_SETTINGS))?,
+        )
+        .map_err(map_err(redirect::MAP_SETTINGS))?;
+        arr.set(0, settings, 0)
+            .map_err(map_err(redirect::MAP_SETTINGS))
     }
 
     /// Makes the kernel capture maps hold exactly `rules` (ports of equal prefixes merged).

@@ -60,7 +60,10 @@ pub struct Balancer {
 
 impl Default for Balancer {
     fn default() -> Self {
-        Balancer { epoch: Instant::now(), endpoints: RwLock::default() }
+        Balancer {
+            epoch: Instant::now(),
+            endpoints: RwLock::default(),
+        }
     }
 }
 
@@ -88,7 +91,12 @@ pub enum ConnectError {
 
 impl Balancer {
     fn state(&self, ep: SocketAddr) -> Arc<EndpointState> {
-        if let Some(s) = self.endpoints.read().unwrap_or_else(|e| e.into_inner()).get(&ep) {
+        if let Some(s) = self
+            .endpoints
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&ep)
+        {
             return s.clone();
         }
         self.endpoints
@@ -111,7 +119,11 @@ impl Balancer {
     /// connections wins; ejected endpoints are avoided unless nothing else is left.
     pub fn pick(&self, eps: &[SocketAddr], tried: &[SocketAddr]) -> Option<SocketAddr> {
         let fresh: Vec<SocketAddr> = eps.iter().copied().filter(|e| !tried.contains(e)).collect();
-        let healthy: Vec<SocketAddr> = fresh.iter().copied().filter(|e| !self.ejected(&self.state(*e))).collect();
+        let healthy: Vec<SocketAddr> = fresh
+            .iter()
+            .copied()
+            .filter(|e| !self.ejected(&self.state(*e)))
+            .collect();
         let pool = if healthy.is_empty() { &fresh } else { &healthy };
         match pool.len() {
             0 => None,
@@ -139,7 +151,10 @@ impl Balancer {
             s.consecutive_failures.store(0, Ordering::Relaxed);
             let n = s.ejections.fetch_add(1, Ordering::Relaxed).min(4);
             let backoff = (EJECT_BASE * 2u32.pow(n)).min(EJECT_MAX);
-            s.ejected_until_ms.store(self.now_ms() + backoff.as_millis() as u64, Ordering::Relaxed);
+            s.ejected_until_ms.store(
+                self.now_ms() + backoff.as_millis() as u64,
+                Ordering::Relaxed,
+            );
             tracing::warn!(endpoint = %ep, ?backoff, "endpoint ejected after consecutive connect failures");
         }
     }
@@ -154,7 +169,9 @@ impl Balancer {
         let mut tried = Vec::new();
         let mut last = None;
         while tried.len() < attempts.max(1) {
-            let Some(ep) = self.pick(eps, &tried) else { break };
+            let Some(ep) = self.pick(eps, &tried) else {
+                break;
+            };
             tried.push(ep);
             let s = self.state(ep);
             s.active.fetch_add(1, Ordering::Relaxed);
@@ -172,7 +189,11 @@ impl Balancer {
             }
         }
         match last {
-            Some((last, error)) => Err(ConnectError::Failed { attempts: tried.len(), last, error }),
+            Some((last, error)) => Err(ConnectError::Failed {
+                attempts: tried.len(),
+                last,
+                error,
+            }),
             None => Err(ConnectError::NoEndpoints),
         }
     }
@@ -180,7 +201,11 @@ impl Balancer {
 
 /// One connect attempt with a timeout.
 pub async fn connect(dst: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
-    let sock = if dst.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    let sock = if dst.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
     sock.set_nodelay(true)?;
     match tokio::time::timeout(timeout, sock.connect(dst)).await {
         Ok(r) => r,
@@ -196,7 +221,9 @@ mod tests {
     use super::*;
 
     fn eps(n: u16) -> Vec<SocketAddr> {
-        (1..=n).map(|i| SocketAddr::from(([10, 0, 0, i as u8], 80))).collect()
+        (1..=n)
+            .map(|i| SocketAddr::from(([10, 0, 0, i as u8], 80)))
+            .collect()
     }
 
     #[test]
@@ -231,12 +258,18 @@ mod tests {
         for _ in 0..50 {
             assert_eq!(b.pick(&e, &[]), Some(e[1]));
         }
-        assert_eq!(b.pick(&e, &[e[1]]), Some(e[0]), "an ejected endpoint beats none");
+        assert_eq!(
+            b.pick(&e, &[e[1]]),
+            Some(e[0]),
+            "an ejected endpoint beats none"
+        );
     }
 
     #[tokio::test]
     async fn connect_moves_on_from_a_dead_endpoint() {
-        let live = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let live = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let dead = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
             l.local_addr().expect("addr")
@@ -244,7 +277,10 @@ mod tests {
         let b = Balancer::default();
         let eps = [dead, live.local_addr().expect("addr")];
         for _ in 0..10 {
-            let (_s, ep, _lease) = b.connect(&eps, Duration::from_secs(2), 2).await.expect("connects");
+            let (_s, ep, _lease) = b
+                .connect(&eps, Duration::from_secs(2), 2)
+                .await
+                .expect("connects");
             assert_eq!(ep, eps[1]);
         }
     }

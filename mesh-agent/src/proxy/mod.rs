@@ -3,6 +3,7 @@
 //! The capture program assigns a pod's SYN to one of the transparent listeners opened here. The
 //! kernel then builds the accepted socket with the pod's real tuple, so `local_addr()` of that
 //! socket is the destination the pod asked for ([`OrigDst`]).
+pub mod balance;
 pub mod forward;
 
 use std::{
@@ -15,12 +16,20 @@ use std::{
     time::{Duration, Instant},
 };
 
+use mesh_inspect::{Detection, MAX_INSPECT_LEN, detect};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{
-    net::{TcpListener, TcpSocket, TcpStream},
+    io::AsyncWriteExt,
+    net::{TcpListener, TcpStream},
     sync::{Notify, watch},
 };
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, Span, debug, field::Empty, info, info_span, warn};
+
+use crate::{
+    metrics::{TcpLabels, TcpMetrics},
+    policy::Store,
+};
+use balance::{Balancer, random_u32};
 
 /// The destination the client connected to, before capture.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -110,6 +119,13 @@ pub struct Settings {
     /// The listeners' own port: a connection whose original destination is a listener itself
     /// was not captured and is refused (it would loop).
     pub listen_port: u16,
+    /// Different endpoints tried before a connection is given up.
+    pub connect_attempts: usize,
+    pub policy: Store,
+    pub balancer: Arc<Balancer>,
+    pub metrics: Arc<TcpMetrics>,
+    /// Serves connections detected as HTTP/1 or HTTP/2 prior knowledge.
+    pub http: mesh_http::Proxy,
 }
 
 /// Connection counts shared by all accept loops.
@@ -170,6 +186,122 @@ pub async fn serve(
     }
 }
 
+/// What the first bytes said, and the bytes themselves (sent upstream unchanged before forwarding).
+struct Inspected {
+    detection: Detection,
+    prefix: Vec<u8>,
+}
+
+/// Reads the client's first bytes until `detect` settles, the inspection limit is reached, the
+/// client closes its side, or `timeout` passes (a server-speaks-first protocol): then it is opaque.
+async fn inspect(client: &TcpStream, timeout: Duration) -> std::io::Result<Inspected> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut prefix = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match detect(&prefix) {
+            Detection::NeedMore if prefix.len() < MAX_INSPECT_LEN => {}
+            Detection::NeedMore => {
+                return Ok(Inspected {
+                    detection: Detection::Opaque,
+                    prefix,
+                });
+            }
+            detection => return Ok(Inspected { detection, prefix }),
+        }
+        if tokio::time::timeout_at(deadline, client.readable())
+            .await
+            .is_err()
+        {
+            return Ok(Inspected {
+                detection: Detection::Opaque,
+                prefix,
+            });
+        }
+        let room = (MAX_INSPECT_LEN - prefix.len()).min(chunk.len());
+        match client.try_read(&mut chunk[..room]) {
+            Ok(0) => {
+                return Ok(Inspected {
+                    detection: Detection::Opaque,
+                    prefix,
+                });
+            }
+            Ok(n) => prefix.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn protocol_name(d: &Detection) -> &'static str {
+    match d {
+        Detection::Tls(_) => "tls",
+        Detection::TlsMalformed(_) => "tls-malformed",
+        Detection::Http1(_) => "http1",
+        Detection::H2PriorKnowledge => "h2c",
+        Detection::Opaque | Detection::NeedMore => "tcp",
+    }
+}
+
+/// Whether the Service port's `appProtocol` says the bytes will be neither HTTP nor TLS.
+fn declared_opaque(policy: &mesh_policy::Compiled, dst: SocketAddr) -> bool {
+    let Some(p) = policy
+        .service_port(dst)
+        .and_then(|sp| sp.app_protocol.as_deref())
+    else {
+        return false;
+    };
+    !matches!(
+        p.to_ascii_lowercase().as_str(),
+        "http"
+            | "https"
+            | "http2"
+            | "h2c"
+            | "grpc"
+            | "tls"
+            | "kubernetes.io/h2c"
+            | "kubernetes.io/ws"
+            | "kubernetes.io/wss"
+    )
+}
+
+/// Hands an HTTP connection to the HTTP proxy; logs and counts it like any connection.
+async fn serve_http(
+    client: TcpStream,
+    inspected: Inspected,
+    src: ClientAddr,
+    dst: OrigDst,
+    settings: &Settings,
+    policy: &mesh_policy::Compiled,
+) {
+    let started = Instant::now();
+    let h2 = matches!(inspected.detection, Detection::H2PriorKnowledge);
+    let labels = TcpLabels {
+        service: policy
+            .service_port(dst.0)
+            .map_or_else(|| "none".to_string(), |sp| sp.service.to_string()),
+        protocol: protocol_name(&inspected.detection).to_string(),
+    };
+    let m = &settings.metrics;
+    m.opened.get_or_create(&labels).inc();
+    m.active.get_or_create(&labels).inc();
+    let r = settings
+        .http
+        .serve(client, inspected.prefix, src.0, dst.0, h2)
+        .await;
+    m.active.get_or_create(&labels).dec();
+    m.closed.get_or_create(&labels).inc();
+    let ms = started.elapsed().as_millis() as u64;
+    match r {
+        Ok(s) => info!(requests = s.requests, duration_ms = ms, "connection closed"),
+        Err(e) => info!(error = %e, duration_ms = ms, "connection ended with an error"),
+    }
+}
+
+fn reset(client: &TcpStream) {
+    let _ = socket2::SockRef::from(client).set_linger(Some(Duration::ZERO));
+}
+
 async fn handle(client: TcpStream, src: ClientAddr, settings: &Settings, stats: &Stats) {
     let dst = match client.local_addr() {
         Ok(a) => OrigDst(a),
@@ -178,7 +310,10 @@ async fn handle(client: TcpStream, src: ClientAddr, settings: &Settings, stats: 
             return;
         }
     };
-    let span = info_span!("conn", %src, %dst);
+    // The policy this connection keeps for its whole life, even across reloads.
+    let policy = settings.policy.current();
+    let span =
+        info_span!("conn", %src, %dst, proto = Empty, sni = Empty, route = Empty, upstream = Empty);
     async move {
         if dst.0.port() == settings.listen_port && dst.0.ip().is_loopback() {
             warn!("connection to the listener itself, not a captured one; closing");
@@ -186,21 +321,114 @@ async fn handle(client: TcpStream, src: ClientAddr, settings: &Settings, stats: 
         }
         let started = Instant::now();
         let _ = client.set_nodelay(true);
-        let upstream = match connect(dst, settings.connect_timeout).await {
-            Ok(u) => u,
+
+        // The first bytes are read unless a TCPRoute decides without them (its protocol may be
+        // server-speaks-first) or the Service port declares a protocol that is neither HTTP nor
+        // TLS: HTTP needs them even without routes, for header injection.
+        let inspected = if policy.route_tcp(dst.0).is_some() || declared_opaque(&policy, dst.0) {
+            Inspected {
+                detection: Detection::Opaque,
+                prefix: Vec::new(),
+            }
+        } else {
+            match inspect(&client, policy.settings().protocol_detection_timeout).await {
+                Ok(i) => i,
+                Err(e) => {
+                    info!(error = %e, "client failed before sending its first bytes");
+                    return;
+                }
+            }
+        };
+        let span = Span::current();
+        span.record("proto", protocol_name(&inspected.detection));
+        if let Detection::Http1(_) | Detection::H2PriorKnowledge = inspected.detection {
+            serve_http(client, inspected, src, dst, settings, &policy).await;
+            return;
+        }
+        let decision = match &inspected.detection {
+            Detection::Tls(hello) => {
+                if let Some(sni) = &hello.sni {
+                    span.record("sni", sni.as_str());
+                }
+                policy.route_tls(dst.0, hello.sni.as_deref())
+            }
+            _ => policy.route_tcp(dst.0),
+        };
+        let endpoints: Vec<SocketAddr> = match &decision {
+            Some(d) => {
+                span.record("route", d.route.to_string());
+                match d.pick(random_u32()) {
+                    Some(b) if b.is_routable() => b.endpoints.clone(),
+                    _ => {
+                        warn!("the route has no backend with endpoints; resetting the client");
+                        reset(&client);
+                        return;
+                    }
+                }
+            }
+            // No route: the original destination. For a Service that is its own endpoints.
+            None => match policy.service_port(dst.0) {
+                Some(sp) if !sp.endpoints.is_empty() => sp.endpoints.clone(),
+                _ => vec![dst.0],
+            },
+        };
+        let labels = TcpLabels {
+            service: policy
+                .service_port(dst.0)
+                .map_or_else(|| "none".to_string(), |sp| sp.service.to_string()),
+            protocol: protocol_name(&inspected.detection).to_string(),
+        };
+        let m = &settings.metrics;
+        m.opened.get_or_create(&labels).inc();
+        let connecting = Instant::now();
+        let connected = settings
+            .balancer
+            .connect(
+                &endpoints,
+                settings.connect_timeout,
+                settings.connect_attempts,
+            )
+            .await;
+        let (mut upstream, endpoint, _lease) = match connected {
+            Ok(c) => {
+                m.upstream_connect
+                    .get_or_create(&labels)
+                    .observe(connecting.elapsed().as_secs_f64());
+                c
+            }
             Err(e) => {
+                m.upstream_connect_errors.get_or_create(&labels).inc();
+                m.closed.get_or_create(&labels).inc();
                 stats.upstream_failures.fetch_add(1, Ordering::Relaxed);
                 warn!(error = %e, "upstream connect failed; resetting the client");
-                let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
+                reset(&client);
                 return;
             }
         };
+        span.record("upstream", endpoint.to_string());
         debug!(upstream_local = ?upstream.local_addr().ok(), "forwarding");
+        // The bytes read for detection go first, unchanged: a TLS session reaches the backend
+        // byte for byte.
+        if !inspected.prefix.is_empty()
+            && let Err(e) = upstream.write_all(&inspected.prefix).await
+        {
+            info!(error = %e, "upstream closed before the first bytes were sent");
+            reset(&client);
+            return;
+        }
+        m.active.get_or_create(&labels).inc();
         let r = forward::forward(&client, &upstream, settings.idle_timeout, settings.splice).await;
+        m.active.get_or_create(&labels).dec();
+        m.closed.get_or_create(&labels).inc();
         let ms = started.elapsed().as_millis() as u64;
+        let prefix = inspected.prefix.len() as u64;
+        if let Ok(t) = &r {
+            m.sent_bytes.get_or_create(&labels).inc_by(t.sent + prefix);
+            m.received_bytes.get_or_create(&labels).inc_by(t.received);
+        }
         match r {
             Ok(t) => info!(
-                bytes_sent = t.sent,
+                bytes_sent = t.sent + prefix,
                 bytes_received = t.received,
                 duration_ms = ms,
                 "connection closed"
@@ -210,20 +438,4 @@ async fn handle(client: TcpStream, src: ClientAddr, settings: &Settings, stats: 
     }
     .instrument(span)
     .await
-}
-
-async fn connect(dst: OrigDst, timeout: Duration) -> std::io::Result<TcpStream> {
-    let sock = if dst.0.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
-    sock.set_nodelay(true)?;
-    match tokio::time::timeout(timeout, sock.connect(dst.0)).await {
-        Ok(r) => r,
-        Err(_) => Err(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            format!("connect timed out after {timeout:?}"),
-        )),
-    }
 }

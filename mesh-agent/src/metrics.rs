@@ -1,0 +1,301 @@
+//! Prometheus metrics: one `prometheus_client` registry with the `mesh` prefix. Each subsystem's
+//! metrics are typed label sets with bounded cardinality (Service names from the policy, protocol
+//! names, result words; never raw paths or client ports). Kernel counters and process figures are
+//! read at scrape time by collectors.
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
+    metrics::{
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::{ConstGauge, Gauge},
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::{Registry, Unit},
+};
+
+use crate::ebpf::Capture;
+
+/// Labels of TCP connection metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    /// `namespace/name` of the destination Service, or `none` for a non-Service destination.
+    pub service: String,
+    /// `tcp`, `tls`, `http1`, `h2c`.
+    pub protocol: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: String,
+}
+
+fn connect_histogram() -> Histogram {
+    // 100 µs .. ~3.3 s
+    Histogram::new(exponential_buckets(0.0001, 2.0, 16))
+}
+
+/// Connection-level metrics of the proxy.
+#[derive(Debug)]
+pub struct TcpMetrics {
+    pub opened: Family<TcpLabels, Counter>,
+    pub closed: Family<TcpLabels, Counter>,
+    pub active: Family<TcpLabels, Gauge>,
+    pub sent_bytes: Family<TcpLabels, Counter>,
+    pub received_bytes: Family<TcpLabels, Counter>,
+    pub upstream_connect_errors: Family<TcpLabels, Counter>,
+    pub upstream_connect: Family<TcpLabels, Histogram, fn() -> Histogram>,
+}
+
+/// Policy reloads by result (`applied`, `rejected`).
+#[derive(Debug, Default)]
+pub struct PolicyMetrics {
+    pub reloads: Family<ResultLabels, Counter>,
+}
+
+/// Everything the agent exports.
+pub struct Metrics {
+    pub registry: Registry,
+    pub tcp: Arc<TcpMetrics>,
+    pub policy: Arc<PolicyMetrics>,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("mesh");
+        let tcp = Arc::new(TcpMetrics {
+            opened: Family::default(),
+            closed: Family::default(),
+            active: Family::default(),
+            sent_bytes: Family::default(),
+            received_bytes: Family::default(),
+            upstream_connect_errors: Family::default(),
+            upstream_connect: Family::new_with_constructor(connect_histogram as fn() -> Histogram),
+        });
+        let policy = Arc::new(PolicyMetrics::default());
+        let r = &mut registry;
+        r.register(
+            "tcp_connections_opened",
+            "Proxied TCP connections opened",
+            tcp.opened.clone(),
+        );
+        r.register(
+            "tcp_connections_closed",
+            "Proxied TCP connections closed",
+            tcp.closed.clone(),
+        );
+        r.register(
+            "tcp_connections_active",
+            "Proxied TCP connections open now",
+            tcp.active.clone(),
+        );
+        r.register_with_unit(
+            "tcp_sent",
+            "Bytes sent from clients to upstreams",
+            Unit::Bytes,
+            tcp.sent_bytes.clone(),
+        );
+        r.register_with_unit(
+            "tcp_received",
+            "Bytes sent from upstreams to clients",
+            Unit::Bytes,
+            tcp.received_bytes.clone(),
+        );
+        r.register(
+            "upstream_connect_errors",
+            "Upstream connections that could not be established (after retries)",
+            tcp.upstream_connect_errors.clone(),
+        );
+        r.register_with_unit(
+            "upstream_connect_duration",
+            "Time to establish an upstream TCP connection",
+            Unit::Seconds,
+            tcp.upstream_connect.clone(),
+        );
+        r.register(
+            "policy_reloads",
+            "Policy reloads by result (applied, rejected)",
+            policy.reloads.clone(),
+        );
+        registry.register_collector(Box::new(ProcessCollector));
+        Metrics {
+            registry,
+            tcp,
+            policy,
+        }
+    }
+
+    /// Adds the kernel counters of the capture program, read at each scrape.
+    pub fn register_kernel(&mut self, capture: Arc<Mutex<Capture>>) {
+        self.registry
+            .register_collector(Box::new(KernelCollector { capture }));
+    }
+
+    /// The registry as OpenMetrics text.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// Capture program counters from the per-CPU map, summed at scrape time.
+struct KernelCollector {
+    capture: Arc<Mutex<Capture>>,
+}
+
+impl std::fmt::Debug for KernelCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KernelCollector")
+    }
+}
+
+impl Collector for KernelCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let values = self
+            .capture
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .counters();
+        let Ok(values) = values else { return Ok(()) };
+        let mut m = encoder.encode_descriptor(
+            "capture_packets",
+            "Packets seen by the TC capture program, by what happened to them",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (name, v) in mesh_common::counters::NAMES.iter().zip(values) {
+            let labels = [("result", *name)];
+            let fam = m.encode_family(&labels)?;
+            ConstCounter::new(v).encode(fam)?;
+        }
+        Ok(())
+    }
+}
+
+/// Resident memory, CPU time and open file descriptors of the agent, from /proc/self.
+#[derive(Debug)]
+struct ProcessCollector;
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let p = process_figures();
+        let rss = ConstGauge::new(p.rss_bytes as i64);
+        rss.encode(encoder.encode_descriptor(
+            "process_resident_memory",
+            "Resident set size",
+            Some(&Unit::Bytes),
+            rss.metric_type(),
+        )?)?;
+        let cpu = ConstCounter::new(p.cpu_seconds);
+        cpu.encode(encoder.encode_descriptor(
+            "process_cpu",
+            "User and system CPU time",
+            Some(&Unit::Seconds),
+            cpu.metric_type(),
+        )?)?;
+        let fds = ConstGauge::new(p.open_fds as i64);
+        fds.encode(encoder.encode_descriptor(
+            "process_open_fds",
+            "Open file descriptors",
+            None,
+            fds.metric_type(),
+        )?)?;
+        Ok(())
+    }
+}
+
+/// What `process_figures` reads.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ProcessFigures {
+    pub rss_bytes: u64,
+    pub cpu_seconds: f64,
+    pub open_fds: u64,
+}
+
+pub fn process_figures() -> ProcessFigures {
+    let mut f = ProcessFigures::default();
+    if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+        f.rss_bytes = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .map_or(0, |kib| kib * 1024);
+    }
+    if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
+        // Fields after the command name (which may contain spaces) start after the last ')'.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        // utime and stime are fields 14 and 15 of stat(5): indexes 11 and 12 after the ')'.
+        let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+            .ok()
+            .flatten()
+            .map_or(100.0, |v| v as f64);
+        f.cpu_seconds = (ticks(11) + ticks(12)) / hz;
+    }
+    f.open_fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64);
+    f
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn families_encode_with_the_prefix_and_units() {
+        let m = Metrics::new();
+        let l = TcpLabels {
+            service: "shop/ledger".into(),
+            protocol: "tcp".into(),
+        };
+        m.tcp.opened.get_or_create(&l).inc();
+        m.tcp.sent_bytes.get_or_create(&l).inc_by(42);
+        m.tcp.upstream_connect.get_or_create(&l).observe(0.002);
+        m.policy
+            .reloads
+            .get_or_create(&ResultLabels {
+                result: "applied".into(),
+            })
+            .inc();
+        let text = m.encode();
+        assert!(
+            text.contains(
+                "mesh_tcp_connections_opened_total{service=\"shop/ledger\",protocol=\"tcp\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("mesh_tcp_sent_bytes_total{service=\"shop/ledger\",protocol=\"tcp\"} 42"),
+            "{text}"
+        );
+        assert!(
+            text.contains("mesh_upstream_connect_duration_seconds_bucket"),
+            "{text}"
+        );
+        assert!(
+            text.contains("mesh_policy_reloads_total{result=\"applied\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("mesh_process_resident_memory_bytes"),
+            "{text}"
+        );
+        assert!(text.ends_with("# EOF\n"), "OpenMetrics terminator");
+    }
+
+    #[test]
+    fn process_figures_are_read() {
+        let p = process_figures();
+        assert!(p.rss_bytes > 0 && p.open_fds > 0, "{p:?}");
+    }
+}

@@ -2,7 +2,7 @@
 //! loops and the policy watcher; then the shutdown sequence (stop accepting, drain, detach,
 //! remove routing).
 use std::sync::{
-    Arc, Mutex,
+    Arc, Mutex, OnceLock,
     atomic::{AtomicBool, Ordering},
 };
 
@@ -38,17 +38,31 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
     let mut metrics = Metrics::new();
     let ready = Arc::new(AtomicBool::new(false));
 
-    // Listeners first: once the program is attached, SYNs need somewhere to go.
-    let listeners = Listeners::bind(cfg.listen_port)?;
-    let mut routing = PolicyRouting::install(cfg.mark, cfg.route_table)?;
-    let mut capture = Capture::load(&cfg, fail_mode, &rules)?;
-    capture.set_listeners(&listeners.v4, listeners.v6.as_ref())?;
-    let capture = Arc::new(Mutex::new(capture));
-    metrics.register_kernel(capture.clone());
+    // The admin server answers from the start: /healthz at once, /readyz only once everything
+    // below is in place.
+    let capture_cell: Arc<OnceLock<Arc<Mutex<Capture>>>> = Arc::new(OnceLock::new());
+    metrics.register_kernel(capture_cell.clone());
+    // Like Istio's default retry policy: 503s and connect failures of idempotent requests are
+    // retried (twice at most, within the retry budget).
+    let http = mesh_http::Proxy::with_resilience(
+        mesh_http::Config {
+            connect_timeout: cfg.connect_timeout,
+            ..Default::default()
+        },
+        store.clone(),
+        mesh_http::Resilience {
+            retry_on_status: vec![503],
+            ..Default::default()
+        },
+    );
+    metrics.register_http(http.clone());
     let metrics = Arc::new(metrics);
     let status: admin::StatusFn = {
-        let capture = capture.clone();
-        Arc::new(move || capture.lock().unwrap_or_else(|e| e.into_inner()).status())
+        let cell = capture_cell.clone();
+        Arc::new(move || match cell.get() {
+            Some(c) => c.lock().unwrap_or_else(|e| e.into_inner()).status(),
+            None => serde_json::json!({"capture": null}),
+        })
     };
     let admin_state = Arc::new(admin::State {
         metrics: metrics.clone(),
@@ -58,15 +72,14 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
         status,
     });
     let admin_addr = admin::spawn(cfg.admin_address, admin_state).await?;
-    info!(
-        interfaces = ?cfg.interfaces,
-        capture_rules = rules.len(),
-        ?fail_mode,
-        port = cfg.listen_port,
-        policy = ?summary,
-        admin = %admin_addr,
-        "agent ready"
-    );
+
+    // Listeners first: once the program is attached, SYNs need somewhere to go.
+    let listeners = Listeners::bind(cfg.listen_port)?;
+    let mut routing = PolicyRouting::install(cfg.mark, cfg.route_table)?;
+    let mut capture = Capture::load(&cfg, fail_mode, &rules)?;
+    capture.set_listeners(&listeners.v4, listeners.v6.as_ref())?;
+    let capture = Arc::new(Mutex::new(capture));
+    let _ = capture_cell.set(capture.clone());
 
     let reloads = Arc::new(ReloadStats {
         metrics: metrics.policy.clone(),
@@ -89,19 +102,7 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
         policy: store.clone(),
         balancer: Arc::new(Balancer::default()),
         metrics: metrics.tcp.clone(),
-        // Like Istio's default retry policy: 503s and connect failures of idempotent requests
-        // are retried (twice at most, within the retry budget).
-        http: mesh_http::Proxy::with_resilience(
-            mesh_http::Config {
-                connect_timeout: cfg.connect_timeout,
-                ..Default::default()
-            },
-            store.clone(),
-            mesh_http::Resilience {
-                retry_on_status: vec![503],
-                ..Default::default()
-            },
-        ),
+        http: http.clone(),
     });
     let stats = Arc::new(Stats::default());
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -117,6 +118,15 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
 
     // Programs attached, listeners in the SockMap, policy loaded, accepting.
     ready.store(true, Ordering::Release);
+    info!(
+        interfaces = ?cfg.interfaces,
+        capture_rules = rules.len(),
+        ?fail_mode,
+        port = cfg.listen_port,
+        policy = ?summary,
+        admin = %admin_addr,
+        "agent ready"
+    );
 
     tokio::select! {
         _ = sigterm.recv() => info!("SIGTERM: draining"),

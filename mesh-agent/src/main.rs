@@ -35,6 +35,12 @@ enum Command {
     /// Validate the configuration and the policy (`--policy`) without touching the kernel; print
     /// every error with its object, field and reason; exit non-zero if there is one.
     Check(config::Overrides),
+    /// Show a running agent's state for a person: readiness, attached interfaces and modes,
+    /// map fill levels (from its admin server's `/status`).
+    Status {
+        #[arg(long, env = config::ENV_ADMIN_ADDRESS, default_value = config::DEFAULT_ADMIN_ADDRESS)]
+        admin_address: std::net::SocketAddr,
+    },
     /// Print the capture program's kernel counters as JSON.
     Counters {
         #[arg(long, env = config::ENV_BPFFS_DIR, default_value = config::DEFAULT_BPFFS_DIR)]
@@ -104,6 +110,16 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Status { admin_address } => match status(admin_address) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("asking the agent at {admin_address}: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Counters { bpffs_dir } => match ebpf::pinned_counters(&bpffs_dir) {
             Ok(values) => {
                 let obj: serde_json::Map<String, serde_json::Value> = mesh_common::counters::NAMES
@@ -170,4 +186,39 @@ fn check(ov: &config::Overrides) -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// Fetches `/status` and renders it as a few readable lines.
+fn status(admin: std::net::SocketAddr) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&admin, std::time::Duration::from_secs(2))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+    write!(s, "GET /status HTTP/1.0\r\nHost: {admin}\r\n\r\n")?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)?;
+    let body = raw.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    let v: serde_json::Value = serde_json::from_str(body)?;
+    let mut out = String::new();
+    out += &format!("ready: {}\n", v["ready"]);
+    let cap = &v["capture"];
+    out += &format!(
+        "capture: program {} at {} ({})\n",
+        cap["program"].as_str().unwrap_or("-"),
+        cap["hook"].as_str().unwrap_or("-"),
+        cap["mode"].as_str().unwrap_or("-")
+    );
+    for i in cap["interfaces"].as_array().into_iter().flatten() {
+        out += &format!(
+            "  interface {}  pinned at {}\n",
+            i["name"].as_str().unwrap_or("?"),
+            i["pin"].as_str().unwrap_or("?")
+        );
+    }
+    if let Some(maps) = v["maps"].as_object() {
+        out += "maps:\n";
+        for (name, m) in maps {
+            out += &format!("  {name:<18} {} / {}\n", m["entries"], m["max"]);
+        }
+    }
+    Ok(out)
 }

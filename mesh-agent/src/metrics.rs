@@ -2,7 +2,7 @@
 //! metrics are typed label sets with bounded cardinality (Service names from the policy, protocol
 //! names, result words; never raw paths or client ports). Kernel counters and process figures are
 //! read at scrape time by collectors.
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use prometheus_client::{
     collector::Collector,
@@ -127,10 +127,17 @@ impl Metrics {
         }
     }
 
-    /// Adds the kernel counters of the capture program, read at each scrape.
-    pub fn register_kernel(&mut self, capture: Arc<Mutex<Capture>>) {
+    /// Adds the kernel counters of the capture program, read at each scrape once `capture` is
+    /// set (the admin server answers before the programs are loaded).
+    pub fn register_kernel(&mut self, capture: Arc<OnceLock<Arc<Mutex<Capture>>>>) {
         self.registry
             .register_collector(Box::new(KernelCollector { capture }));
+    }
+
+    /// Adds the HTTP proxy's counters, read at each scrape.
+    pub fn register_http(&mut self, proxy: mesh_http::Proxy) {
+        self.registry
+            .register_collector(Box::new(HttpCollector { proxy }));
     }
 
     /// The registry as OpenMetrics text.
@@ -141,11 +148,21 @@ impl Metrics {
         }
         out
     }
+
+    /// The registry in the classic Prometheus text format (0.0.4), for scrapers and tools that
+    /// do not ask for OpenMetrics (`promtool check metrics`, curl).
+    pub fn encode_prometheus(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
 }
 
 /// Capture program counters from the per-CPU map, summed at scrape time.
 struct KernelCollector {
-    capture: Arc<Mutex<Capture>>,
+    capture: Arc<OnceLock<Arc<Mutex<Capture>>>>,
 }
 
 impl std::fmt::Debug for KernelCollector {
@@ -156,11 +173,10 @@ impl std::fmt::Debug for KernelCollector {
 
 impl Collector for KernelCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let values = self
-            .capture
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .counters();
+        let Some(capture) = self.capture.get() else {
+            return Ok(());
+        };
+        let values = capture.lock().unwrap_or_else(|e| e.into_inner()).counters();
         let Ok(values) = values else { return Ok(()) };
         let mut m = encoder.encode_descriptor(
             "capture_packets",
@@ -172,6 +188,76 @@ impl Collector for KernelCollector {
             let labels = [("result", *name)];
             let fam = m.encode_family(&labels)?;
             ConstCounter::new(v).encode(fam)?;
+        }
+        Ok(())
+    }
+}
+
+/// The HTTP proxy's counters (node-wide; per-route labels are not exported yet).
+#[derive(Debug)]
+struct HttpCollector {
+    proxy: mesh_http::Proxy,
+}
+
+impl Collector for HttpCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = self.proxy.stats().snapshot();
+        let mut m = encoder.encode_descriptor(
+            "http_responses",
+            "HTTP responses sent to clients, by status class",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (i, n) in s.responses.iter().enumerate() {
+            let class = format!("{}xx", i + 1);
+            let labels = [("status_class", class.as_str())];
+            ConstCounter::new(*n).encode(m.encode_family(&labels)?)?;
+        }
+        for (name, help, v) in [
+            (
+                "http_requests",
+                "HTTP requests received (HTTP/1 requests and HTTP/2 streams)",
+                s.requests,
+            ),
+            (
+                "http_retries",
+                "Upstream attempts repeated after a connect failure, reset or 503",
+                s.retries,
+            ),
+            (
+                "http_retries_over_budget",
+                "Retries refused because the retry budget was spent",
+                s.retries_over_budget,
+            ),
+            (
+                "http_timeouts",
+                "Requests answered 504 at a route timeout",
+                s.timeouts,
+            ),
+            (
+                "http_upstream_errors",
+                "Upstream connect failures, resets and protocol errors",
+                s.upstream_errors,
+            ),
+            (
+                "http_no_healthy_endpoint",
+                "Requests answered 503 for want of a healthy endpoint",
+                s.no_healthy_endpoint,
+            ),
+            (
+                "http_ejections",
+                "Endpoints ejected by passive outlier detection",
+                s.ejections,
+            ),
+            ("http_mirrors", "Requests mirrored", s.mirrors),
+            (
+                "http_rejected_requests",
+                "Requests refused with 400/431 before reaching a backend",
+                s.rejected_requests,
+            ),
+        ] {
+            let c = ConstCounter::new(v);
+            c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)?;
         }
         Ok(())
     }

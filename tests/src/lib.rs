@@ -314,15 +314,15 @@ impl Drop for Topology {
             let _ = Command::new("ip").args(["netns", "del", &ns.name]).status();
         }
         let _ = std::fs::remove_dir_all(&self.bpffs_dir);
-        // Agent logs are kept when a test fails, for the report.
+        // Agent logs and scratch folders (`<id>-...` in the temp dir) are kept when a test
+        // fails, for the report, and removed otherwise.
         if !std::thread::panicking()
             && let Ok(dir) = std::fs::read_dir(std::env::temp_dir())
         {
+            let prefix = format!("{}-", self.id);
             for e in dir.flatten() {
-                if e.file_name()
-                    .to_string_lossy()
-                    .starts_with(&format!("{}-agent-", self.id))
-                {
+                if e.file_name().to_string_lossy().starts_with(&prefix) {
+                    let _ = std::fs::remove_dir_all(e.path());
                     let _ = std::fs::remove_file(e.path());
                 }
             }

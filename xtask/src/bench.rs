@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mesh_tests::{Netns, Topology, servers::sa};
+use mesh_tests::{Netns, Topology, policy::service, servers::sa};
 
 use crate::util::build_agent;
 
@@ -22,6 +22,22 @@ pub fn run() -> anyhow::Result<()> {
     let t = Topology::new(&["client", "server"]);
     let (client, server) = (t.pod("client"), t.pod("server"));
     // Captured ports 7000 (echo) and 5201 (iperf3); 7001 and 5202 are the same servers, direct.
+    // HTTP: nginx on the server pod's 8080, reached through the Service VIP 10.96.0.80:80 (the
+    // agent's HTTP proxy: routing, header injection) or directly.
+    let scratch = std::env::temp_dir().join(format!("{}-bench", t.id));
+    std::fs::create_dir_all(&scratch)?;
+    let policy = scratch.join("policy.yaml");
+    std::fs::write(
+        &policy,
+        service(
+            "web",
+            "10.96.0.80".parse()?,
+            80,
+            8080,
+            &[std::net::IpAddr::V4(server.ip4)],
+        ),
+    )?;
+    nginx(&server.ns, &scratch)?;
     let agent = {
         let _guard = EnvBin::set(&bin);
         t.start_agent(&[
@@ -29,6 +45,8 @@ pub fn run() -> anyhow::Result<()> {
             &client.host_if,
             "--capture",
             "10.201.2.2/32=5201,7000",
+            "--policy",
+            &policy.to_string_lossy(),
         ])
     };
     let idle_rss = agent.rss_kib();
@@ -75,6 +93,25 @@ pub fn run() -> anyhow::Result<()> {
         );
     }
 
+    let mut http = Vec::new();
+    for url in [
+        "http://10.96.0.80/".to_string(),
+        format!("http://{}:8080/", server.ip4),
+    ] {
+        let out = client
+            .ns
+            .cmd("wrk")
+            .args(["-t", "1", "-c", "16", "-d", "5s", "--latency", &url])
+            .output()?;
+        http.push(wrk_figures(&String::from_utf8_lossy(&out.stdout)));
+    }
+    println!(
+        "| HTTP/1.1 requests/s (wrk, 16 connections, 5 s, nginx backend) | {:.0} | {:.0} |",
+        http[0].0, http[1].0
+    );
+    println!("| HTTP/1.1 latency p50 | {} | {} |", http[0].1, http[1].1);
+    println!("| HTTP/1.1 latency p99 | {} | {} |", http[0].2, http[1].2);
+
     let addr = sa(server.ip4, 7000);
     let conns: Vec<TcpStream> = client.ns.run(move || {
         (0..500)
@@ -107,6 +144,54 @@ impl Drop for EnvBin {
         // SAFETY: as above.
         unsafe { std::env::remove_var("MESH_AGENT_BIN") };
     }
+}
+
+/// Requests/s, p50 and p99 from wrk's `--latency` report.
+fn wrk_figures(report: &str) -> (f64, String, String) {
+    let rps = report
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    let pct = |p: &str| {
+        report
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(p).map(|v| v.trim().to_string()))
+            .unwrap_or_else(|| "?".into())
+    };
+    (rps, pct("50%"), pct("99%"))
+}
+
+/// nginx answering `ok` on 8080 in `ns`, with every file it writes under `dir`.
+fn nginx(ns: &Netns, dir: &std::path::Path) -> anyhow::Result<()> {
+    let d = dir.display();
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+             events {{ worker_connections 1024; }}\n\
+             http {{\n access_log off;\n client_body_temp_path {d}/body;\n proxy_temp_path {d}/proxy;\n\
+             fastcgi_temp_path {d}/fcgi;\n uwsgi_temp_path {d}/uwsgi;\n scgi_temp_path {d}/scgi;\n\
+             server {{ listen 8080; location / {{ return 200 \"ok\\n\"; }} }}\n}}\n"
+        ),
+    )?;
+    let mut child = ns
+        .cmd("nginx")
+        .args(["-c", &conf.to_string_lossy(), "-p", &d.to_string()])
+        .spawn()?;
+    thread::sleep(Duration::from_millis(500));
+    if let Some(status) = child.try_wait()? {
+        anyhow::bail!(
+            "nginx exited: {status}: {}",
+            std::fs::read_to_string(dir.join("error.log")).unwrap_or_default()
+        );
+    }
+    // Reaped when the topology's teardown kills it.
+    thread::spawn(move || {
+        let _ = child.wait();
+    });
+    Ok(())
 }
 
 fn echo_server(ns: &Netns, addr: SocketAddr) {

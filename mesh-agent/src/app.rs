@@ -77,6 +77,7 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
     let listeners = Listeners::bind(cfg.listen_port)?;
     let mut routing = PolicyRouting::install(cfg.mark, cfg.route_table)?;
     let mut capture = Capture::load(&cfg, fail_mode, &rules)?;
+    capture.apply_authz(&store.current().settings().authorization)?;
     capture.set_listeners(&listeners.v4, listeners.v6.as_ref())?;
     let capture = Arc::new(Mutex::new(capture));
     let _ = capture_cell.set(capture.clone());

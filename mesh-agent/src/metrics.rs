@@ -178,6 +178,32 @@ impl Collector for KernelCollector {
         };
         let values = capture.lock().unwrap_or_else(|e| e.into_inner()).counters();
         let Ok(values) = values else { return Ok(()) };
+        let authz = capture
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .authz_counts();
+        if !authz.is_empty() {
+            let mut p = encoder.encode_descriptor(
+                "xdp_packets",
+                "Packets decided by an XDP authorization rule",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for c in &authz {
+                let labels = [("rule", c.rule.as_str()), ("action", c.action)];
+                ConstCounter::new(c.packets).encode(p.encode_family(&labels)?)?;
+            }
+            let mut b = encoder.encode_descriptor(
+                "xdp",
+                "Bytes decided by an XDP authorization rule",
+                Some(&Unit::Bytes),
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for c in &authz {
+                let labels = [("rule", c.rule.as_str()), ("action", c.action)];
+                ConstCounter::new(c.bytes).encode(b.encode_family(&labels)?)?;
+            }
+        }
         let mut m = encoder.encode_descriptor(
             "capture_packets",
             "Packets seen by the TC capture program, by what happened to them",

@@ -99,6 +99,7 @@ pub fn reload(
             if let Err(e) = cap
                 .sync_rules(&rules)
                 .and_then(|()| cap.set_settings(mode, cfg.mark))
+                .and_then(|()| cap.apply_authz(&new.settings().authorization))
             {
                 stats.count(false);
                 error!(?trigger, error = %e, "policy reload: kernel maps could not follow; keeping the last good policy");

@@ -59,11 +59,13 @@ pub use l4::Decision;
 pub use load::{load_path, parse_documents, parse_documents_partial};
 pub use lower::validate;
 pub use model::{
-    CaptureSpec, FailMode, HeaderPolicy, MeshPolicy, MeshPolicySpec, Object, PortSpec, Resource,
-    RouteId, RouteKind, ServiceRef,
+    AuthorizationSpec, AuthzAction, AuthzProtocol, AuthzRuleSpec, CaptureSpec, FailMode,
+    HeaderPolicy, MeshPolicy, MeshPolicySpec, Object, PortSpec, Resource, RouteId, RouteKind,
+    ServiceRef,
 };
 pub use settings::{
-    DEFAULT_FAIL_MODE, DEFAULT_PROTOCOL_DETECTION_TIMEOUT, HeaderDefaults, MeshSettings,
+    Authorization, AuthzRule, DEFAULT_FAIL_MODE, DEFAULT_PROTOCOL_DETECTION_TIMEOUT,
+    HeaderDefaults, MeshSettings,
 };
 pub use store::PolicyStore;
 

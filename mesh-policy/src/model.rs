@@ -196,6 +196,68 @@ pub struct MeshPolicySpec {
     /// as a Gateway API duration (`100ms`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol_detection_timeout: Option<String>,
+    /// L4 authorization that XDP enforces on the pods' veths (their egress).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authorization: Option<AuthorizationSpec>,
+}
+
+/// `spec.authorization`: modelled on Istio's AuthorizationPolicy (ALLOW/DENY rules with from/to)
+/// and Kubernetes NetworkPolicy at L4. Any matching `Deny` rule drops; else any matching `Allow`
+/// passes; else the interface's default (`Allow` when none is given).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthorizationSpec {
+    /// Action for traffic no rule matches, per host-side interface name.
+    #[serde(default)]
+    pub defaults: BTreeMap<String, AuthzAction>,
+    /// The rules.
+    #[serde(default)]
+    pub rules: Vec<AuthzRuleSpec>,
+}
+
+/// One authorization rule. Every field left out matches anything.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthzRuleSpec {
+    /// Unique within the policy; names the rule in metrics.
+    pub name: String,
+    /// `Allow` or `Deny`.
+    pub action: AuthzAction,
+    /// Host-side interfaces the rule applies to; empty means every captured interface.
+    #[serde(default)]
+    pub interfaces: Vec<String>,
+    /// Source CIDRs.
+    #[serde(default)]
+    pub from: Vec<String>,
+    /// Destination CIDRs.
+    #[serde(default)]
+    pub to: Vec<String>,
+    /// Destination ports or ranges.
+    #[serde(default)]
+    pub ports: Vec<PortSpec>,
+    /// `TCP` or `UDP`; absent means both.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<AuthzProtocol>,
+}
+
+/// What an authorization rule does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AuthzAction {
+    /// Let the packet through.
+    #[default]
+    Allow,
+    /// Drop it.
+    Deny,
+}
+
+/// The transport an authorization rule matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum AuthzProtocol {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
 }
 
 /// One `spec.capture[]` entry: `{cidr: "10.96.0.0/16", ports: [80, "8000-8100", "*"]}`.

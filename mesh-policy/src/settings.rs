@@ -52,6 +52,40 @@ pub struct MeshSettings {
     pub protocol_detection_timeout: Duration,
     /// The MeshPolicies merged, oldest first (`namespace/name`).
     pub sources: Vec<String>,
+    /// L4 authorization for XDP.
+    pub authorization: Authorization,
+}
+
+/// The merged `spec.authorization` of every MeshPolicy: rules in policy order (oldest first),
+/// defaults per interface (oldest wins).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Authorization {
+    /// One entry per (source, destination, port range) combination of each rule.
+    pub rules: Vec<AuthzRule>,
+    /// Action for traffic no rule matches, per interface.
+    pub defaults: std::collections::BTreeMap<String, crate::model::AuthzAction>,
+}
+
+/// One authorization entry, ready for the kernel maps.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AuthzRule {
+    /// Unique key: `namespace/policy/rule`, with `#k` for the k-th combination of a rule that
+    /// lists several sources, destinations or port ranges.
+    pub key: String,
+    /// The rule's own name (for metrics).
+    pub rule: String,
+    /// Allow or deny.
+    pub action: crate::model::AuthzAction,
+    /// `None`: every interface.
+    pub interfaces: Option<Vec<String>>,
+    /// Source prefix; `None`: any source.
+    pub src: Option<(std::net::IpAddr, u8)>,
+    /// Destination prefix; `None`: any destination.
+    pub dst: Option<(std::net::IpAddr, u8)>,
+    /// Destination port range; `None`: any port.
+    pub ports: Option<(u16, u16)>,
+    /// `None`: TCP and UDP.
+    pub protocol: Option<crate::model::AuthzProtocol>,
 }
 
 impl Default for MeshSettings {
@@ -61,6 +95,7 @@ impl Default for MeshSettings {
             headers: HeaderDefaults::default(),
             protocol_detection_timeout: DEFAULT_PROTOCOL_DETECTION_TIMEOUT,
             sources: Vec::new(),
+            authorization: Authorization::default(),
         }
     }
 }
@@ -70,6 +105,7 @@ pub(crate) struct PolicyInput<'a> {
     pub name: String,
     pub spec: &'a MeshPolicySpec,
     pub detection_timeout: Option<Duration>,
+    pub authz: Vec<AuthzRule>,
 }
 
 impl MeshSettings {
@@ -107,6 +143,24 @@ impl MeshSettings {
         set.sort();
         settings.headers.set = set;
         settings.sources = policies.iter().map(|p| p.name.clone()).collect();
+        for policy in policies {
+            settings
+                .authorization
+                .rules
+                .extend(policy.authz.iter().cloned());
+            for (iface, action) in policy
+                .spec
+                .authorization
+                .iter()
+                .flat_map(|a| a.defaults.iter())
+            {
+                settings
+                    .authorization
+                    .defaults
+                    .entry(iface.clone())
+                    .or_insert(*action);
+            }
+        }
         settings
     }
 }

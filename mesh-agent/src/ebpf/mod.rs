@@ -5,8 +5,6 @@
 //! Links are pinned in `bpffs_dir` so that capture outlives the process: a new agent replaces the
 //! program atomically (no window where traffic bypasses the mesh), and if the agent dies the
 //! program stays and applies the fail mode. A clean shutdown unpins and detaches.
-// Wired into the agent with the MeshPolicy authorization section (next step).
-#[allow(dead_code)]
 pub mod authz;
 
 use std::{
@@ -61,6 +59,8 @@ pub enum Error {
     Pin { path: PathBuf, reason: String },
     #[error("capture rule for {prefix}: {reason}")]
     Rule { prefix: Prefix, reason: String },
+    #[error("authorization: {0}")]
+    Authz(#[from] authz::Error),
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> Error {
@@ -72,6 +72,22 @@ pub struct Capture {
     bpf: Ebpf,
     links: Vec<(String, PathBuf, Option<PinnedLink>)>,
     dir: PathBuf,
+    /// XDP authorization links; attached once a policy has authorization rules.
+    authz: Vec<authz::Attached>,
+    /// Stable counter id of each authorization entry key, kept across reloads.
+    authz_ids: std::collections::HashMap<String, u32>,
+    /// Rule name and action of each id, for metrics.
+    authz_names: std::collections::HashMap<u32, (String, &'static str)>,
+    interfaces: Vec<String>,
+}
+
+/// Packets and bytes one authorization rule decided (summed over its entries and CPUs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthzCount {
+    pub rule: String,
+    pub action: &'static str,
+    pub packets: u64,
+    pub bytes: u64,
 }
 
 impl Capture {
@@ -83,6 +99,10 @@ impl Capture {
             bpf,
             links: Vec::new(),
             dir: cfg.bpffs_dir.clone(),
+            authz: Vec::new(),
+            authz_ids: std::collections::HashMap::new(),
+            authz_names: std::collections::HashMap::new(),
+            interfaces: cfg.interfaces.clone(),
         };
         cap.set_settings(fail_mode, cfg.mark)?;
         cap.sync_rules(rules)?;
@@ -122,6 +142,12 @@ impl Capture {
                 m.indices().filter(|i| i.is_ok()).count()
             });
         serde_json::json!({
+            "authorization": {
+                "program": authz::PROGRAM,
+                "hook": "xdp",
+                "interfaces": self.authz.iter().map(|a| serde_json::json!({"name": a.iface, "mode": a.mode.as_str(), "pin": a.pin})).collect::<Vec<_>>(),
+                "rules": self.authz_names.len(),
+            },
             "capture": {
                 "program": PROGRAM,
                 "hook": "tc ingress",
@@ -134,18 +160,6 @@ impl Capture {
                 redirect::MAP_LISTENERS: {"entries": listeners, "max": redirect::MAX_LISTENERS},
             },
         })
-    }
-
-    /// The loaded object, for the other program families (see [`authz`]).
-    #[allow(dead_code)]
-    pub fn bpf_mut(&mut self) -> &mut Ebpf {
-        &mut self.bpf
-    }
-
-    /// The bpffs folder links are pinned in.
-    #[allow(dead_code)]
-    pub fn pin_dir(&self) -> &Path {
-        &self.dir
     }
 
     /// Writes the fail mode and packet mark the program applies.
@@ -275,8 +289,95 @@ impl Capture {
             })
     }
 
+    /// Writes the authorization rules (an atomic generation swap in the kernel) and attaches the
+    /// XDP program to the capture interfaces the first time there is something to enforce.
+    pub fn apply_authz(&mut self, a: &mesh_policy::Authorization) -> Result<(), Error> {
+        let mut rules = Vec::with_capacity(a.rules.len());
+        for r in &a.rules {
+            let next = self.authz_ids.len() as u32 + 1;
+            let id = *self.authz_ids.entry(r.key.clone()).or_insert(next);
+            let action = match r.action {
+                mesh_policy::AuthzAction::Allow => authz::Action::Allow,
+                mesh_policy::AuthzAction::Deny => authz::Action::Deny,
+            };
+            self.authz_names.insert(
+                id,
+                (
+                    r.rule.clone(),
+                    if action == authz::Action::Allow {
+                        "allow"
+                    } else {
+                        "deny"
+                    },
+                ),
+            );
+            rules.push(authz::Rule {
+                id,
+                name: r.key.clone(),
+                interfaces: r.interfaces.clone(),
+                src: r.src,
+                dst: r.dst,
+                ports: r.ports,
+                protocol: match r.protocol {
+                    None => authz::Protocol::Any,
+                    Some(mesh_policy::AuthzProtocol::Tcp) => authz::Protocol::Tcp,
+                    Some(mesh_policy::AuthzProtocol::Udp) => authz::Protocol::Udp,
+                },
+                action,
+            });
+        }
+        let defaults = a
+            .defaults
+            .iter()
+            .map(|(i, act)| {
+                let act = match act {
+                    mesh_policy::AuthzAction::Allow => authz::Action::Allow,
+                    mesh_policy::AuthzAction::Deny => authz::Action::Deny,
+                };
+                (i.clone(), act)
+            })
+            .collect();
+        let set = authz::RuleSet { rules, defaults };
+        set.validate().map_err(authz::Error::Invalid)?;
+        authz::apply(&mut self.bpf, &set)?;
+        if self.authz.is_empty() && !(set.rules.is_empty() && set.defaults.is_empty()) {
+            let interfaces = self.interfaces.clone();
+            self.authz = authz::attach(&mut self.bpf, &interfaces, &self.dir)?;
+        }
+        Ok(())
+    }
+
+    /// Per-rule XDP counters, by rule name and action.
+    pub fn authz_counts(&self) -> Vec<AuthzCount> {
+        let Ok(stats) = authz::stats(&self.bpf) else {
+            return Vec::new();
+        };
+        let mut by_rule: BTreeMap<(String, &'static str), (u64, u64)> = BTreeMap::new();
+        for (id, c) in &stats.rules {
+            if let Some((rule, action)) = self.authz_names.get(id) {
+                let e = by_rule.entry((rule.clone(), action)).or_default();
+                e.0 += c.packets;
+                e.1 += c.bytes;
+            }
+        }
+        by_rule
+            .into_iter()
+            .map(|((rule, action), (packets, bytes))| AuthzCount {
+                rule,
+                action,
+                packets,
+                bytes,
+            })
+            .collect()
+    }
+
     /// Unpins and detaches every link; the interfaces are left as they were before the agent.
     pub fn detach(&mut self) {
+        if !self.authz.is_empty()
+            && let Err(e) = authz::detach(std::mem::take(&mut self.authz))
+        {
+            warn!(error = %e, "detaching XDP authorization");
+        }
         for (iface, path, link) in self.links.drain(..) {
             if let Some(link) = link {
                 match link.unpin() {

@@ -325,6 +325,8 @@ pub(crate) fn lower(objects: &[Object]) -> Result<Lowered, Vec<ValidationError>>
         if let Resource::MeshPolicy(policy) = &object.resource {
             let at = At::of(object);
             let detection_timeout = lower_mesh_policy(&mut cx, &at, &policy.spec, &mut capture);
+            let name = format!("{}/{}", object.resource.namespace(), object.resource.name());
+            let authz = lower_authorization(&mut cx, &at, &name, &policy.spec);
             policies.push((
                 age(&policy.metadata),
                 format!("{}/{}", object.resource.namespace(), object.resource.name()),
@@ -332,6 +334,7 @@ pub(crate) fn lower(objects: &[Object]) -> Result<Lowered, Vec<ValidationError>>
                     name: format!("{}/{}", object.resource.namespace(), object.resource.name()),
                     spec: &policy.spec,
                     detection_timeout,
+                    authz,
                 },
             ));
         }

@@ -2,6 +2,124 @@
 
 use super::*;
 
+/// Most authorization entries one MeshPolicy may expand to (the kernel holds 4,096 rule ids).
+const MAX_AUTHZ_ENTRIES: usize = 1024;
+
+/// Validates `spec.authorization` and expands each rule into kernel-ready entries.
+pub(super) fn lower_authorization(
+    cx: &mut Cx,
+    at: &At<'_>,
+    policy: &str,
+    spec: &MeshPolicySpec,
+) -> Vec<crate::settings::AuthzRule> {
+    let mut out = Vec::new();
+    let Some(authz) = &spec.authorization else {
+        return out;
+    };
+    let iface_ok = |n: &str| !n.is_empty() && n.len() <= 15 && !n.contains(['/', ' ', '\0']);
+    for name in authz.defaults.keys() {
+        if !iface_ok(name) {
+            cx.error(
+                at,
+                format!("spec.authorization.defaults[{name:?}]"),
+                "is not an interface name (1 to 15 characters, no '/' or spaces)",
+            );
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    for (i, rule) in authz.rules.iter().enumerate() {
+        let field = format!("spec.authorization.rules[{i}]");
+        if let Err(reason) = names::dns_label(&rule.name) {
+            cx.error(at, format!("{field}.name"), reason);
+        } else if !seen.insert(rule.name.as_str()) {
+            cx.error(
+                at,
+                format!("{field}.name"),
+                format!("{:?} is used by another rule of this policy", rule.name),
+            );
+        }
+        for (j, n) in rule.interfaces.iter().enumerate() {
+            if !iface_ok(n) {
+                cx.error(
+                    at,
+                    format!("{field}.interfaces[{j}]"),
+                    "is not an interface name (1 to 15 characters, no '/' or spaces)",
+                );
+            }
+        }
+        let mut cidrs = |list: &[String], key: &str| -> Vec<Option<(IpAddr, u8)>> {
+            if list.is_empty() {
+                return vec![None];
+            }
+            let mut v = Vec::new();
+            for (j, c) in list.iter().enumerate() {
+                match parse_cidr(c) {
+                    Ok(n) => v.push(Some(n)),
+                    Err(reason) => cx.error(at, format!("{field}.{key}[{j}]"), reason),
+                }
+            }
+            v
+        };
+        let srcs = cidrs(&rule.from, "from");
+        let dsts = cidrs(&rule.to, "to");
+        let mut ports: Vec<Option<(u16, u16)>> = Vec::new();
+        for (j, p) in rule.ports.iter().enumerate() {
+            match parse_port_spec(p) {
+                Ok(r) => ports.push(Some(r)),
+                Err(reason) => cx.error(at, format!("{field}.ports[{j}]"), reason),
+            }
+        }
+        if rule.ports.is_empty() {
+            ports.push(None);
+        }
+        let mut combos = Vec::new();
+        for src in &srcs {
+            for dst in &dsts {
+                if let (Some((a, _)), Some((b, _))) = (src, dst)
+                    && a.is_ipv4() != b.is_ipv4()
+                {
+                    continue;
+                }
+                for p in &ports {
+                    combos.push((*src, *dst, *p));
+                }
+            }
+        }
+        if combos.is_empty() && !srcs.is_empty() && !dsts.is_empty() {
+            cx.error(
+                at,
+                format!("{field}.to"),
+                "no destination has the address family of any source in `from`",
+            );
+        }
+        let many = combos.len() > 1;
+        for (k, (src, dst, ports)) in combos.into_iter().enumerate() {
+            out.push(crate::settings::AuthzRule {
+                key: if many {
+                    format!("{policy}/{}#{k}", rule.name)
+                } else {
+                    format!("{policy}/{}", rule.name)
+                },
+                rule: rule.name.clone(),
+                action: rule.action,
+                interfaces: (!rule.interfaces.is_empty()).then(|| rule.interfaces.clone()),
+                src,
+                dst,
+                ports,
+                protocol: rule.protocol,
+            });
+        }
+    }
+    if out.len() > MAX_AUTHZ_ENTRIES {
+        cx.error(
+            at,
+            "spec.authorization.rules",
+            format!("{} entries once sources, destinations and ports are combined; at most {MAX_AUTHZ_ENTRIES}", out.len()),
+        );
+    }
+    out
+}
+
 /// Validates a MeshPolicy, appends its capture entries, returns its detection timeout.
 pub(super) fn lower_mesh_policy(
     cx: &mut Cx,

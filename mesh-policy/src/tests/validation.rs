@@ -668,3 +668,54 @@ fn tls_and_tcp_route_rules() {
         "at least 1 backendRef",
     );
 }
+
+#[test]
+fn authorization_rules_are_validated_and_expanded() {
+    let policy = r#"apiVersion: skiff.dev/v1alpha1
+kind: MeshPolicy
+metadata: {name: authz, namespace: mesh-system}
+spec:
+  authorization:
+    defaults: {h1: Deny, "bad/name": Allow}
+    rules:
+    - {name: db, action: Deny, to: [10.96.5.0/24, "fd00::/64"], from: [10.201.1.0/24], ports: [5432, "6000-6010"], protocol: TCP}
+    - {name: db, action: Allow, to: [10.0.0.0/33], ports: [0]}
+    - {name: v6only, action: Allow, from: ["fd00::1"], to: [10.1.0.0/16]}
+"#;
+    let errs = errors(policy);
+    assert_error(
+        &errs,
+        "spec.authorization.defaults[\"bad/name\"]",
+        "interface name",
+    );
+    assert_error(
+        &errs,
+        "spec.authorization.rules[1].name",
+        "used by another rule",
+    );
+    assert_error(&errs, "spec.authorization.rules[1].to[0]", "");
+    assert_error(&errs, "spec.authorization.rules[1].ports[0]", "");
+    assert_error(&errs, "spec.authorization.rules[2].to", "address family");
+    assert_eq!(errs.len(), 5, "{errs:#?}");
+
+    let ok = r#"apiVersion: skiff.dev/v1alpha1
+kind: MeshPolicy
+metadata: {name: authz, namespace: mesh-system}
+spec:
+  authorization:
+    defaults: {h1: Deny}
+    rules:
+    - {name: db, action: Deny, to: [10.96.5.0/24, "fd00::/64"], from: [10.201.1.0/24], ports: [5432, "6000-6010"], protocol: TCP}
+    - {name: web, action: Allow, ports: [80]}
+"#;
+    let compiled = crate::Compiled::from_yaml(ok, "ok.yaml").expect("valid");
+    let a = &compiled.settings().authorization;
+    // db: one IPv4 source x the IPv4 destination (the IPv6 one has no IPv4 source) x 2 port
+    // ranges; web: one entry.
+    assert_eq!(a.rules.len(), 3, "{a:#?}");
+    assert_eq!(a.rules[0].key, "mesh-system/authz/db#0");
+    assert_eq!(a.rules[0].ports, Some((5432, 5432)));
+    assert_eq!(a.rules[1].ports, Some((6000, 6010)));
+    assert_eq!(a.rules[2].key, "mesh-system/authz/web");
+    assert_eq!(a.defaults.get("h1"), Some(&crate::AuthzAction::Deny));
+}

@@ -54,7 +54,8 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
             retry_on_status: vec![503],
             ..Default::default()
         },
-    );
+    )
+    .with_observer(metrics.http.clone());
     metrics.register_http(http.clone());
     let metrics = Arc::new(metrics);
     let status: admin::StatusFn = {

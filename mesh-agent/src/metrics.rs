@@ -27,6 +27,65 @@ pub struct TcpLabels {
     pub protocol: String,
 }
 
+/// Labels of HTTP request counts.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    /// `HTTPRoute namespace/name` (or GRPCRoute), or `none`.
+    pub route: String,
+    /// Standard methods as they are, anything else `OTHER`.
+    pub method: String,
+    /// `2xx`, `4xx`, ...; `none` when the client got no status.
+    pub status_class: String,
+}
+
+/// Labels of HTTP request durations.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpRouteLabels {
+    pub route: String,
+    pub method: String,
+}
+
+fn request_histogram() -> Histogram {
+    // 250 µs .. ~8 s
+    Histogram::new(exponential_buckets(0.00025, 2.0, 16))
+}
+
+/// Per-route HTTP metrics, fed by mesh-http's observer hook.
+#[derive(Debug)]
+pub struct HttpMetrics {
+    pub requests: Family<HttpLabels, Counter>,
+    pub duration: Family<HttpRouteLabels, Histogram, fn() -> Histogram>,
+}
+
+impl mesh_http::Observer for HttpMetrics {
+    fn request(&self, r: &mesh_http::RequestRecord<'_>) {
+        let route = r.route.unwrap_or("none").to_string();
+        let method = match r.method.as_str() {
+            m @ ("GET" | "HEAD" | "POST" | "PUT" | "DELETE" | "CONNECT" | "OPTIONS" | "TRACE"
+            | "PATCH") => m,
+            _ => "OTHER",
+        }
+        .to_string();
+        let status_class = match r.status {
+            100..=599 => format!("{}xx", r.status / 100),
+            _ => "none".to_string(),
+        };
+        self.duration
+            .get_or_create(&HttpRouteLabels {
+                route: route.clone(),
+                method: method.clone(),
+            })
+            .observe(r.duration.as_secs_f64());
+        self.requests
+            .get_or_create(&HttpLabels {
+                route,
+                method,
+                status_class,
+            })
+            .inc();
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: String,
@@ -60,6 +119,7 @@ pub struct Metrics {
     pub registry: Registry,
     pub tcp: Arc<TcpMetrics>,
     pub policy: Arc<PolicyMetrics>,
+    pub http: Arc<HttpMetrics>,
 }
 
 impl Metrics {
@@ -75,6 +135,10 @@ impl Metrics {
             upstream_connect: Family::new_with_constructor(connect_histogram as fn() -> Histogram),
         });
         let policy = Arc::new(PolicyMetrics::default());
+        let http = Arc::new(HttpMetrics {
+            requests: Family::default(),
+            duration: Family::new_with_constructor(request_histogram as fn() -> Histogram),
+        });
         let r = &mut registry;
         r.register(
             "tcp_connections_opened",
@@ -119,11 +183,23 @@ impl Metrics {
             "Policy reloads by result (applied, rejected)",
             policy.reloads.clone(),
         );
+        r.register(
+            "http_requests",
+            "HTTP requests (HTTP/1 requests, HTTP/2 streams) by route, method and status class",
+            http.requests.clone(),
+        );
+        r.register_with_unit(
+            "http_request_duration",
+            "HTTP request duration, from the request head to the end of the response body",
+            Unit::Seconds,
+            http.duration.clone(),
+        );
         registry.register_collector(Box::new(ProcessCollector));
         Metrics {
             registry,
             tcp,
             policy,
+            http,
         }
     }
 
@@ -228,17 +304,6 @@ struct HttpCollector {
 impl Collector for HttpCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let s = self.proxy.stats().snapshot();
-        let mut m = encoder.encode_descriptor(
-            "http_responses",
-            "HTTP responses sent to clients, by status class",
-            None,
-            prometheus_client::metrics::MetricType::Counter,
-        )?;
-        for (i, n) in s.responses.iter().enumerate() {
-            let class = format!("{}xx", i + 1);
-            let labels = [("status_class", class.as_str())];
-            ConstCounter::new(*n).encode(m.encode_family(&labels)?)?;
-        }
         for (name, help, v) in [
             (
                 "http_requests",

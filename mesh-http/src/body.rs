@@ -90,11 +90,22 @@ pub(crate) struct AccessLog {
     pub bytes_in: Arc<AtomicU64>,
     /// Why the proxy answered itself, if it did.
     pub local_reason: Option<&'static str>,
+    /// Told about every finished request (metrics).
+    pub observer: Option<Arc<dyn crate::Observer>>,
 }
 
 impl AccessLog {
     fn emit(&self, bytes_out: u64, complete: bool) {
-        let duration_ms = self.start.elapsed().as_secs_f64() * 1000.0;
+        let elapsed = self.start.elapsed();
+        if let Some(o) = &self.observer {
+            o.request(&crate::RequestRecord {
+                route: self.route.as_deref(),
+                method: &self.method,
+                status: self.status,
+                duration: elapsed,
+            });
+        }
+        let duration_ms = elapsed.as_secs_f64() * 1000.0;
         tracing::info!(
             target: "mesh_http::access",
             src = %self.src,

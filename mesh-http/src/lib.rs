@@ -66,6 +66,26 @@ pub use config::{
 };
 pub use stats::{Stats, StatsSnapshot};
 
+/// Receives one call per finished request, when its access-log line is written (for metrics
+/// with route and method labels).
+pub trait Observer: Send + Sync + std::fmt::Debug + 'static {
+    /// One finished request.
+    fn request(&self, record: &RequestRecord<'_>);
+}
+
+/// What an [`Observer`] learns about a request.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestRecord<'a> {
+    /// The route that matched (`HTTPRoute namespace/name`), if one did.
+    pub route: Option<&'a str>,
+    /// The request method.
+    pub method: &'a http::Method,
+    /// The status sent to the client (0 if none was).
+    pub status: u16,
+    /// From the request head to the end of the response body.
+    pub duration: std::time::Duration,
+}
+
 use crate::balance::{Balancer, RetryBudget};
 use crate::config::{
     H2_MAX_LOCAL_ERROR_RESET_STREAMS, H2_MAX_PENDING_ACCEPT_RESET_STREAMS, MAX_MIRRORS_IN_FLIGHT,
@@ -197,10 +217,20 @@ impl Proxy {
             policy,
             stats: Arc::new(Stats::default()),
             mirrors: Arc::new(Semaphore::new(MAX_MIRRORS_IN_FLIGHT)),
+            observer: None,
         };
         Self {
             shared: Arc::new(shared),
         }
+    }
+
+    /// Adds an [`Observer`]; call before the proxy serves (clones made earlier keep none).
+    #[must_use]
+    pub fn with_observer(mut self, observer: Arc<dyn Observer>) -> Self {
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.observer = Some(observer);
+        }
+        self
     }
 
     /// Counters for metrics.

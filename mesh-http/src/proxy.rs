@@ -42,6 +42,7 @@ pub(crate) struct Shared {
     pub budget: RetryBudget,
     pub stats: Arc<Stats>,
     pub mirrors: Arc<Semaphore>,
+    pub observer: Option<Arc<dyn crate::Observer>>,
 }
 
 /// One client connection.
@@ -176,6 +177,7 @@ impl ConnCtx {
             .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned());
         let mut exchange = Exchange {
             log: AccessLog {
+                observer: shared.observer.clone(),
                 start,
                 src: self.src,
                 dst: self.dst,

@@ -206,6 +206,36 @@ fn http_routes_by_host_and_path_with_filters() {
 
     let (s, _, b) = lab.get(&[&url("/mirrored/1")]);
     assert_eq!((s, b["backend"].as_str()), (200, Some("web")));
+
+    // Per-route request metrics: two 200s on the last rules, one redirect, seen by route.
+    let metrics = lab.t.node.run(|| {
+        let mut s = TcpStream::connect("127.0.0.1:15020").expect("admin");
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+            .expect("request");
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("metrics");
+        out
+    });
+    let count = |labels: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("mesh_http_requests_total{{{labels}}} ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    assert!(
+        count("route=\"HTTPRoute mesh-test/web\",method=\"GET\",status_class=\"2xx\"") >= 4.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        count("route=\"HTTPRoute mesh-test/web\",method=\"GET\",status_class=\"3xx\""),
+        1.0,
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("mesh_http_request_duration_seconds_bucket{route=\"HTTPRoute mesh-test/web\",method=\"GET\""),
+        "{metrics}"
+    );
     let deadline = Instant::now() + Duration::from_secs(5);
     while !lab
         .log_of("mirror")

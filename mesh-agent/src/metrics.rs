@@ -306,11 +306,6 @@ impl Collector for HttpCollector {
         let s = self.proxy.stats().snapshot();
         for (name, help, v) in [
             (
-                "http_requests",
-                "HTTP requests received (HTTP/1 requests and HTTP/2 streams)",
-                s.requests,
-            ),
-            (
                 "http_retries",
                 "Upstream attempts repeated after a connect failure, reset or 503",
                 s.retries,
@@ -427,6 +422,29 @@ pub fn process_figures() -> ProcessFigures {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_family_is_declared_once() {
+        let mut m = Metrics::new();
+        let proxy = mesh_http::Proxy::new(
+            mesh_http::Config::default(),
+            Arc::new(mesh_policy::PolicyStore::default()),
+        );
+        m.register_http(proxy);
+        let labels = HttpLabels {
+            route: "none".into(),
+            method: "GET".into(),
+            status_class: "2xx".into(),
+        };
+        m.http.requests.get_or_create(&labels).inc();
+        for text in [m.encode(), m.encode_prometheus()] {
+            let mut types: Vec<&str> = text.lines().filter(|l| l.starts_with("# TYPE ")).collect();
+            let n = types.len();
+            types.sort_unstable();
+            types.dedup();
+            assert_eq!(types.len(), n, "a family is declared twice:\n{text}");
+        }
+    }
 
     #[test]
     fn families_encode_with_the_prefix_and_units() {

@@ -24,6 +24,7 @@ pub const ENV_ROUTE_TABLE: &str = "MESH_ROUTE_TABLE";
 pub const ENV_SPLICE: &str = "MESH_SPLICE";
 pub const ENV_POLICY: &str = "MESH_POLICY";
 pub const ENV_ADMIN_ADDRESS: &str = "MESH_ADMIN_ADDRESS";
+pub const ENV_ACCESS_LOG: &str = "MESH_ACCESS_LOG";
 
 pub const DEFAULT_LISTEN_PORT: u16 = 15001;
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -201,6 +202,8 @@ pub struct File {
     pub policy: Option<PathBuf>,
     /// Admin server address (`/metrics`, `/healthz`, `/readyz`, `/config_dump`, `/status`).
     pub admin_address: Option<String>,
+    /// One JSON line per connection and per HTTP request (default true).
+    pub access_log: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -257,6 +260,9 @@ pub struct Overrides {
     /// Admin server address; `0.0.0.0:PORT` only when it must be reachable from outside the node.
     #[arg(long, env = ENV_ADMIN_ADDRESS)]
     pub admin_address: Option<String>,
+    /// Access log lines per connection and per HTTP request.
+    #[arg(long, env = ENV_ACCESS_LOG)]
+    pub access_log: Option<bool>,
 }
 
 /// The validated configuration the agent runs with.
@@ -276,6 +282,7 @@ pub struct Config {
     pub splice: bool,
     pub policy: Option<PathBuf>,
     pub admin_address: std::net::SocketAddr,
+    pub access_log: bool,
 }
 
 /// Every problem found, each naming its field.
@@ -325,6 +332,7 @@ impl Config {
             "splice": self.splice,
             "policy": self.policy,
             "admin_address": self.admin_address.to_string(),
+            "access_log": self.access_log,
         })
     }
 
@@ -544,6 +552,7 @@ impl Config {
             splice,
             policy,
             admin_address,
+            access_log: ov.access_log.or(file.access_log).unwrap_or(true),
         })
     }
 }

@@ -48,12 +48,23 @@ enum Command {
     },
 }
 
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+/// Logs go to stderr through a background writer, so a slow reader of the log never blocks the
+/// data path (lines are dropped, not waited for, if it falls far behind). The returned guard
+/// flushes on exit.
+fn init_tracing(access_log: bool) -> tracing_appender::non_blocking::WorkerGuard {
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    if !access_log {
+        for target in [proxy::ACCESS, "mesh_http::access"] {
+            if let Ok(d) = format!("{target}=off").parse() {
+                filter = filter.add_directive(d);
+            }
+        }
+    }
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     if std::env::var("LOG_FORMAT").is_ok_and(|v| v == "json") {
         builder
             .json()
@@ -63,11 +74,17 @@ fn init_tracing() {
     } else {
         builder.init();
     }
+    guard
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    // The file may switch access logs off too; a config error is reported below.
+    let access_log = match &cli.command {
+        Command::Run(ov) => config::Config::load(ov).map_or(true, |c| c.access_log),
+        _ => true,
+    };
+    let _log_guard = init_tracing(access_log);
     match cli.command {
         Command::Check(ov) => check(&ov),
         Command::Run(ov) => {

@@ -207,9 +207,23 @@ impl ConnCtx {
         let scanner_stopped = !self.h2 && (connect || parts.headers.contains_key(header::UPGRADE));
         let policy = shared.policy.current();
         exchange.upstream_h2 = self.h2 && (exchange.grpc || declares_h2(&policy, self.dst));
-        let mut response = self
-            .forward(&policy, &mut exchange, parts, body, authority, pq)
-            .await;
+        let path = pq.split('?').next().unwrap_or("/");
+        let denied = policy.settings().authorization.http.iter().find(|rule| {
+            rule.matches(parts.method.as_str(), path, |name| {
+                parts
+                    .headers
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            })
+        });
+        let mut response = if let Some(rule) = denied {
+            tracing::debug!(rule = %rule.name, "request denied by policy");
+            self.local(&mut exchange, StatusCode::FORBIDDEN, "denied by policy")
+        } else {
+            self.forward(&policy, &mut exchange, parts, body, authority, pq)
+                .await
+        };
         let tunneled = response.status() == StatusCode::SWITCHING_PROTOCOLS
             || (connect && response.status().is_success());
         if scanner_stopped && !tunneled {

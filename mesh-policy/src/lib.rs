@@ -60,12 +60,12 @@ pub use load::{load_path, parse_documents, parse_documents_partial};
 pub use lower::validate;
 pub use model::{
     AuthorizationSpec, AuthzAction, AuthzProtocol, AuthzRuleSpec, CaptureSpec, FailMode,
-    HeaderPolicy, MeshPolicy, MeshPolicySpec, Object, PortSpec, Resource, RouteId, RouteKind,
-    ServiceRef,
+    HeaderPolicy, HttpDenySpec, MeshPolicy, MeshPolicySpec, Object, PortSpec, Resource, RouteId,
+    RouteKind, ServiceRef,
 };
 pub use settings::{
     Authorization, AuthzRule, DEFAULT_FAIL_MODE, DEFAULT_PROTOCOL_DETECTION_TIMEOUT,
-    HeaderDefaults, MeshSettings,
+    HeaderDefaults, HttpDeny, MeshSettings,
 };
 pub use store::PolicyStore;
 

@@ -213,6 +213,28 @@ pub struct AuthorizationSpec {
     /// The rules.
     #[serde(default)]
     pub rules: Vec<AuthzRuleSpec>,
+    /// L7 deny rules, checked by the HTTP proxy on every request (answered `403`).
+    #[serde(default)]
+    pub http: Vec<HttpDenySpec>,
+}
+
+/// An L7 deny rule: a request matching every condition given is answered `403` before routing.
+/// Within a list any value matches (OR); the lists combine with AND.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpDenySpec {
+    /// Unique within the policy; logged with the refusal.
+    pub name: String,
+    /// Path prefixes, matched segment by segment like a `PathPrefix` (`/admin` matches `/admin`
+    /// and `/admin/x`, not `/administrator`).
+    #[serde(default)]
+    pub paths: Vec<String>,
+    /// Methods (`DELETE`).
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// Headers that must all be present with exactly these values (names case-insensitive).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
 }
 
 /// One authorization rule. Every field left out matches anything.

@@ -64,6 +64,46 @@ pub struct Authorization {
     pub rules: Vec<AuthzRule>,
     /// Action for traffic no rule matches, per interface.
     pub defaults: std::collections::BTreeMap<String, crate::model::AuthzAction>,
+    /// L7 deny rules (every MeshPolicy's, oldest first).
+    pub http: Vec<HttpDeny>,
+}
+
+/// A validated L7 deny rule (see [`crate::HttpDenySpec`]).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HttpDeny {
+    /// `namespace/policy/rule`.
+    pub name: String,
+    /// Path prefixes, without a trailing slash (empty: any path).
+    pub paths: Vec<String>,
+    /// Methods (empty: any method).
+    pub methods: Vec<String>,
+    /// Lower-case header names with their required values.
+    pub headers: Vec<(String, String)>,
+}
+
+impl HttpDeny {
+    /// Whether a request with this method, path (no query) and headers is denied.
+    pub fn matches(
+        &self,
+        method: &str,
+        path: &str,
+        header: impl Fn(&str) -> Option<String>,
+    ) -> bool {
+        let path_ok = self.paths.is_empty()
+            || self.paths.iter().any(|p| {
+                p.is_empty()
+                    || path == p
+                    || path
+                        .strip_prefix(p.as_str())
+                        .is_some_and(|rest| rest.starts_with('/'))
+            });
+        let method_ok = self.methods.is_empty() || self.methods.iter().any(|m| m == method);
+        let headers_ok = self
+            .headers
+            .iter()
+            .all(|(n, v)| header(n).as_deref() == Some(v.as_str()));
+        path_ok && method_ok && headers_ok
+    }
 }
 
 /// One authorization entry, ready for the kernel maps.
@@ -106,6 +146,7 @@ pub(crate) struct PolicyInput<'a> {
     pub spec: &'a MeshPolicySpec,
     pub detection_timeout: Option<Duration>,
     pub authz: Vec<AuthzRule>,
+    pub http_deny: Vec<HttpDeny>,
 }
 
 impl MeshSettings {
@@ -148,6 +189,10 @@ impl MeshSettings {
                 .authorization
                 .rules
                 .extend(policy.authz.iter().cloned());
+            settings
+                .authorization
+                .http
+                .extend(policy.http_deny.iter().cloned());
             for (iface, action) in policy
                 .spec
                 .authorization

@@ -129,6 +129,7 @@ fn bodies(out: &[u8]) -> Vec<Value> {
     serde_json::Deserializer::from_slice(out)
         .into_iter::<Value>()
         .filter_map(Result::ok)
+        .filter(Value::is_object)
         .collect()
 }
 
@@ -481,28 +482,32 @@ fn retries_turn_a_failing_endpoint_into_successes() {
     if !privileged("retries_turn_a_failing_endpoint_into_successes") {
         return;
     }
-    // Service `web` has two endpoints: `good` answers, `bad` has nothing listening (connect
-    // refused). Retries move each request to the good one.
-    let t = Topology::new(&["client", "good", "bad"]);
+    // Service `web` has three endpoints: `good` answers, `bad` answers every request with 503,
+    // `gone` has nothing listening (connect refused). Retries move each request to `good`;
+    // outlier detection soon stops sending anything to the other two, so retries stay well
+    // inside the budget.
+    let t = Topology::new(&["client", "good", "bad", "gone"]);
     let dir = scratch(&t);
     t.pod("good").ns.echo("good", 8080, &[]);
-    let pfile = dir.join("policy.yaml");
-    write_atomically(
-        &pfile,
-        &service(
-            "web",
-            ip(VIP),
-            80,
-            8080,
-            &[IpAddr::V4(t.pod("good").ip4), IpAddr::V4(t.pod("bad").ip4)],
-        ),
+    let bad_log = dir.join("bad.log");
+    t.pod("bad").ns.echo(
+        "bad",
+        8080,
+        &["--status", "503", "--log", bad_log.to_str().expect("utf8")],
     );
+    let pfile = dir.join("policy.yaml");
+    let eps: Vec<IpAddr> = ["good", "bad", "gone"]
+        .iter()
+        .map(|p| IpAddr::V4(t.pod(p).ip4))
+        .collect();
+    write_atomically(&pfile, &service("web", ip(VIP), 80, 8080, &eps));
     let agent = t.start_agent(&[
         "--interface",
         &t.pod("client").host_if,
         "--policy",
         pfile.to_str().expect("utf8"),
     ]);
+    const N: usize = 300;
     let out = t
         .pod("client")
         .ns
@@ -510,20 +515,72 @@ fn retries_turn_a_failing_endpoint_into_successes() {
         .args([
             "-sS",
             "--max-time",
-            "30",
-            &format!("http://{VIP}/r/[1-200]"),
+            "60",
+            "-w",
+            "%{http_code}\n",
+            &format!("http://{VIP}/r/[1-{N}]"),
         ])
         .output()
         .expect("curl");
     let seen = bodies(&out.stdout);
     assert_eq!(
         seen.len(),
-        200,
+        N,
         "{}\n{}",
         String::from_utf8_lossy(&out.stderr),
         agent.log()
     );
-    assert!(seen.iter().all(|b| b["backend"] == "good"));
+    assert!(
+        seen.iter().all(|b| b["backend"] == "good"),
+        "every answer came from the good endpoint"
+    );
+    let codes = String::from_utf8_lossy(&out.stdout)
+        .matches("}200\n")
+        .count();
+    assert_eq!(codes, N, "every request got 200");
+    let bad_hits = std::fs::read_to_string(&bad_log)
+        .unwrap_or_default()
+        .lines()
+        .count();
+    assert!(
+        bad_hits >= 1,
+        "the 503 endpoint was tried (and its 503s retried)"
+    );
+
+    let metrics = t.node.run(|| {
+        let mut s = TcpStream::connect("127.0.0.1:15020").expect("admin");
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+            .expect("request");
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("metrics");
+        out
+    });
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    let retries = value("mesh_http_retries_total");
+    println!(
+        "{N} requests, 503 endpoint hit {bad_hits} times, {retries} retries, {} over budget",
+        value("mesh_http_retries_over_budget_total")
+    );
+    assert!(
+        retries >= bad_hits as f64,
+        "each 503 was retried: {retries} < {bad_hits}"
+    );
+    // The budget: retries add at most 20% of requests over 10 s, and at least 3/s are allowed.
+    assert!(
+        retries <= (N as f64 * 0.2).max(30.0),
+        "retries within the budget: {retries}"
+    );
+    assert_eq!(
+        value("mesh_http_retries_over_budget_total"),
+        0.0,
+        "{metrics}"
+    );
 }
 
 #[test]
@@ -681,4 +738,62 @@ fn reload_under_h2load_fails_no_request() {
     let a = lab.log_of("a").len();
     let b = lab.log_of("b").len();
     assert!(a > 0 && b > 0, "routing followed the reloads: a {a}, b {b}");
+}
+
+#[test]
+fn l7_deny_rules_answer_403_before_any_backend() {
+    if !privileged("l7_deny_rules_answer_403_before_any_backend") {
+        return;
+    }
+    let lab = Lab::new(&["web"], |t| {
+        services(t, &["web"])
+            + "---\napiVersion: skiff.dev/v1alpha1\nkind: MeshPolicy\nmetadata: {name: l7, namespace: mesh-system}\n\
+               spec:\n  authorization:\n    http:\n\
+               \x20   - {name: no-admin, paths: [/admin]}\n\
+               \x20   - {name: no-guest-delete, methods: [DELETE], headers: {x-user: guest}}\n"
+    });
+    let url = |p: &str| format!("http://{VIP}{p}");
+    for (args, want) in [
+        (vec![url("/admin")], 403),
+        (vec![url("/admin/users?id=1")], 403),
+        (vec![url("/administrator")], 200),
+        (
+            vec![
+                "-X".into(),
+                "DELETE".into(),
+                "-H".into(),
+                "x-user: guest".into(),
+                url("/item"),
+            ],
+            403,
+        ),
+        (
+            vec![
+                "-X".into(),
+                "DELETE".into(),
+                "-H".into(),
+                "x-user: root".into(),
+                url("/item"),
+            ],
+            200,
+        ),
+        (vec![url("/item")], 200),
+    ] {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (status, _, _) = lab.get(&a);
+        assert_eq!(status, want, "{args:?}");
+    }
+    thread::sleep(Duration::from_millis(200));
+    let seen: Vec<String> = lab
+        .log_of("web")
+        .iter()
+        .map(|r| format!("{} {}", r["method"], r["path"]))
+        .collect();
+    assert!(
+        !seen
+            .iter()
+            .any(|r| r.contains("/admin/") || r.ends_with("/admin\"")),
+        "denied requests never reached the backend: {seen:?}"
+    );
+    assert_eq!(seen.len(), 3, "{seen:?}");
 }

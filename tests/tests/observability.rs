@@ -646,3 +646,45 @@ fn config_dump_and_status_describe_the_agent() {
     assert_eq!(names, [host_if.as_str()], "{status}");
     assert_eq!(status["ready"], true, "{status}");
 }
+
+#[test]
+fn access_log_can_be_switched_off() {
+    if !privileged("access_log_can_be_switched_off") {
+        return;
+    }
+    let t = Topology::new(&["client", "server"]);
+    let server = t.pod("server").clone();
+    greeter(&server.ns, sa(server.ip4, 8080), "server");
+    let agent = t.start_agent(&[
+        "--interface",
+        &t.pod("client").host_if,
+        "--capture",
+        "10.201.2.0/24=8080",
+        "--access-log",
+        "false",
+    ]);
+    let to = sa(server.ip4, 8080);
+    for _ in 0..3 {
+        t.pod("client")
+            .ns
+            .run(move || exchange(to, b"hello\n"))
+            .expect("proxied");
+    }
+    thread::sleep(Duration::from_millis(300));
+    let lines = agent.log_lines();
+    assert!(
+        lines.iter().any(|l| l["message"] == "agent ready"),
+        "other logs still flow"
+    );
+    assert!(
+        !lines.iter().any(|l| l["message"] == "connection closed"),
+        "no access log lines: {}",
+        agent.log()
+    );
+    let (_, text) = http_get(&t.node, addr(ADMIN), "/metrics").expect("metrics");
+    assert_eq!(
+        sample_sum(&text, "mesh_tcp_connections_closed_total", &[]),
+        Some(3.0),
+        "the connections were proxied"
+    );
+}

@@ -60,6 +60,9 @@ pub enum Error {
     },
 }
 
+/// Log target of the per-connection access log lines (`access_log: false` turns it off).
+pub const ACCESS: &str = "mesh_agent::access";
+
 /// Listen backlog; SYN bursts from many pods land here.
 const BACKLOG: i32 = 4096;
 
@@ -293,8 +296,12 @@ async fn serve_http(
     m.closed.get_or_create(&labels).inc();
     let ms = started.elapsed().as_millis() as u64;
     match r {
-        Ok(s) => info!(requests = s.requests, duration_ms = ms, "connection closed"),
-        Err(e) => info!(error = %e, duration_ms = ms, "connection ended with an error"),
+        Ok(s) => {
+            info!(target: ACCESS, requests = s.requests, duration_ms = ms, "connection closed")
+        }
+        Err(e) => {
+            info!(target: ACCESS, error = %e, duration_ms = ms, "connection ended with an error")
+        }
     }
 }
 
@@ -428,12 +435,13 @@ async fn handle(client: TcpStream, src: ClientAddr, settings: &Settings, stats: 
         }
         match r {
             Ok(t) => info!(
+                target: ACCESS,
                 bytes_sent = t.sent + prefix,
                 bytes_received = t.received,
                 duration_ms = ms,
                 "connection closed"
             ),
-            Err(e) => info!(error = %e, duration_ms = ms, "connection ended with an error"),
+            Err(e) => info!(target: ACCESS, error = %e, duration_ms = ms, "connection ended with an error"),
         }
     }
     .instrument(span)

@@ -327,6 +327,7 @@ pub(crate) fn lower(objects: &[Object]) -> Result<Lowered, Vec<ValidationError>>
             let detection_timeout = lower_mesh_policy(&mut cx, &at, &policy.spec, &mut capture);
             let name = format!("{}/{}", object.resource.namespace(), object.resource.name());
             let authz = lower_authorization(&mut cx, &at, &name, &policy.spec);
+            let http_deny = lower_http_deny(&mut cx, &at, &name, &policy.spec);
             policies.push((
                 age(&policy.metadata),
                 format!("{}/{}", object.resource.namespace(), object.resource.name()),
@@ -335,6 +336,7 @@ pub(crate) fn lower(objects: &[Object]) -> Result<Lowered, Vec<ValidationError>>
                     spec: &policy.spec,
                     detection_timeout,
                     authz,
+                    http_deny,
                 },
             ));
         }

@@ -120,6 +120,80 @@ pub(super) fn lower_authorization(
     out
 }
 
+/// Validates `spec.authorization.http` (L7 deny rules).
+pub(super) fn lower_http_deny(
+    cx: &mut Cx,
+    at: &At<'_>,
+    policy: &str,
+    spec: &MeshPolicySpec,
+) -> Vec<crate::settings::HttpDeny> {
+    let mut out = Vec::new();
+    let Some(authz) = &spec.authorization else {
+        return out;
+    };
+    let mut seen = std::collections::HashSet::new();
+    for (i, rule) in authz.http.iter().enumerate() {
+        let field = format!("spec.authorization.http[{i}]");
+        if let Err(reason) = names::dns_label(&rule.name) {
+            cx.error(at, format!("{field}.name"), reason);
+        } else if !seen.insert(rule.name.as_str()) {
+            cx.error(
+                at,
+                format!("{field}.name"),
+                format!(
+                    "{:?} is used by another HTTP rule of this policy",
+                    rule.name
+                ),
+            );
+        }
+        for (j, p) in rule.paths.iter().enumerate() {
+            if !p.starts_with('/') || p.contains(['?', '#', ' ']) {
+                cx.error(
+                    at,
+                    format!("{field}.paths[{j}]"),
+                    "must start with '/' and contain no '?', '#' or spaces",
+                );
+            }
+        }
+        for (j, m) in rule.methods.iter().enumerate() {
+            if m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase()) {
+                cx.error(
+                    at,
+                    format!("{field}.methods[{j}]"),
+                    format!("{m:?} is not an upper-case method name"),
+                );
+            }
+        }
+        for name in rule.headers.keys() {
+            if let Err(reason) = names::header_name(name) {
+                cx.error(at, format!("{field}.headers[{name:?}]"), reason);
+            }
+        }
+        if rule.paths.is_empty() && rule.methods.is_empty() && rule.headers.is_empty() {
+            cx.error(
+                at,
+                &field,
+                "denies every request: give at least one of paths, methods, headers",
+            );
+        }
+        out.push(crate::settings::HttpDeny {
+            name: format!("{policy}/{}", rule.name),
+            paths: rule
+                .paths
+                .iter()
+                .map(|p| p.trim_end_matches('/').to_string())
+                .collect(),
+            methods: rule.methods.clone(),
+            headers: rule
+                .headers
+                .iter()
+                .map(|(n, v)| (n.to_ascii_lowercase(), v.clone()))
+                .collect(),
+        });
+    }
+    out
+}
+
 /// Validates a MeshPolicy, appends its capture entries, returns its detection timeout.
 pub(super) fn lower_mesh_policy(
     cx: &mut Cx,

@@ -719,3 +719,50 @@ spec:
     assert_eq!(a.rules[2].key, "mesh-system/authz/web");
     assert_eq!(a.defaults.get("h1"), Some(&crate::AuthzAction::Deny));
 }
+
+#[test]
+fn http_deny_rules_are_validated_and_match_segment_wise() {
+    let bad = r#"apiVersion: skiff.dev/v1alpha1
+kind: MeshPolicy
+metadata: {name: l7, namespace: mesh-system}
+spec:
+  authorization:
+    http:
+    - {name: a, paths: [admin]}
+    - {name: a, methods: [delete]}
+    - {name: everything}
+"#;
+    let errs = errors(bad);
+    assert_error(
+        &errs,
+        "spec.authorization.http[0].paths[0]",
+        "must start with '/'",
+    );
+    assert_error(
+        &errs,
+        "spec.authorization.http[1].name",
+        "used by another HTTP rule",
+    );
+    assert_error(&errs, "spec.authorization.http[1].methods[0]", "upper-case");
+    assert_error(&errs, "spec.authorization.http[2]", "denies every request");
+
+    let ok = r#"apiVersion: skiff.dev/v1alpha1
+kind: MeshPolicy
+metadata: {name: l7, namespace: mesh-system}
+spec:
+  authorization:
+    http:
+    - {name: no-admin, paths: [/admin/]}
+    - {name: no-guest-delete, methods: [DELETE], headers: {X-User: guest}}
+"#;
+    let compiled = crate::Compiled::from_yaml(ok, "ok.yaml").expect("valid");
+    let rules = &compiled.settings().authorization.http;
+    let none = |_: &str| None;
+    assert!(rules[0].matches("GET", "/admin", none));
+    assert!(rules[0].matches("GET", "/admin/x", none));
+    assert!(!rules[0].matches("GET", "/administrator", none));
+    let guest = |n: &str| (n == "x-user").then(|| "guest".to_string());
+    assert!(rules[1].matches("DELETE", "/x", guest));
+    assert!(!rules[1].matches("GET", "/x", guest));
+    assert!(!rules[1].matches("DELETE", "/x", none));
+}

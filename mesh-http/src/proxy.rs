@@ -110,19 +110,6 @@ fn is_idempotent(method: &Method) -> bool {
     )
 }
 
-/// Whether the destination Service port declares HTTP/2 cleartext (`appProtocol`).
-fn declares_h2(policy: &mesh_policy::Compiled, dst: SocketAddr) -> bool {
-    policy
-        .service_port(dst)
-        .and_then(|sp| sp.app_protocol.as_deref())
-        .is_some_and(|p| {
-            matches!(
-                p.to_ascii_lowercase().as_str(),
-                "h2c" | "http2" | "grpc" | "kubernetes.io/h2c"
-            )
-        })
-}
-
 fn is_grpc(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
@@ -206,7 +193,11 @@ impl ConnCtx {
         let connect = parts.method == Method::CONNECT;
         let scanner_stopped = !self.h2 && (connect || parts.headers.contains_key(header::UPGRADE));
         let policy = shared.policy.current();
-        exchange.upstream_h2 = self.h2 && (exchange.grpc || declares_h2(&policy, self.dst));
+        exchange.upstream_h2 = self.h2
+            && (exchange.grpc
+                || policy
+                    .service_port(self.dst)
+                    .is_some_and(mesh_policy::ServicePort::declares_http2));
         let path = pq.split('?').next().unwrap_or("/");
         let denied = policy.settings().authorization.http.iter().find(|rule| {
             rule.matches(parts.method.as_str(), path, |name| {

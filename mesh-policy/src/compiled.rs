@@ -46,6 +46,28 @@ impl ServicePort {
             filters: Vec::new(),
         }
     }
+
+    /// `appProtocol` says HTTP/2 in cleartext (`h2c`, `grpc`, `kubernetes.io/h2c`).
+    pub fn declares_http2(&self) -> bool {
+        self.app_protocol.as_deref().is_some_and(|p| {
+            matches!(
+                p.to_ascii_lowercase().as_str(),
+                "h2c" | "http2" | "grpc" | "kubernetes.io/h2c"
+            )
+        })
+    }
+
+    /// `appProtocol` names a protocol that is neither HTTP nor TLS (`tcp`, `mysql`, ...): its
+    /// first bytes need not be inspected.
+    pub fn declares_opaque(&self) -> bool {
+        self.app_protocol.as_deref().is_some_and(|p| {
+            !self.declares_http2()
+                && !matches!(
+                    p.to_ascii_lowercase().as_str(),
+                    "http" | "https" | "tls" | "kubernetes.io/ws" | "kubernetes.io/wss"
+                )
+        })
+    }
 }
 
 /// `(network, prefix length, inclusive port ranges)`: one entry of

@@ -284,7 +284,12 @@ impl Topology {
     /// Starts `mesh-agent run` in the node namespace with these extra arguments and waits until
     /// it reports ready.
     pub fn start_agent(&self, args: &[&str]) -> Agent {
-        Agent::start(self, args)
+        Agent::start(self, &agent_bin(), args)
+    }
+
+    /// [`start_agent`](Self::start_agent) with a given binary (the benchmark's release build).
+    pub fn start_agent_bin(&self, bin: &Path, args: &[&str]) -> Agent {
+        Agent::start(self, bin, args)
     }
 }
 
@@ -344,6 +349,26 @@ impl Netns {
         self.serve("/usr/bin/python3", &args);
     }
 
+    /// `GET path` over HTTP/1.0 to `addr` from inside this namespace; the raw response (head
+    /// and body). For the agent's admin server: `ns.http_get(ADMIN, "/metrics")`.
+    pub fn http_get(&self, addr: std::net::SocketAddr, path: &str) -> String {
+        let path = path.to_string();
+        self.run(move || {
+            let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+                .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+            s.set_read_timeout(Some(Duration::from_secs(5)))
+                .expect("timeout");
+            std::io::Write::write_all(
+                &mut s,
+                format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes(),
+            )
+            .expect("request");
+            let mut out = String::new();
+            s.read_to_string(&mut out).expect("response");
+            out
+        })
+    }
+
     /// Starts a server that prints `ready` on stdout once it listens, waits for that line, and
     /// leaves it running until the namespace is torn down (a thread reaps it then).
     pub fn serve(&self, program: &str, args: &[String]) {
@@ -373,6 +398,10 @@ pub fn support(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// The agent's admin server address in the node namespace (the default `admin_address`).
+pub const ADMIN: std::net::SocketAddr =
+    std::net::SocketAddr::V4(std::net::SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15020));
+
 /// The agent binary: `MESH_AGENT_BIN`, or the workspace's `target/debug/mesh-agent`.
 pub fn agent_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("MESH_AGENT_BIN") {
@@ -395,7 +424,7 @@ pub struct Agent {
 }
 
 impl Agent {
-    fn start(topo: &Topology, args: &[&str]) -> Agent {
+    fn start(topo: &Topology, bin: &Path, args: &[&str]) -> Agent {
         let log_path = std::env::temp_dir().join(format!(
             "{}-agent-{}.log",
             topo.id,
@@ -407,7 +436,7 @@ impl Agent {
         // so its pinned links live in the real bpffs and survive the agent, as on a node.
         let child = Command::new("nsenter")
             .arg(format!("--net={}", topo.node.path().display()))
-            .arg(agent_bin())
+            .arg(bin)
             .arg("run")
             .args(["--bpffs-dir", &bpffs])
             .args(args)

@@ -209,14 +209,7 @@ fn http_routes_by_host_and_path_with_filters() {
     assert_eq!((s, b["backend"].as_str()), (200, Some("web")));
 
     // Per-route request metrics: two 200s on the last rules, one redirect, seen by route.
-    let metrics = lab.t.node.run(|| {
-        let mut s = TcpStream::connect("127.0.0.1:15020").expect("admin");
-        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
-            .expect("request");
-        let mut out = String::new();
-        s.read_to_string(&mut out).expect("metrics");
-        out
-    });
+    let metrics = lab.t.node.http_get(mesh_tests::ADMIN, "/metrics");
     let count = |labels: &str| -> f64 {
         metrics
             .lines()
@@ -547,14 +540,7 @@ fn retries_turn_a_failing_endpoint_into_successes() {
         "the 503 endpoint was tried (and its 503s retried)"
     );
 
-    let metrics = t.node.run(|| {
-        let mut s = TcpStream::connect("127.0.0.1:15020").expect("admin");
-        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
-            .expect("request");
-        let mut out = String::new();
-        s.read_to_string(&mut out).expect("metrics");
-        out
-    });
+    let metrics = t.node.http_get(mesh_tests::ADMIN, "/metrics");
     let value = |name: &str| -> f64 {
         metrics
             .lines()

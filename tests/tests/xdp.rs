@@ -2,7 +2,6 @@
 //! the stack sees it (the client times out) and the rule's counter moves in `/metrics`, while an
 //! allowed flow on the same interface is still captured and proxied; IPv6 rules; reloads.
 use std::{
-    io::{Read, Write},
     net::{IpAddr, SocketAddr, TcpStream},
     thread,
     time::{Duration, Instant},
@@ -25,18 +24,7 @@ fn policy(extra_rule: &str) -> String {
 
 /// GET `path` from the agent's admin server in the node namespace.
 fn admin(ns: &Netns, path: &str) -> String {
-    let path = path.to_string();
-    ns.run(move || {
-        let mut s = TcpStream::connect_timeout(
-            &SocketAddr::from(([127, 0, 0, 1], 15020)),
-            Duration::from_secs(2),
-        )
-        .expect("admin");
-        write!(s, "GET {path} HTTP/1.0\r\n\r\n").expect("request");
-        let mut out = String::new();
-        s.read_to_string(&mut out).expect("response");
-        out
-    })
+    ns.http_get(mesh_tests::ADMIN, path)
 }
 
 fn xdp_packets(metrics: &str, rule: &str, action: &str) -> u64 {

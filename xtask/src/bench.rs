@@ -38,17 +38,17 @@ pub fn run() -> anyhow::Result<()> {
         ),
     )?;
     nginx(&server.ns, &scratch)?;
-    let agent = {
-        let _guard = EnvBin::set(&bin);
-        t.start_agent(&[
+    let agent = t.start_agent_bin(
+        &bin,
+        &[
             "--interface",
             &client.host_if,
             "--capture",
             "10.201.2.2/32=5201,7000",
             "--policy",
             &policy.to_string_lossy(),
-        ])
-    };
+        ],
+    );
     let idle_rss = agent.rss_kib();
     for port in [7000u16, 7001] {
         echo_server(&server.ns, sa(server.ip4, port));
@@ -128,22 +128,6 @@ pub fn run() -> anyhow::Result<()> {
     );
     drop(conns);
     Ok(())
-}
-
-/// Sets MESH_AGENT_BIN for the harness while alive (the bench runs the release build).
-struct EnvBin;
-impl EnvBin {
-    fn set(bin: &std::path::Path) -> Self {
-        // SAFETY: single-threaded at this point; the harness reads it when spawning the agent.
-        unsafe { std::env::set_var("MESH_AGENT_BIN", bin) };
-        EnvBin
-    }
-}
-impl Drop for EnvBin {
-    fn drop(&mut self) {
-        // SAFETY: as above.
-        unsafe { std::env::remove_var("MESH_AGENT_BIN") };
-    }
 }
 
 /// Requests/s, p50 and p99 from wrk's `--latency` report.

@@ -246,26 +246,12 @@ fn protocol_name(d: &Detection) -> &'static str {
     }
 }
 
-/// Whether the Service port's `appProtocol` says the bytes will be neither HTTP nor TLS.
-fn declared_opaque(policy: &mesh_policy::Compiled, dst: SocketAddr) -> bool {
-    let Some(p) = policy
-        .service_port(dst)
-        .and_then(|sp| sp.app_protocol.as_deref())
-    else {
-        return false;
-    };
-    !matches!(
-        p.to_ascii_lowercase().as_str(),
-        "http"
-            | "https"
-            | "http2"
-            | "h2c"
-            | "grpc"
-            | "tls"
-            | "kubernetes.io/h2c"
-            | "kubernetes.io/ws"
-            | "kubernetes.io/wss"
-    )
+/// Metric labels of a connection: its Service (or `none`) and detected protocol.
+fn labels(service: Option<&mesh_policy::ServicePort>, detection: &Detection) -> TcpLabels {
+    TcpLabels {
+        service: service.map_or_else(|| "none".to_string(), |sp| sp.service.to_string()),
+        protocol: protocol_name(detection).to_string(),
+    }
 }
 
 /// Hands an HTTP connection to the HTTP proxy; logs and counts it like any connection.
@@ -275,16 +261,11 @@ async fn serve_http(
     src: ClientAddr,
     dst: OrigDst,
     settings: &Settings,
-    policy: &mesh_policy::Compiled,
+    service: Option<&mesh_policy::ServicePort>,
 ) {
     let started = Instant::now();
     let h2 = matches!(inspected.detection, Detection::H2PriorKnowledge);
-    let labels = TcpLabels {
-        service: policy
-            .service_port(dst.0)
-            .map_or_else(|| "none".to_string(), |sp| sp.service.to_string()),
-        protocol: protocol_name(&inspected.detection).to_string(),
-    };
+    let labels = labels(service, &inspected.detection);
     let m = &settings.metrics;
     m.opened.get_or_create(&labels).inc();
     m.active.get_or_create(&labels).inc();
@@ -332,7 +313,10 @@ async fn handle(client: TcpStream, src: ClientAddr, settings: &Settings, stats: 
         // The first bytes are read unless a TCPRoute decides without them (its protocol may be
         // server-speaks-first) or the Service port declares a protocol that is neither HTTP nor
         // TLS: HTTP needs them even without routes, for header injection.
-        let inspected = if policy.route_tcp(dst.0).is_some() || declared_opaque(&policy, dst.0) {
+        let service = policy.service_port(dst.0);
+        let tcp_route = policy.route_tcp(dst.0);
+        let declared_opaque = service.is_some_and(mesh_policy::ServicePort::declares_opaque);
+        let inspected = if tcp_route.is_some() || declared_opaque {
             Inspected {
                 detection: Detection::Opaque,
                 prefix: Vec::new(),
@@ -349,7 +333,7 @@ async fn handle(client: TcpStream, src: ClientAddr, settings: &Settings, stats: 
         let span = Span::current();
         span.record("proto", protocol_name(&inspected.detection));
         if let Detection::Http1(_) | Detection::H2PriorKnowledge = inspected.detection {
-            serve_http(client, inspected, src, dst, settings, &policy).await;
+            serve_http(client, inspected, src, dst, settings, service).await;
             return;
         }
         let decision = match &inspected.detection {
@@ -359,7 +343,7 @@ async fn handle(client: TcpStream, src: ClientAddr, settings: &Settings, stats: 
                 }
                 policy.route_tls(dst.0, hello.sni.as_deref())
             }
-            _ => policy.route_tcp(dst.0),
+            _ => tcp_route,
         };
         let endpoints: Vec<SocketAddr> = match &decision {
             Some(d) => {
@@ -374,17 +358,12 @@ async fn handle(client: TcpStream, src: ClientAddr, settings: &Settings, stats: 
                 }
             }
             // No route: the original destination. For a Service that is its own endpoints.
-            None => match policy.service_port(dst.0) {
+            None => match service {
                 Some(sp) if !sp.endpoints.is_empty() => sp.endpoints.clone(),
                 _ => vec![dst.0],
             },
         };
-        let labels = TcpLabels {
-            service: policy
-                .service_port(dst.0)
-                .map_or_else(|| "none".to_string(), |sp| sp.service.to_string()),
-            protocol: protocol_name(&inspected.detection).to_string(),
-        };
+        let labels = labels(service, &inspected.detection);
         let m = &settings.metrics;
         m.opened.get_or_create(&labels).inc();
         let connecting = Instant::now();

@@ -16,6 +16,7 @@ use crate::l4::{Decision, TlsTable};
 use crate::load::{load_path_partial, parse_documents_partial};
 use crate::lower::{Lowered, lower};
 use crate::model::{Object, RouteKind, ServiceRef};
+use crate::net::{PortRange, Prefix, merge_ranges};
 use crate::settings::MeshSettings;
 
 /// One Service port as the data plane sees it.
@@ -70,19 +71,13 @@ impl ServicePort {
     }
 }
 
-/// `(network, prefix length, inclusive port ranges)`: one entry of
-/// [`Compiled::capture_rules`].
-pub type CaptureEntry = (IpAddr, u8, Vec<(u16, u16)>);
-
-/// One capture map entry: destinations in `network/prefix_len` on these port ranges.
+/// Destinations to capture: a prefix and port ranges on it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct CaptureRule {
-    /// Network address (host bits cleared).
-    pub network: IpAddr,
-    /// Prefix length: 32 or 128 for a single address.
-    pub prefix_len: u8,
-    /// Inclusive port ranges, sorted and merged.
-    pub ports: Vec<(u16, u16)>,
+    /// The destination prefix (a /32 or /128 for a single address).
+    pub prefix: Prefix,
+    /// Port ranges; in [`Compiled::capture`] and the kernel plan sorted and merged.
+    pub ports: Vec<PortRange>,
 }
 
 /// Counts for logs.
@@ -104,7 +99,7 @@ pub struct Summary {
     pub tcp_routes: usize,
     /// MeshPolicies merged.
     pub mesh_policies: usize,
-    /// Entries of [`Compiled::capture_rules`].
+    /// Entries of [`Compiled::capture`].
     pub capture_rules: usize,
 }
 
@@ -245,7 +240,7 @@ impl Compiled {
 
         let mut ports = HashMap::new();
         let mut entries = Vec::new();
-        let mut capture: BTreeMap<(IpAddr, u8), Vec<(u16, u16)>> = BTreeMap::new();
+        let mut capture: BTreeMap<Prefix, Vec<PortRange>> = BTreeMap::new();
         for (service_index, service) in services.iter().enumerate() {
             if !service.vips.is_empty() {
                 summary.services += 1;
@@ -344,26 +339,21 @@ impl Compiled {
                 let entry = Arc::new(entry);
                 for vip in &service.vips {
                     ports.insert(SocketAddr::new(*vip, port.port), entry.clone());
-                    let host_len = if vip.is_ipv4() { 32 } else { 128 };
                     capture
-                        .entry((*vip, host_len))
+                        .entry(Prefix::host(*vip))
                         .or_default()
-                        .push((port.port, port.port));
+                        .extend(PortRange::single(port.port));
                 }
                 entries.push(entry);
             }
         }
-        for (network, prefix_len, ranges) in policy_capture {
-            capture
-                .entry((network, prefix_len))
-                .or_default()
-                .extend(ranges);
+        for rule in policy_capture {
+            capture.entry(rule.prefix).or_default().extend(rule.ports);
         }
         let capture: Vec<CaptureRule> = capture
             .into_iter()
-            .map(|((network, prefix_len), ranges)| CaptureRule {
-                network,
-                prefix_len,
+            .map(|(prefix, ranges)| CaptureRule {
+                prefix,
                 ports: merge_ranges(ranges),
             })
             .collect();
@@ -454,16 +444,8 @@ impl Compiled {
         })
     }
 
-    /// What the kernel should capture: every Service `VIP:port` as a /32 or /128, plus every
-    /// MeshPolicy capture entry, grouped by network with sorted, merged inclusive port ranges.
-    pub fn capture_rules(&self) -> Vec<CaptureEntry> {
-        self.capture
-            .iter()
-            .map(|r| (r.network, r.prefix_len, r.ports.clone()))
-            .collect()
-    }
-
-    /// [`Compiled::capture_rules`] as structs.
+    /// What the policy captures: every Service `VIP:port` as a /32 or /128, plus every
+    /// MeshPolicy capture entry, one rule per prefix with sorted, merged port ranges.
     pub fn capture(&self) -> &[CaptureRule] {
         &self.capture
     }
@@ -524,31 +506,4 @@ impl Compiled {
 
 fn index_u32(index: usize) -> u32 {
     u32::try_from(index).unwrap_or(u32::MAX)
-}
-
-/// Sorts and merges overlapping or adjacent inclusive ranges.
-fn merge_ranges(mut ranges: Vec<(u16, u16)>) -> Vec<(u16, u16)> {
-    ranges.sort_unstable();
-    let mut merged: Vec<(u16, u16)> = Vec::with_capacity(ranges.len());
-    for (low, high) in ranges {
-        match merged.last_mut() {
-            Some(last) if u32::from(low) <= u32::from(last.1) + 1 => last.1 = last.1.max(high),
-            _ => merged.push((low, high)),
-        }
-    }
-    merged
-}
-
-#[cfg(test)]
-mod tests {
-    use super::merge_ranges;
-
-    #[test]
-    fn ranges_merge() {
-        assert_eq!(
-            merge_ranges(vec![(8080, 8080), (80, 80), (81, 90), (8000, 8100), (1, 1)]),
-            vec![(1, 1), (80, 90), (8000, 8100)]
-        );
-        assert_eq!(merge_ranges(vec![(1, 65535), (80, 80)]), vec![(1, 65535)]);
-    }
 }

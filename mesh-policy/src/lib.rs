@@ -17,7 +17,10 @@
 //! 3. [`Compiled::compile`] lowers valid objects into an immutable, indexed route table. It is
 //!    `Send + Sync`, never locked, built once per reload and swapped atomically by the agent
 //!    (see [`PolicyStore`]).
-//! 4. Per connection or request the agent calls [`Compiled::route_http`],
+//! 4. [`Compiled::kernel_plan`] adds the node's own settings and yields the [`KernelPlan`]:
+//!    everything the eBPF programs enforce (capture prefixes and ports, fail mode, interfaces,
+//!    authorization entries), checked against the kernel map limits.
+//! 5. Per connection or request the agent calls [`Compiled::route_http`],
 //!    [`Compiled::route_grpc`], [`Compiled::route_tls`] or [`Compiled::route_tcp`], and picks a
 //!    backend with [`pick_weighted`] using randomness it supplies.
 //!
@@ -40,12 +43,14 @@ mod load;
 mod lower;
 mod model;
 mod names;
+mod net;
+mod plan;
 mod settings;
 mod store;
 mod views;
 
 pub use backend::{Backend, pick_weighted};
-pub use compiled::{CaptureEntry, CaptureRule, Compiled, ServicePort, Summary};
+pub use compiled::{CaptureRule, Compiled, ServicePort, Summary};
 pub use error::{LoadError, ValidationError};
 pub use filter::{
     Fraction, HeaderModifier, HttpFilter, Mirror, PathModifier, Redirect, UrlRewrite,
@@ -63,6 +68,8 @@ pub use model::{
     HeaderPolicy, HttpDenySpec, MeshPolicy, MeshPolicySpec, Object, PortSpec, Resource, RouteId,
     RouteKind, ServiceRef,
 };
+pub use net::{InterfaceName, PortRange, Prefix, merge_ranges};
+pub use plan::{AuthzEntry, AuthzPlan, Family, KernelPlan, NodeSettings, PlanError};
 pub use settings::{
     Authorization, AuthzRule, DEFAULT_FAIL_MODE, DEFAULT_PROTOCOL_DETECTION_TIMEOUT,
     HeaderDefaults, HttpDeny, MeshSettings,

@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::model::{FailMode, HeaderPolicy, MeshPolicySpec};
+use crate::net::{InterfaceName, PortRange, Prefix};
 
 /// Fail mode when no MeshPolicy sets one: keep traffic flowing if the agent cannot handle it.
 pub const DEFAULT_FAIL_MODE: FailMode = FailMode::Open;
@@ -63,7 +64,7 @@ pub struct Authorization {
     /// One entry per (source, destination, port range) combination of each rule.
     pub rules: Vec<AuthzRule>,
     /// Action for traffic no rule matches, per interface.
-    pub defaults: std::collections::BTreeMap<String, crate::model::AuthzAction>,
+    pub defaults: std::collections::BTreeMap<InterfaceName, crate::model::AuthzAction>,
     /// L7 deny rules (every MeshPolicy's, oldest first).
     pub http: Vec<HttpDeny>,
 }
@@ -117,13 +118,13 @@ pub struct AuthzRule {
     /// Allow or deny.
     pub action: crate::model::AuthzAction,
     /// `None`: every interface.
-    pub interfaces: Option<Vec<String>>,
+    pub interfaces: Option<Vec<InterfaceName>>,
     /// Source prefix; `None`: any source.
-    pub src: Option<(std::net::IpAddr, u8)>,
+    pub src: Option<Prefix>,
     /// Destination prefix; `None`: any destination.
-    pub dst: Option<(std::net::IpAddr, u8)>,
-    /// Destination port range; `None`: any port.
-    pub ports: Option<(u16, u16)>,
+    pub dst: Option<Prefix>,
+    /// Destination port range; `None`: any port, and packets without ports.
+    pub ports: Option<PortRange>,
     /// `None`: TCP and UDP.
     pub protocol: Option<crate::model::AuthzProtocol>,
 }
@@ -146,6 +147,7 @@ pub(crate) struct PolicyInput<'a> {
     pub spec: &'a MeshPolicySpec,
     pub detection_timeout: Option<Duration>,
     pub authz: Vec<AuthzRule>,
+    pub authz_defaults: Vec<(InterfaceName, crate::model::AuthzAction)>,
     pub http_deny: Vec<HttpDeny>,
 }
 
@@ -193,12 +195,7 @@ impl MeshSettings {
                 .authorization
                 .http
                 .extend(policy.http_deny.iter().cloned());
-            for (iface, action) in policy
-                .spec
-                .authorization
-                .iter()
-                .flat_map(|a| a.defaults.iter())
-            {
+            for (iface, action) in &policy.authz_defaults {
                 settings
                     .authorization
                     .defaults

@@ -10,7 +10,7 @@
 //! reason rather than half-applied.
 
 use std::collections::{HashMap, HashSet};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,7 +23,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::jiff::Timestamp;
 
 use crate::backend::Backend;
-use crate::compiled::CaptureEntry;
+use crate::compiled::CaptureRule;
 use crate::error::ValidationError;
 use crate::filter::{
     Fraction, HeaderModifier, HttpFilter, Mirror, PathModifier, Redirect, UrlRewrite,
@@ -32,9 +32,7 @@ use crate::grpc::GrpcMatcher;
 use crate::http::{
     HttpMatcher, HttpRule, MatchedPath, PathMatch, PathMatchKind, Timeouts, ValueMatch,
 };
-use crate::model::{
-    CaptureSpec, MeshPolicySpec, Object, PortSpec, Resource, RouteId, RouteKind, ServiceRef,
-};
+use crate::model::{CaptureSpec, MeshPolicySpec, Object, Resource, RouteId, RouteKind, ServiceRef};
 use crate::names;
 use crate::settings::{MeshSettings, PolicyInput};
 use crate::views::{self, FilterView, ModView, PathModView, RefView, RouteView, wire_name};
@@ -76,8 +74,8 @@ pub(crate) struct Lowered {
     /// Sorted oldest first; `rank` is the position.
     pub routes: Vec<RouteIr>,
     pub settings: MeshSettings,
-    /// MeshPolicy capture entries: network address, prefix length, port ranges.
-    pub capture: Vec<CaptureEntry>,
+    /// MeshPolicy capture entries.
+    pub capture: Vec<CaptureRule>,
     pub mesh_policies: usize,
 }
 
@@ -326,7 +324,7 @@ pub(crate) fn lower(objects: &[Object]) -> Result<Lowered, Vec<ValidationError>>
             let at = At::of(object);
             let detection_timeout = lower_mesh_policy(&mut cx, &at, &policy.spec, &mut capture);
             let name = format!("{}/{}", object.resource.namespace(), object.resource.name());
-            let authz = lower_authorization(&mut cx, &at, &name, &policy.spec);
+            let (authz, authz_defaults) = lower_authorization(&mut cx, &at, &name, &policy.spec);
             let http_deny = lower_http_deny(&mut cx, &at, &name, &policy.spec);
             policies.push((
                 age(&policy.metadata),
@@ -336,6 +334,7 @@ pub(crate) fn lower(objects: &[Object]) -> Result<Lowered, Vec<ValidationError>>
                     spec: &policy.spec,
                     detection_timeout,
                     authz,
+                    authz_defaults,
                     http_deny,
                 },
             ));

@@ -1,29 +1,32 @@
-//! MeshPolicy: capture entries, header defaults, detection timeout.
+//! MeshPolicy: capture entries, header defaults, detection timeout, authorization.
 
 use super::*;
+use crate::{
+    model::AuthzAction,
+    net::{InterfaceName, PortRange, Prefix},
+    settings::AuthzRule,
+};
 
 /// Most authorization entries one MeshPolicy may expand to (the kernel holds 4,096 rule ids).
 const MAX_AUTHZ_ENTRIES: usize = 1024;
 
-/// Validates `spec.authorization` and expands each rule into kernel-ready entries.
+/// Validates `spec.authorization` and expands each rule into one typed entry per (source,
+/// destination, port range) combination; also returns the per-interface defaults.
 pub(super) fn lower_authorization(
     cx: &mut Cx,
     at: &At<'_>,
     policy: &str,
     spec: &MeshPolicySpec,
-) -> Vec<crate::settings::AuthzRule> {
+) -> (Vec<AuthzRule>, Vec<(InterfaceName, AuthzAction)>) {
     let mut out = Vec::new();
+    let mut defaults = Vec::new();
     let Some(authz) = &spec.authorization else {
-        return out;
+        return (out, defaults);
     };
-    let iface_ok = |n: &str| !n.is_empty() && n.len() <= 15 && !n.contains(['/', ' ', '\0']);
-    for name in authz.defaults.keys() {
-        if !iface_ok(name) {
-            cx.error(
-                at,
-                format!("spec.authorization.defaults[{name:?}]"),
-                "is not an interface name (1 to 15 characters, no '/' or spaces)",
-            );
+    for (name, action) in &authz.defaults {
+        match name.parse::<InterfaceName>() {
+            Ok(iface) => defaults.push((iface, *action)),
+            Err(reason) => cx.error(at, format!("spec.authorization.defaults[{name:?}]"), reason),
         }
     }
     let mut seen = std::collections::HashSet::new();
@@ -38,22 +41,20 @@ pub(super) fn lower_authorization(
                 format!("{:?} is used by another rule of this policy", rule.name),
             );
         }
+        let mut interfaces = Vec::new();
         for (j, n) in rule.interfaces.iter().enumerate() {
-            if !iface_ok(n) {
-                cx.error(
-                    at,
-                    format!("{field}.interfaces[{j}]"),
-                    "is not an interface name (1 to 15 characters, no '/' or spaces)",
-                );
+            match n.parse::<InterfaceName>() {
+                Ok(iface) => interfaces.push(iface),
+                Err(reason) => cx.error(at, format!("{field}.interfaces[{j}]"), reason),
             }
         }
-        let mut cidrs = |list: &[String], key: &str| -> Vec<Option<(IpAddr, u8)>> {
+        let mut cidrs = |list: &[String], key: &str| -> Vec<Option<Prefix>> {
             if list.is_empty() {
                 return vec![None];
             }
             let mut v = Vec::new();
             for (j, c) in list.iter().enumerate() {
-                match parse_cidr(c) {
+                match c.parse::<Prefix>() {
                     Ok(n) => v.push(Some(n)),
                     Err(reason) => cx.error(at, format!("{field}.{key}[{j}]"), reason),
                 }
@@ -62,9 +63,9 @@ pub(super) fn lower_authorization(
         };
         let srcs = cidrs(&rule.from, "from");
         let dsts = cidrs(&rule.to, "to");
-        let mut ports: Vec<Option<(u16, u16)>> = Vec::new();
+        let mut ports: Vec<Option<PortRange>> = Vec::new();
         for (j, p) in rule.ports.iter().enumerate() {
-            match parse_port_spec(p) {
+            match PortRange::from_spec(p) {
                 Ok(r) => ports.push(Some(r)),
                 Err(reason) => cx.error(at, format!("{field}.ports[{j}]"), reason),
             }
@@ -75,7 +76,7 @@ pub(super) fn lower_authorization(
         let mut combos = Vec::new();
         for src in &srcs {
             for dst in &dsts {
-                if let (Some((a, _)), Some((b, _))) = (src, dst)
+                if let (Some(a), Some(b)) = (src, dst)
                     && a.is_ipv4() != b.is_ipv4()
                 {
                     continue;
@@ -94,7 +95,7 @@ pub(super) fn lower_authorization(
         }
         let many = combos.len() > 1;
         for (k, (src, dst, ports)) in combos.into_iter().enumerate() {
-            out.push(crate::settings::AuthzRule {
+            out.push(AuthzRule {
                 key: if many {
                     format!("{policy}/{}#{k}", rule.name)
                 } else {
@@ -102,7 +103,7 @@ pub(super) fn lower_authorization(
                 },
                 rule: rule.name.clone(),
                 action: rule.action,
-                interfaces: (!rule.interfaces.is_empty()).then(|| rule.interfaces.clone()),
+                interfaces: (!rule.interfaces.is_empty()).then(|| interfaces.clone()),
                 src,
                 dst,
                 ports,
@@ -117,7 +118,7 @@ pub(super) fn lower_authorization(
             format!("{} entries once sources, destinations and ports are combined; at most {MAX_AUTHZ_ENTRIES}", out.len()),
         );
     }
-    out
+    (out, defaults)
 }
 
 /// Validates `spec.authorization.http` (L7 deny rules).
@@ -199,7 +200,7 @@ pub(super) fn lower_mesh_policy(
     cx: &mut Cx,
     at: &At<'_>,
     spec: &MeshPolicySpec,
-    capture: &mut Vec<CaptureEntry>,
+    capture: &mut Vec<CaptureRule>,
 ) -> Option<Duration> {
     for (i, entry) in spec.capture.iter().enumerate() {
         if let Some(lowered) = lower_capture(cx, at, &format!("spec.capture[{i}]"), entry) {
@@ -243,9 +244,9 @@ pub(super) fn lower_capture(
     at: &At<'_>,
     field: &str,
     entry: &CaptureSpec,
-) -> Option<CaptureEntry> {
-    let network = match parse_cidr(&entry.cidr) {
-        Ok(network) => Some(network),
+) -> Option<CaptureRule> {
+    let prefix = match entry.cidr.parse::<Prefix>() {
+        Ok(prefix) => Some(prefix),
         Err(reason) => {
             cx.error(at, format!("{field}.cidr"), reason);
             None
@@ -253,80 +254,14 @@ pub(super) fn lower_capture(
     };
     let mut ports = Vec::new();
     for (i, spec) in entry.ports.iter().enumerate() {
-        match parse_port_spec(spec) {
+        match PortRange::from_spec(spec) {
             Ok(range) => ports.push(range),
             Err(reason) => cx.error(at, format!("{field}.ports[{i}]"), reason),
         }
     }
     if entry.ports.is_empty() {
-        ports.push((1, u16::MAX));
+        ports.push(PortRange::ALL);
     }
-    let (ip, len) = network?;
-    (ports.len() == entry.ports.len().max(1)).then_some((ip, len, ports))
-}
-
-/// `10.96.0.0/16`, `fd00::/64`, or a bare address (a single host). Host bits are cleared.
-pub(super) fn parse_cidr(cidr: &str) -> Result<(IpAddr, u8), String> {
-    let (ip, len) = match cidr.split_once('/') {
-        Some((ip, len)) => (ip, Some(len)),
-        None => (cidr, None),
-    };
-    let ip: IpAddr = ip
-        .parse()
-        .map_err(|_| format!("{cidr:?} is not a CIDR (like 10.96.0.0/16 or fd00::/64)"))?;
-    let max = if ip.is_ipv4() { 32 } else { 128 };
-    let len = match len {
-        None => max,
-        Some(len) => len
-            .parse::<u8>()
-            .ok()
-            .filter(|l| *l <= max)
-            .ok_or_else(|| format!("{cidr:?}: prefix length must be 0-{max}"))?,
-    };
-    let network = match ip {
-        IpAddr::V4(v4) => {
-            let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
-            IpAddr::V4(Ipv4Addr::from(u32::from(v4) & mask))
-        }
-        IpAddr::V6(v6) => {
-            let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
-            IpAddr::V6(Ipv6Addr::from(u128::from(v6) & mask))
-        }
-    };
-    Ok((network, len))
-}
-
-/// `80`, `"8000-8100"`, `"*"`.
-pub(super) fn parse_port_spec(spec: &PortSpec) -> Result<(u16, u16), String> {
-    let port = |n: i64| -> Result<u16, String> {
-        u16::try_from(n)
-            .ok()
-            .filter(|p| *p > 0)
-            .ok_or_else(|| format!("port {n} is out of range 1-65535"))
-    };
-    match spec {
-        PortSpec::Number(n) => port(*n).map(|p| (p, p)),
-        PortSpec::Text(text) => {
-            let text = text.trim();
-            if text == "*" {
-                return Ok((1, u16::MAX));
-            }
-            let parse = |s: &str| -> Result<u16, String> {
-                let n: i64 = s.trim().parse().map_err(|_| {
-                    format!("{text:?} is not a port, a range like \"8000-8100\", or \"*\"")
-                })?;
-                port(n)
-            };
-            match text.split_once('-') {
-                Some((low, high)) => {
-                    let (low, high) = (parse(low)?, parse(high)?);
-                    if low > high {
-                        return Err(format!("{text:?}: the range is empty ({low} > {high})"));
-                    }
-                    Ok((low, high))
-                }
-                None => parse(text).map(|p| (p, p)),
-            }
-        }
-    }
+    let prefix = prefix?;
+    (ports.len() == entry.ports.len().max(1)).then_some(CaptureRule { prefix, ports })
 }

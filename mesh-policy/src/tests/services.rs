@@ -1,7 +1,5 @@
 //! Service indexing: endpoint resolution, dual-stack VIPs, capture rules.
 
-use std::net::IpAddr;
-
 use super::*;
 
 const MULTI: &str = r#"---
@@ -186,19 +184,22 @@ spec:
   - {cidr: 192.168.0.0/24}
 "#;
     let compiled = compile(&format!("{MULTI}{policy}"));
-    let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+    let rules: Vec<String> = compiled
+        .capture()
+        .iter()
+        .map(|r| {
+            let ports: Vec<String> = r.ports.iter().map(|p| p.to_string()).collect();
+            format!("{} {}", r.prefix, ports.join(","))
+        })
+        .collect();
     assert_eq!(
-        compiled.capture_rules(),
-        vec![
-            (
-                ip("10.96.1.1"),
-                32,
-                vec![(80, 80), (443, 443), (9090, 9090)]
-            ),
-            (ip("10.100.0.0"), 16, vec![(80, 80), (8000, 8100)]),
-            (ip("192.168.0.0"), 24, vec![(1, 65535)]),
-            (ip("fd00:10:96::1"), 128, vec![(80, 80), (9090, 9090)]),
-            (ip("fd00:abcd::"), 64, vec![(1, 65535)]),
+        rules,
+        [
+            "10.96.1.1/32 80,443,9090",
+            "10.100.0.0/16 80,8000-8100",
+            "192.168.0.0/24 1-65535",
+            "fd00:10:96::1/128 80,9090",
+            "fd00:abcd::/64 1-65535",
         ]
     );
     assert_eq!(compiled.summary().capture_rules, 5);
@@ -218,6 +219,6 @@ metadata: {name: ext, namespace: shop}
 spec: {type: ExternalName, externalName: example.com}
 "#;
     let compiled = compile(text);
-    assert!(compiled.capture_rules().is_empty());
+    assert!(compiled.capture().is_empty());
     assert_eq!(compiled.summary().services, 0);
 }

@@ -714,10 +714,11 @@ spec:
     // ranges; web: one entry.
     assert_eq!(a.rules.len(), 3, "{a:#?}");
     assert_eq!(a.rules[0].key, "mesh-system/authz/db#0");
-    assert_eq!(a.rules[0].ports, Some((5432, 5432)));
-    assert_eq!(a.rules[1].ports, Some((6000, 6010)));
+    assert_eq!(a.rules[0].ports, crate::PortRange::single(5432));
+    assert_eq!(a.rules[1].ports, crate::PortRange::new(6000, 6010));
     assert_eq!(a.rules[2].key, "mesh-system/authz/web");
-    assert_eq!(a.defaults.get("h1"), Some(&crate::AuthzAction::Deny));
+    let h1: crate::InterfaceName = "h1".parse().expect("name");
+    assert_eq!(a.defaults.get(&h1), Some(&crate::AuthzAction::Deny));
 }
 
 #[test]

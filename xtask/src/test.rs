@@ -32,13 +32,8 @@ pub fn run(lint: bool) -> anyhow::Result<()> {
     conformance(&agent)
 }
 
-/// The faulty comparison in the shared runner: `cases.json` gives some redirect ports as strings
-/// ("8083") and the runner compares them with the integer port of the Location, so those requests
-/// fail whatever the data plane answers. The run below uses a copy with that one line fixed.
-const RUNNER_BUG: &str = "elif loc.port != want_port:";
-const RUNNER_FIX: &str = "elif loc.port != int(want_port):";
-
-/// Runs every conformance request (`run.py` exits non-zero unless all pass).
+/// Runs every conformance request with the shared runner as it is (`run.py` exits non-zero
+/// unless all pass).
 fn conformance(agent: &std::path::Path) -> anyhow::Result<()> {
     let suite = root().join("../shared/conformance");
     let runner = suite.join("run.py");
@@ -48,25 +43,9 @@ fn conformance(agent: &std::path::Path) -> anyhow::Result<()> {
             runner.display()
         );
     }
-    let text = std::fs::read_to_string(&runner)?;
-    let copy = std::env::temp_dir().join(format!("mesh-conformance-{}", std::process::id()));
-    std::fs::create_dir_all(&copy)?;
-    for f in ["meshlab.py", "echo_backend.py"] {
-        std::fs::copy(suite.join(f), copy.join(f))?;
-    }
-    let patched = if text.contains(RUNNER_BUG) {
-        println!(
-            "conformance: running {} with one fix: `{RUNNER_BUG}` -> `{RUNNER_FIX}`",
-            runner.display()
-        );
-        text.replace(RUNNER_BUG, RUNNER_FIX)
-    } else {
-        text
-    };
-    std::fs::write(copy.join("run.py"), patched)?;
-    let result = exec(
+    exec(
         Command::new("python3")
-            .arg(copy.join("run.py"))
+            .arg(&runner)
             .arg("--cases")
             .arg(suite.join("cases"))
             .arg("--agent-cmd")
@@ -74,7 +53,5 @@ fn conformance(agent: &std::path::Path) -> anyhow::Result<()> {
                 "{} run --policy {{policy}} --interface {{iface}}",
                 agent.display()
             )),
-    );
-    let _ = std::fs::remove_dir_all(&copy);
-    result
+    )
 }

@@ -14,7 +14,7 @@ use tracing::{info, warn};
 use crate::{
     admin,
     config::Config,
-    ebpf::Capture,
+    ebpf::Programs,
     metrics::Metrics,
     policy::{self, ReloadStats},
     proxy::{self, Listeners, Stats, balance::Balancer},
@@ -31,8 +31,7 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
     let mut sigint =
         tokio::signal::unix::signal(SignalKind::interrupt()).context("SIGINT handler")?;
 
-    let rules = policy::capture_rules(&cfg, &initial);
-    let fail_mode = policy::fail_mode(&cfg, &initial);
+    let plan = policy::plan(&cfg, &initial)?;
     let summary = initial.summary();
     let store = Arc::new(PolicyStore::new(initial));
     let mut metrics = Metrics::new();
@@ -40,7 +39,7 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
 
     // The admin server answers from the start: /healthz at once, /readyz only once everything
     // below is in place.
-    let capture_cell: Arc<OnceLock<Arc<Mutex<Capture>>>> = Arc::new(OnceLock::new());
+    let capture_cell: Arc<OnceLock<Arc<Mutex<Programs>>>> = Arc::new(OnceLock::new());
     metrics.register_kernel(capture_cell.clone());
     // Like Istio's default retry policy: 503s and connect failures of idempotent requests are
     // retried (twice at most, within the retry budget).
@@ -77,8 +76,8 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
     // Listeners first: once the program is attached, SYNs need somewhere to go.
     let listeners = Listeners::bind(cfg.listen_port)?;
     let mut routing = PolicyRouting::install(cfg.mark, cfg.route_table)?;
-    let mut capture = Capture::load(&cfg, fail_mode, &rules)?;
-    capture.apply_authz(&store.current().settings().authorization)?;
+    let mut capture = Programs::load(&cfg.bpffs_dir, cfg.mark)?;
+    capture.apply(&plan)?;
     capture.set_listeners(&listeners.v4, listeners.v6.as_ref())?;
     let capture = Arc::new(Mutex::new(capture));
     let _ = capture_cell.set(capture.clone());
@@ -121,9 +120,9 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
     // Programs attached, listeners in the SockMap, policy loaded, accepting.
     ready.store(true, Ordering::Release);
     info!(
-        interfaces = ?cfg.interfaces,
-        capture_rules = rules.len(),
-        ?fail_mode,
+        interfaces = ?plan.interfaces,
+        capture_rules = plan.capture.len(),
+        fail_mode = %plan.fail_mode,
         port = cfg.listen_port,
         policy = ?summary,
         admin = %admin_addr,

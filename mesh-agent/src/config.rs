@@ -1,13 +1,11 @@
 //! Agent configuration: a YAML file, overridden by command-line flags, each of which can also come
 //! from a `MESH_*` environment variable. Everything is parsed and validated here, before any socket
 //! is bound or program loaded; an error names the field and the reason.
-use std::{
-    fmt,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    path::PathBuf,
-    time::Duration,
-};
+use std::{fmt, path::PathBuf, time::Duration};
 
+use mesh_policy::{
+    CaptureRule, FailMode, InterfaceName, NodeSettings, PortRange, PortSpec, Prefix,
+};
 use serde::Deserialize;
 
 pub const ENV_CONFIG: &str = "MESH_CONFIG";
@@ -36,122 +34,6 @@ pub const DEFAULT_MARK: u32 = 0x1;
 pub const DEFAULT_ROUTE_TABLE: u32 = 100;
 /// Loopback only unless configured otherwise (like ztunnel's 15020/15021).
 pub const DEFAULT_ADMIN_ADDRESS: &str = "127.0.0.1:15020";
-
-/// What happens to targeted connections while no agent listener exists.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FailMode {
-    /// Packets pass untouched, as if there were no mesh.
-    #[default]
-    Open,
-    /// New connections are refused at once (the client gets a RST).
-    Closed,
-}
-
-impl std::str::FromStr for FailMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "open" => Ok(Self::Open),
-            "closed" => Ok(Self::Closed),
-            other => Err(format!(
-                "{other:?} is not a fail mode (expected \"open\" or \"closed\")"
-            )),
-        }
-    }
-}
-
-/// A destination prefix and the ports on it that are captured.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CaptureRule {
-    pub prefix: Prefix,
-    /// Inclusive port ranges; `[(0, 65535)]` for every port.
-    pub ports: Vec<(u16, u16)>,
-}
-
-/// An IP prefix with its host bits cleared.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Prefix {
-    pub addr: IpAddr,
-    pub len: u8,
-}
-
-impl fmt::Display for Prefix {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.len)
-    }
-}
-
-impl std::str::FromStr for Prefix {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (a, l) = match s.split_once('/') {
-            Some((a, l)) => (a, Some(l)),
-            None => (s, None),
-        };
-        let addr: IpAddr = a
-            .parse()
-            .map_err(|_| format!("{a:?} is not an IPv4 or IPv6 address"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let len =
-            match l {
-                None => max,
-                Some(l) => l.parse::<u8>().ok().filter(|n| *n <= max).ok_or_else(|| {
-                    format!("prefix length {l:?} is not a number from 0 to {max}")
-                })?,
-            };
-        Ok(Prefix {
-            addr: mask(addr, len),
-            len,
-        })
-    }
-}
-
-fn mask(addr: IpAddr, len: u8) -> IpAddr {
-    match addr {
-        IpAddr::V4(a) => {
-            let m = if len == 0 {
-                0
-            } else {
-                u32::MAX << (32 - len as u32)
-            };
-            IpAddr::V4(Ipv4Addr::from(u32::from(a) & m))
-        }
-        IpAddr::V6(a) => {
-            let m = if len == 0 {
-                0
-            } else {
-                u128::MAX << (128 - len as u32)
-            };
-            IpAddr::V6(Ipv6Addr::from(u128::from(a) & m))
-        }
-    }
-}
-
-/// Parses `80`, `8000-8100`, `*` (all ports).
-pub fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
-    let s = s.trim();
-    if s == "*" {
-        return Ok((0, 65535));
-    }
-    let port = |p: &str| {
-        p.trim()
-            .parse::<u16>()
-            .ok()
-            .filter(|p| *p != 0)
-            .ok_or_else(|| format!("{p:?} is not a port from 1 to 65535"))
-    };
-    match s.split_once('-') {
-        None => port(s).map(|p| (p, p)),
-        Some((a, b)) => {
-            let (a, b) = (port(a)?, port(b)?);
-            if a > b {
-                return Err(format!("range {s:?} ends before it starts"));
-            }
-            Ok((a, b))
-        }
-    }
-}
 
 /// Parses `10s`, `500ms`, `2m`, `1h`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -209,17 +91,11 @@ pub struct File {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileCaptureRule {
+    /// `10.96.0.0/16`, `fd00::/64` or a single address.
     pub prefix: String,
+    /// Numbers, `"8000-8100"` ranges or `"*"` (every port), as in a MeshPolicy.
     #[serde(default)]
     pub ports: Vec<PortSpec>,
-}
-
-/// A port written as a number or as a string (`"8000-8100"`, `"*"`).
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-pub enum PortSpec {
-    Number(u32),
-    Text(String),
 }
 
 /// Flag and environment overrides; `None` leaves the file's value.
@@ -268,7 +144,7 @@ pub struct Overrides {
 /// The validated configuration the agent runs with.
 #[derive(Clone, Debug)]
 pub struct Config {
-    pub interfaces: Vec<String>,
+    pub interfaces: Vec<InterfaceName>,
     pub capture: Vec<CaptureRule>,
     /// Set by the file or a flag; otherwise the policy's MeshPolicy decides (default open).
     pub fail_mode: Option<FailMode>,
@@ -317,11 +193,8 @@ impl Config {
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
             "interfaces": self.interfaces,
-            "capture": self.capture.iter().map(|r| serde_json::json!({
-                "prefix": r.prefix.to_string(),
-                "ports": r.ports.iter().map(|(a, b)| if a == b { a.to_string() } else { format!("{a}-{b}") }).collect::<Vec<_>>(),
-            })).collect::<Vec<_>>(),
-            "fail_mode": self.fail_mode.map(|m| format!("{m:?}").to_lowercase()),
+            "capture": self.capture,
+            "fail_mode": self.fail_mode.map(|m| m.to_string()),
             "listen_port": self.listen_port,
             "idle_timeout_ms": self.idle_timeout.as_millis() as u64,
             "connect_timeout_ms": self.connect_timeout.as_millis() as u64,
@@ -334,6 +207,15 @@ impl Config {
             "admin_address": self.admin_address.to_string(),
             "access_log": self.access_log,
         })
+    }
+
+    /// The node's part of the kernel plan: interfaces, extra capture rules, fail mode.
+    pub fn node_settings(&self) -> NodeSettings {
+        NodeSettings {
+            interfaces: self.interfaces.clone(),
+            capture: self.capture.clone(),
+            fail_mode: self.fail_mode,
+        }
     }
 
     /// Reads the file named by `ov.config` (if any), applies the overrides and validates.
@@ -366,17 +248,14 @@ impl Config {
         let mut errs = Vec::new();
         let mut err = |field: String, reason: String| errs.push(FieldError { field, reason });
 
-        let mut interfaces = file.interfaces;
-        interfaces.extend(ov.interfaces.iter().filter(|s| !s.is_empty()).cloned());
-        interfaces.dedup();
-        for (i, name) in interfaces.iter().enumerate() {
-            if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', '\0']) {
-                err(
-                    format!("interfaces[{i}]"),
-                    format!(
-                        "{name:?} is not a network interface name (1 to 15 characters, no '/' or spaces)"
-                    ),
-                );
+        let mut names = file.interfaces;
+        names.extend(ov.interfaces.iter().filter(|s| !s.is_empty()).cloned());
+        names.dedup();
+        let mut interfaces = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            match name.parse::<InterfaceName>() {
+                Ok(n) => interfaces.push(n),
+                Err(e) => err(format!("interfaces[{i}]"), e),
             }
         }
 
@@ -397,15 +276,7 @@ impl Config {
                 );
             }
             for (j, p) in r.ports.iter().enumerate() {
-                let parsed = match p {
-                    PortSpec::Number(n) => u16::try_from(*n)
-                        .ok()
-                        .filter(|n| *n != 0)
-                        .map(|n| (n, n))
-                        .ok_or_else(|| format!("{n} is not a port from 1 to 65535")),
-                    PortSpec::Text(s) => parse_port_range(s),
-                };
-                match parsed {
+                match PortRange::from_spec(p) {
                     Ok(r) => ports.push(r),
                     Err(e) => err(format!("capture[{i}].ports[{j}]"), e),
                 }
@@ -426,25 +297,16 @@ impl Config {
             let prefix = p.parse::<Prefix>().map_err(|e| err(field.clone(), e)).ok();
             let ports: Vec<_> = ports
                 .split(',')
-                .filter_map(|r| parse_port_range(r).map_err(|e| err(field.clone(), e)).ok())
+                .filter_map(|r| {
+                    r.parse::<PortRange>()
+                        .map_err(|e| err(field.clone(), e))
+                        .ok()
+                })
                 .collect();
             if let Some(prefix) = prefix {
                 capture.push(CaptureRule { prefix, ports });
             }
         }
-        for (i, r) in capture.iter().enumerate() {
-            if r.ports.len() > mesh_common::redirect::MAX_PORT_RANGES {
-                err(
-                    format!("capture[{i}].ports"),
-                    format!(
-                        "{} ranges on one prefix; at most {} fit in the kernel map",
-                        r.ports.len(),
-                        mesh_common::redirect::MAX_PORT_RANGES
-                    ),
-                );
-            }
-        }
-
         let fail_mode = match ov.fail_mode.as_ref().or(file.fail_mode.as_ref()) {
             None => None,
             Some(s) => s.parse().map_err(|e| err("fail_mode".into(), e)).ok(),
@@ -584,12 +446,12 @@ mod tests {
              - prefix: fd00:96::/64\n  ports: [\"*\"]\nidle_timeout: 90s\ndrain_timeout: 500ms\n",
         )
         .expect("valid");
-        assert_eq!(c.interfaces, ["veth1", "veth2"]);
+        assert_eq!(names(&c), ["veth1", "veth2"]);
         assert_eq!(c.fail_mode, Some(FailMode::Closed));
         assert_eq!(c.listen_port, 15010);
-        assert_eq!(c.capture[0].ports, [(80, 80), (8000, 8100)]);
+        assert_eq!(ports(&c.capture[0]), ["80", "8000-8100"]);
         assert_eq!(c.capture[1].prefix.to_string(), "fd00:96::/64");
-        assert_eq!(c.capture[1].ports, [(0, 65535)]);
+        assert_eq!(c.capture[1].ports, [PortRange::ALL]);
         assert_eq!(c.idle_timeout, Duration::from_secs(90));
         assert_eq!(c.drain_timeout, Duration::from_millis(500));
     }
@@ -629,12 +491,20 @@ mod tests {
         }
     }
 
+    fn names(c: &Config) -> Vec<&str> {
+        c.interfaces.iter().map(|i| i.as_str()).collect()
+    }
+
+    fn ports(r: &CaptureRule) -> Vec<String> {
+        r.ports.iter().map(|p| p.to_string()).collect()
+    }
+
     #[test]
-    fn prefix_host_bits_are_cleared() {
-        let p: Prefix = "10.96.3.7/16".parse().expect("valid");
-        assert_eq!(p.to_string(), "10.96.0.0/16");
-        let h: Prefix = "fd00::1".parse().expect("valid");
-        assert_eq!(h.len, 128);
+    fn capture_prefixes_and_ports_parse_as_in_a_mesh_policy() {
+        let c = build("capture:\n- prefix: 10.96.3.7/16\n  ports: [\"*\"]\n").expect("valid");
+        assert_eq!(c.capture[0].prefix.to_string(), "10.96.0.0/16");
+        // The same PortRange as MeshPolicy.spec.capture: "*" is 1-65535 in both.
+        assert_eq!(ports(&c.capture[0]), ["1-65535"]);
     }
 
     #[test]
@@ -650,9 +520,9 @@ mod tests {
             &ov,
         )
         .expect("valid");
-        assert_eq!(c.interfaces, ["h1", "h2"]);
+        assert_eq!(names(&c), ["h1", "h2"]);
         assert_eq!(c.fail_mode, Some(FailMode::Closed));
-        assert_eq!(c.capture[0].ports, [(80, 80), (9000, 9100)]);
+        assert_eq!(ports(&c.capture[0]), ["80", "9000-9100"]);
     }
 
     #[test]

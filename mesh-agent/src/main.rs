@@ -3,17 +3,9 @@
 //! `run` captures targeted connections of the pods behind the configured veths and forwards them;
 //! `check` validates a configuration without touching the kernel; `counters` prints the kernel
 //! counters of a running (or killed) agent.
-mod admin;
-mod app;
-mod config;
-mod ebpf;
-mod metrics;
-mod policy;
-mod proxy;
-mod routing;
-mod watch;
-
 use std::{path::PathBuf, process::ExitCode};
+
+use mesh_agent::{app, config, ebpf, policy, proxy};
 
 use clap::{Parser, Subcommand};
 
@@ -169,13 +161,17 @@ fn check(ov: &config::Overrides) -> ExitCode {
         cfg.interfaces.len(),
         cfg.capture.len(),
         cfg.fail_mode
-            .map_or("from policy".to_string(), |m| format!("{m:?}"))
+            .map_or("from policy".to_string(), |m| m.to_string())
     );
     let Some(path) = &cfg.policy else {
         return ExitCode::SUCCESS;
     };
     match policy::load(path) {
         Ok(p) => {
+            if let Err(e) = p.kernel_plan(&cfg.node_settings()) {
+                eprintln!("policy {} is invalid: {e}", path.display());
+                return ExitCode::from(2);
+            }
             let s = p.summary();
             println!(
                 "policy {} is valid: {} service(s), {} HTTPRoute(s), {} GRPCRoute(s), {} TLSRoute(s), {} TCPRoute(s), {} MeshPolicy(s), {} capture rule(s)",

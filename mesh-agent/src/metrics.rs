@@ -16,7 +16,7 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
-use crate::ebpf::Capture;
+use crate::ebpf::Programs;
 
 /// Labels of TCP connection metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -122,6 +122,12 @@ pub struct Metrics {
     pub http: Arc<HttpMetrics>,
 }
 
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("mesh");
@@ -205,7 +211,7 @@ impl Metrics {
 
     /// Adds the kernel counters of the capture program, read at each scrape once `capture` is
     /// set (the admin server answers before the programs are loaded).
-    pub fn register_kernel(&mut self, capture: Arc<OnceLock<Arc<Mutex<Capture>>>>) {
+    pub fn register_kernel(&mut self, capture: Arc<OnceLock<Arc<Mutex<Programs>>>>) {
         self.registry
             .register_collector(Box::new(KernelCollector { capture }));
     }
@@ -238,7 +244,7 @@ impl Metrics {
 
 /// Capture program counters from the per-CPU map, summed at scrape time.
 struct KernelCollector {
-    capture: Arc<OnceLock<Arc<Mutex<Capture>>>>,
+    capture: Arc<OnceLock<Arc<Mutex<Programs>>>>,
 }
 
 impl std::fmt::Debug for KernelCollector {

@@ -6,12 +6,12 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use mesh_policy::{Compiled, LoadError, PolicyStore};
+use mesh_policy::{Compiled, KernelPlan, LoadError, PlanError, PolicyStore};
 use tracing::{error, info};
 
 use crate::{
-    config::{CaptureRule, Config, FailMode, Prefix},
-    ebpf::Capture,
+    config::Config,
+    ebpf::Programs,
     metrics::{PolicyMetrics, ResultLabels},
     watch::Trigger,
 };
@@ -29,27 +29,10 @@ pub fn error_lines(e: &LoadError) -> Vec<String> {
     }
 }
 
-/// The capture rules of the config plus those the policy implies.
-pub fn capture_rules(cfg: &Config, policy: &Compiled) -> Vec<CaptureRule> {
-    let mut rules = cfg.capture.clone();
-    for r in policy.capture() {
-        let prefix: Result<Prefix, _> = format!("{}/{}", r.network, r.prefix_len).parse();
-        if let Ok(prefix) = prefix {
-            rules.push(CaptureRule {
-                prefix,
-                ports: r.ports.clone(),
-            });
-        }
-    }
-    rules
-}
-
-/// The configured fail mode, or the policy's when the configuration leaves it open.
-pub fn fail_mode(cfg: &Config, policy: &Compiled) -> FailMode {
-    cfg.fail_mode.unwrap_or(match policy.settings().fail_mode {
-        mesh_policy::FailMode::Open => FailMode::Open,
-        mesh_policy::FailMode::Closed => FailMode::Closed,
-    })
+/// The kernel plan of `policy` on this node: the policy's capture, fail mode and authorization
+/// with the configuration's interfaces, capture rules and fail mode.
+pub fn plan(cfg: &Config, policy: &Compiled) -> Result<KernelPlan, PlanError> {
+    policy.kernel_plan(&cfg.node_settings())
 }
 
 /// Counts of reloads, for logs and metrics.
@@ -84,35 +67,32 @@ pub fn reload(
     trigger: Trigger,
     cfg: &Config,
     store: &PolicyStore,
-    capture: &Mutex<Capture>,
+    programs: &Mutex<Programs>,
     stats: &ReloadStats,
 ) {
-    match load(path) {
-        Ok(new) => {
-            let rules = capture_rules(cfg, &new);
-            let mode = fail_mode(cfg, &new);
+    let loaded = load(path).map_err(|e| error_lines(&e)).and_then(|new| {
+        let plan = plan(cfg, &new).map_err(|e| e.0)?;
+        Ok((new, plan))
+    });
+    match loaded {
+        Ok((new, plan)) => {
             let summary = new.summary();
-            let mut cap = capture.lock().unwrap_or_else(|e| e.into_inner());
+            let mut programs = programs.lock().unwrap_or_else(|e| e.into_inner());
             // Kernel first: a new destination is captured before routes for it are looked up;
             // a destination that leaves the policy is released after the swap's in-flight users
             // finish with it (they keep their Arc).
-            if let Err(e) = cap
-                .sync_rules(&rules)
-                .and_then(|()| cap.set_settings(mode, cfg.mark))
-                .and_then(|()| cap.apply_authz(&new.settings().authorization))
-            {
+            if let Err(e) = programs.apply(&plan) {
                 stats.count(false);
                 error!(?trigger, error = %e, "policy reload: kernel maps could not follow; keeping the last good policy");
                 return;
             }
-            drop(cap);
+            drop(programs);
             store.replace(new);
             stats.count(true);
-            info!(?trigger, ?summary, capture_rules = rules.len(), fail_mode = ?mode, "policy reloaded");
+            info!(?trigger, ?summary, capture_rules = plan.capture.len(), fail_mode = %plan.fail_mode, "policy reloaded");
         }
-        Err(e) => {
+        Err(lines) => {
             stats.count(false);
-            let lines = error_lines(&e);
             error!(
                 ?trigger,
                 errors = lines.len(),

@@ -28,44 +28,15 @@ use core::{ffi::c_void, mem::MaybeUninit};
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS},
     helpers::generated::bpf_xdp_load_bytes,
-    macros::{map, xdp},
-    maps::{Array, HashMap, LpmTrie, LruPerCpuHashMap, PerCpuArray, lpm_trie::Key},
+    macros::xdp,
+    maps::lpm_trie::Key,
     programs::XdpContext,
 };
 use mesh_common::authz::{
     self, ACTION_ALLOW, ACTION_DENY, ANY_IFINDEX, DstV4, DstV6, IfaceCounters, RuleList,
 };
 
-#[map(name = "AUTHZ_V4_0")]
-static V4_0: LpmTrie<DstV4, u32> = LpmTrie::with_max_entries(authz::MAX_PREFIXES, 0);
-#[map(name = "AUTHZ_V4_1")]
-static V4_1: LpmTrie<DstV4, u32> = LpmTrie::with_max_entries(authz::MAX_PREFIXES, 0);
-#[map(name = "AUTHZ_V6_0")]
-static V6_0: LpmTrie<DstV6, u32> = LpmTrie::with_max_entries(authz::MAX_PREFIXES, 0);
-#[map(name = "AUTHZ_V6_1")]
-static V6_1: LpmTrie<DstV6, u32> = LpmTrie::with_max_entries(authz::MAX_PREFIXES, 0);
-
-/// Not preallocated: memory follows the number of distinct lists, not `MAX_LISTS`.
-const BPF_F_NO_PREALLOC: u32 = 1;
-
-#[map(name = "AUTHZ_LISTS_0")]
-static LISTS_0: HashMap<u32, RuleList> =
-    HashMap::with_max_entries(authz::MAX_LISTS, BPF_F_NO_PREALLOC);
-#[map(name = "AUTHZ_LISTS_1")]
-static LISTS_1: HashMap<u32, RuleList> =
-    HashMap::with_max_entries(authz::MAX_LISTS, BPF_F_NO_PREALLOC);
-
-#[map(name = "AUTHZ_GENERATION")]
-static GENERATION: Array<u32> = Array::with_max_entries(1, 0);
-
-#[map(name = "AUTHZ_RULE_STATS")]
-static RULE_STATS: PerCpuArray<authz::Counters> =
-    PerCpuArray::with_max_entries(authz::MAX_RULE_ID, 0);
-
-/// LRU: veths come and go with pods, and the counters of long-gone ifindexes make room.
-#[map(name = "AUTHZ_IFACE_STATS")]
-static IFACE_STATS: LruPerCpuHashMap<u32, IfaceCounters> =
-    LruPerCpuHashMap::with_max_entries(authz::MAX_IFACES, 0);
+use crate::maps::{GENERATION, IFACE_STATS, LISTS_0, LISTS_1, RULE_STATS, V4_0, V4_1, V6_0, V6_1};
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;

@@ -1,9 +1,10 @@
 //! Map declarations. Names, sizes and value types come from `mesh-common`, which the agent shares.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, LpmTrie, PerCpuArray, SockMap},
+    maps::{Array, HashMap, LpmTrie, LruPerCpuHashMap, PerCpuArray, SockMap},
 };
 use mesh_common::{
+    authz::{self, DstV4, DstV6, IfaceCounters, RuleList},
     counters,
     redirect::{self, AddrV4, AddrV6, PortSet, Settings},
 };
@@ -24,6 +25,40 @@ pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 
 #[map(name = "CAPTURE_COUNTERS")]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counters::MAX_ENTRIES, 0);
+
+// XDP authorization (program `authorize`): two generations of the rule maps, flipped by
+// `AUTHZ_GENERATION`; see `mesh_common::authz`.
+
+#[map(name = "AUTHZ_V4_0")]
+pub static V4_0: LpmTrie<DstV4, u32> = LpmTrie::with_max_entries(authz::MAX_PREFIXES, 0);
+#[map(name = "AUTHZ_V4_1")]
+pub static V4_1: LpmTrie<DstV4, u32> = LpmTrie::with_max_entries(authz::MAX_PREFIXES, 0);
+#[map(name = "AUTHZ_V6_0")]
+pub static V6_0: LpmTrie<DstV6, u32> = LpmTrie::with_max_entries(authz::MAX_PREFIXES, 0);
+#[map(name = "AUTHZ_V6_1")]
+pub static V6_1: LpmTrie<DstV6, u32> = LpmTrie::with_max_entries(authz::MAX_PREFIXES, 0);
+
+/// Not preallocated: memory follows the number of distinct lists, not `MAX_LISTS`.
+const BPF_F_NO_PREALLOC: u32 = 1;
+
+#[map(name = "AUTHZ_LISTS_0")]
+pub static LISTS_0: HashMap<u32, RuleList> =
+    HashMap::with_max_entries(authz::MAX_LISTS, BPF_F_NO_PREALLOC);
+#[map(name = "AUTHZ_LISTS_1")]
+pub static LISTS_1: HashMap<u32, RuleList> =
+    HashMap::with_max_entries(authz::MAX_LISTS, BPF_F_NO_PREALLOC);
+
+#[map(name = "AUTHZ_GENERATION")]
+pub static GENERATION: Array<u32> = Array::with_max_entries(1, 0);
+
+#[map(name = "AUTHZ_RULE_STATS")]
+pub static RULE_STATS: PerCpuArray<authz::Counters> =
+    PerCpuArray::with_max_entries(authz::MAX_RULE_ID, 0);
+
+/// LRU: veths come and go with pods, and the counters of long-gone ifindexes make room.
+#[map(name = "AUTHZ_IFACE_STATS")]
+pub static IFACE_STATS: LruPerCpuHashMap<u32, IfaceCounters> =
+    LruPerCpuHashMap::with_max_entries(authz::MAX_IFACES, 0);
 
 /// Adds one to a per-CPU counter slot.
 #[inline(always)]

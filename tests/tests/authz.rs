@@ -1,6 +1,6 @@
-//! XDP L4 authorization, driven directly (the agent does not wire it in yet): the test process
-//! loads the eBPF object mesh-agent's build script produced, and calls the agent's own
-//! `ebpf::authz` module (compiled here with `#[path]`) inside the node namespace.
+//! XDP L4 authorization, driven directly: the test process loads the eBPF object mesh-agent's
+//! build script produced, and calls the agent's own writer (`mesh_agent::ebpf::authz`) with
+//! plans compiled by `mesh_policy::AuthzPlan`, inside the node namespace.
 //!
 //! Semantics kept here: any matching deny drops; else any matching allow passes; else the
 //! interface's default (allow when none is configured). Rules match on source prefix,
@@ -23,11 +23,76 @@ use mesh_tests::{
     servers::{greeter, greeting, sa},
 };
 
-#[path = "../../mesh-agent/src/ebpf/authz.rs"]
-#[allow(dead_code)]
-mod authz;
+use mesh_agent::ebpf::{
+    self,
+    attach::{Attached, Mode},
+    authz,
+};
+use mesh_policy::{AuthzAction as Action, AuthzPlan, AuthzProtocol, AuthzRule, PortRange, Prefix};
 
-use authz::{Action, Attached, Protocol, Rule, RuleSet};
+/// Transport a test rule matches.
+#[derive(Clone, Copy, Debug)]
+enum Protocol {
+    Tcp,
+    Udp,
+    Any,
+}
+
+/// A rule as the tests write it: with the counter id it must get, so that assertions can read
+/// its counters.
+#[derive(Clone, Debug)]
+struct Rule {
+    id: u32,
+    name: String,
+    interfaces: Option<Vec<String>>,
+    src: Option<(IpAddr, u8)>,
+    dst: Option<(IpAddr, u8)>,
+    ports: Option<(u16, u16)>,
+    protocol: Protocol,
+    action: Action,
+}
+
+#[derive(Clone, Debug)]
+struct RuleSet {
+    rules: Vec<Rule>,
+    defaults: HashMap<String, Action>,
+}
+
+impl RuleSet {
+    /// The plan mesh-policy compiles from these rules, and each rule's counter id.
+    fn plan(&self) -> (AuthzPlan, Vec<u32>) {
+        let prefix = |p: Option<(IpAddr, u8)>| p.map(|(a, l)| Prefix::new(a, l).expect("prefix"));
+        let rules = self
+            .rules
+            .iter()
+            .map(|r| AuthzRule {
+                key: r.name.clone(),
+                rule: r.name.clone(),
+                action: r.action,
+                interfaces: r.interfaces.as_ref().map(|l| {
+                    l.iter()
+                        .map(|i| i.parse().expect("interface name"))
+                        .collect()
+                }),
+                src: prefix(r.src),
+                dst: prefix(r.dst),
+                ports: r.ports.map(|(a, b)| PortRange::new(a, b).expect("ports")),
+                protocol: match r.protocol {
+                    Protocol::Tcp => Some(AuthzProtocol::Tcp),
+                    Protocol::Udp => Some(AuthzProtocol::Udp),
+                    Protocol::Any => None,
+                },
+            })
+            .collect();
+        let defaults = self
+            .defaults
+            .iter()
+            .map(|(i, a)| (i.parse().expect("interface name"), *a))
+            .collect();
+        let plan = AuthzPlan::compile(rules, defaults).expect("the rules fit");
+        (plan, self.rules.iter().map(|r| r.id).collect())
+    }
+}
 
 /// How long a client waits before calling a flow dropped.
 const DROP_TIMEOUT: Duration = Duration::from_millis(700);
@@ -69,6 +134,8 @@ struct Xdp {
     node: Netns,
     bpf: Option<aya::Ebpf>,
     attached: Vec<Attached>,
+    /// Counter ids already used, so that only new ones are zeroed (as the agent does).
+    seen: std::collections::BTreeSet<u32>,
 }
 
 impl Xdp {
@@ -78,6 +145,7 @@ impl Xdp {
             node: t.node.clone(),
             bpf: Some(bpf),
             attached: Vec::new(),
+            seen: Default::default(),
         }
     }
 
@@ -95,13 +163,21 @@ impl Xdp {
         out
     }
 
-    fn apply(&mut self, rules: &RuleSet) -> Result<(), authz::Error> {
-        let rules = rules.clone();
-        self.in_node(move |bpf| authz::apply(bpf, &rules))
+    fn apply(&mut self, rules: &RuleSet) -> Result<(), ebpf::Error> {
+        let (plan, ids) = rules.plan();
+        let fresh: Vec<u32> = ids
+            .iter()
+            .copied()
+            .filter(|i| self.seen.insert(*i))
+            .collect();
+        self.in_node(move |bpf| authz::write(bpf, &plan, &ids, &fresh))
     }
 
     fn attach(&mut self, t: &Topology, ifaces: &[&str]) {
-        let ifaces: Vec<String> = ifaces.iter().map(|s| s.to_string()).collect();
+        let ifaces: Vec<mesh_policy::InterfaceName> = ifaces
+            .iter()
+            .map(|s| s.parse().expect("interface name"))
+            .collect();
         let dir = t.bpffs_dir.clone();
         let a = self
             .in_node(move |bpf| authz::attach(bpf, &ifaces, &dir))
@@ -223,7 +299,7 @@ fn denied_flow_is_dropped_and_counted_allowed_flow_passes() {
     );
     // Headroom under the verifier's 1M budget: a change that makes the paths multiply shows here.
     assert!(verified < 100_000, "verifier work: {verified}");
-    assert_eq!(a.mode, authz::Mode::Driver, "veth supports native XDP");
+    assert_eq!(a.mode, Mode::Driver, "veth supports native XDP");
     let link = t.node.sh(&["ip", "-d", "link", "show", &client.host_if]);
     assert!(
         String::from_utf8_lossy(&link.stdout).contains("prog/xdp"),

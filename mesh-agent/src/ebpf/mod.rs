@@ -1,40 +1,47 @@
-//! The only code that touches aya: loads the embedded eBPF object, fills the capture maps,
-//! attaches `capture` to each interface as a pinned TCX link, puts the listeners in the SockMap and
-//! reads the per-CPU counters.
+//! The only code that touches aya. It loads the embedded eBPF object and writes kernel plans
+//! (`mesh_policy::KernelPlan`) into it; it never parses or validates policy.
 //!
-//! Links are pinned in `bpffs_dir` so that capture outlives the process: a new agent replaces the
-//! program atomically (no window where traffic bypasses the mesh), and if the agent dies the
-//! program stays and applies the fail mode. A clean shutdown unpins and detaches.
+//! - [`capture`]: the capture settings and tries;
+//! - [`authz`]: the XDP authorization maps (generation swap), rule ids and counters;
+//! - [`attach`]: attaching, replacing in place and detaching programs, with pinned links;
+//! - [`netlink`]: rtnetlink queries;
+//! - `maps`: typed map access by `mesh_common` name.
+//!
+//! [`Programs::apply`] makes the kernel match a plan: maps first, then the interfaces: the
+//! capture program is attached to every interface of the plan and detached from the ones that
+//! left it, and the XDP program likewise while the plan has authorization to enforce.
+pub mod attach;
 pub mod authz;
+pub mod capture;
+pub mod kernel;
+mod maps;
+pub mod netlink;
 
 use std::{
     collections::BTreeMap,
-    net::IpAddr,
     os::fd::AsRawFd,
     path::{Path, PathBuf},
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, LpmTrie, MapData, PerCpuArray, SockMap, lpm_trie::Key},
-    programs::{
-        SchedClassifier, TcAttachType,
-        links::{FdLink, PinnedLink},
-        tc::SchedClassifierLink,
-    },
+    maps::{LpmTrie, MapData, PerCpuArray, SockMap},
+    programs::SchedClassifier,
 };
 use mesh_common::{
     counters,
-    redirect::{self, AddrV4, AddrV6, PortRange, PortSet, Settings},
+    redirect::{self, AddrV4, AddrV6, PortSet},
 };
+use mesh_policy::{InterfaceName, KernelPlan, Prefix};
 use tracing::{info, warn};
 
-use crate::config::{CaptureRule, Config, FailMode, Prefix};
+use self::attach::Attached;
 
 /// The compiled eBPF object, embedded at build time by aya-build.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf"));
 
-const PROGRAM: &str = "capture";
+/// Name of the TC capture program in the object.
+pub const CAPTURE_PROGRAM: &str = "capture";
 const BPF_FS_MAGIC: libc::__fsword_t = 0xcafe_4a11;
 const COUNTERS_PIN: &str = "counters";
 
@@ -44,8 +51,10 @@ pub enum Error {
     Bpffs(String),
     #[error("loading the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
-    #[error("eBPF program {PROGRAM:?}: {0}")]
+    #[error("eBPF program: {0}")]
     Program(#[from] aya::programs::ProgramError),
+    #[error("eBPF program {0:?} is missing from the object")]
+    MissingProgram(&'static str),
     #[error("eBPF map {name}: {source}")]
     Map {
         name: &'static str,
@@ -59,26 +68,10 @@ pub enum Error {
     Pin { path: PathBuf, reason: String },
     #[error("capture rule for {prefix}: {reason}")]
     Rule { prefix: Prefix, reason: String },
-    #[error("authorization: {0}")]
-    Authz(#[from] authz::Error),
-}
-
-fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> Error {
-    move |source| Error::Map { name, source }
-}
-
-/// The loaded, attached capture program.
-pub struct Capture {
-    bpf: Ebpf,
-    links: Vec<(String, PathBuf, Option<PinnedLink>)>,
-    dir: PathBuf,
-    /// XDP authorization links; attached once a policy has authorization rules.
-    authz: Vec<authz::Attached>,
-    /// Stable counter id of each authorization entry key, kept across reloads.
-    authz_ids: std::collections::HashMap<String, u32>,
-    /// Rule name and action of each id, for metrics.
-    authz_names: std::collections::HashMap<u32, (String, &'static str)>,
-    interfaces: Vec<String>,
+    #[error("unknown interfaces in authorization rules: {}", .0.join(", "))]
+    UnknownInterfaces(Vec<String>),
+    #[error("{0}")]
+    Kernel(String),
 }
 
 /// Packets and bytes one authorization rule decided (summed over its entries and CPUs).
@@ -90,69 +83,137 @@ pub struct AuthzCount {
     pub bytes: u64,
 }
 
-impl Capture {
-    /// Loads the object, writes settings and capture rules, attaches to every interface.
-    pub fn load(cfg: &Config, fail_mode: FailMode, rules: &[CaptureRule]) -> Result<Self, Error> {
-        ensure_bpffs(&cfg.bpffs_dir)?;
-        let bpf = EbpfLoader::new().load(OBJECT)?;
-        let mut cap = Capture {
-            bpf,
-            links: Vec::new(),
-            dir: cfg.bpffs_dir.clone(),
-            authz: Vec::new(),
-            authz_ids: std::collections::HashMap::new(),
-            authz_names: std::collections::HashMap::new(),
-            interfaces: cfg.interfaces.clone(),
-        };
-        cap.set_settings(fail_mode, cfg.mark)?;
-        cap.sync_rules(rules)?;
-        cap.pin_counters()?;
-        let prog: &mut SchedClassifier = cap
-            .bpf
-            .program_mut(PROGRAM)
-            .ok_or_else(|| Error::Bpffs(format!("program {PROGRAM} missing from the object")))?
-            .try_into()?;
-        prog.load()?;
-        for iface in &cfg.interfaces {
-            let pin = cap.dir.join(format!("capture-{iface}"));
-            let link = attach(prog, iface, &pin)?;
-            cap.links.push((iface.clone(), pin, Some(link)));
-            info!(iface, mode = "tcx", "capture attached at TC ingress");
+/// The loaded object, the links it has on the interfaces, and the plan it enforces.
+pub struct Programs {
+    bpf: Ebpf,
+    kernel: kernel::Kernel,
+    dir: PathBuf,
+    mark: u32,
+    capture: BTreeMap<InterfaceName, Attached>,
+    authz: BTreeMap<InterfaceName, Attached>,
+    rule_ids: authz::RuleIds,
+    /// The last plan applied, with the counter id of each authorization rule.
+    plan: Option<(KernelPlan, Vec<u32>)>,
+}
+
+impl Programs {
+    /// Loads the object (nothing attached yet) and pins the capture counters in `bpffs_dir`.
+    /// `mark` is set on every packet handed to the agent.
+    pub fn load(bpffs_dir: &Path, mark: u32) -> Result<Self, Error> {
+        let kernel = kernel::Kernel::probe();
+        kernel.require().map_err(Error::Kernel)?;
+        if !kernel.tcx {
+            info!(release = %kernel.release, "no TCX links before Linux 6.6: capture attaches as a clsact filter");
         }
-        Ok(cap)
+        ensure_bpffs(bpffs_dir)?;
+        let bpf = EbpfLoader::new().load(OBJECT)?;
+        let mut programs = Programs {
+            bpf,
+            kernel,
+            dir: bpffs_dir.to_path_buf(),
+            mark,
+            capture: BTreeMap::new(),
+            authz: BTreeMap::new(),
+            rule_ids: authz::RuleIds::default(),
+            plan: None,
+        };
+        programs.pin_counters()?;
+        Ok(programs)
     }
 
-    /// What `/status` shows: attached interfaces and modes, map fill levels, listeners.
+    /// Makes the kernel enforce `plan`: settings, capture tries and authorization maps, then
+    /// the attachments. On error the maps may hold part of the plan; the caller keeps its
+    /// last good policy and applies again later.
+    pub fn apply(&mut self, plan: &KernelPlan) -> Result<(), Error> {
+        capture::write_settings(&mut self.bpf, plan.fail_mode, self.mark)?;
+        capture::write_rules(&mut self.bpf, &plan.capture)?;
+        let (ids, fresh) = self.rule_ids.assign(&plan.authz.rules);
+        authz::write(&mut self.bpf, &plan.authz, &ids, &fresh)?;
+        self.plan = Some((plan.clone(), ids));
+
+        self.sync_capture_links(&plan.interfaces)?;
+        let xdp: &[InterfaceName] = if plan.authz.is_empty() {
+            &[]
+        } else {
+            &plan.interfaces
+        };
+        self.sync_authz_links(xdp)
+    }
+
+    fn sync_capture_links(&mut self, want: &[InterfaceName]) -> Result<(), Error> {
+        for gone in drop_unwanted(&mut self.capture, want) {
+            attach::detach(gone)?;
+        }
+        let missing: Vec<&InterfaceName> = want
+            .iter()
+            .filter(|i| !self.capture.contains_key(*i))
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let prog: &mut SchedClassifier = self
+            .bpf
+            .program_mut(CAPTURE_PROGRAM)
+            .ok_or(Error::MissingProgram(CAPTURE_PROGRAM))?
+            .try_into()?;
+        if prog.fd().is_err() {
+            prog.load()?;
+        }
+        for iface in missing {
+            let pin = self.dir.join(format!("capture-{iface}"));
+            let a = attach::tc(prog, iface, &pin, self.kernel.tcx)?;
+            self.capture.insert(iface.clone(), a);
+        }
+        Ok(())
+    }
+
+    fn sync_authz_links(&mut self, want: &[InterfaceName]) -> Result<(), Error> {
+        authz::detach(drop_unwanted(&mut self.authz, want))?;
+        let missing: Vec<InterfaceName> = want
+            .iter()
+            .filter(|i| !self.authz.contains_key(*i))
+            .cloned()
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        for a in authz::attach(&mut self.bpf, &missing, &self.dir)? {
+            self.authz.insert(a.iface.clone(), a);
+        }
+        Ok(())
+    }
+
+    /// What `/status` shows: attached interfaces and modes, map fill levels.
     pub fn status(&self) -> serde_json::Value {
-        let v4 = self
-            .bpf
-            .map(redirect::MAP_CAPTURE_V4)
-            .and_then(|m| LpmTrie::<_, AddrV4, PortSet>::try_from(m).ok())
-            .map_or(0, |t| t.keys().count());
-        let v6 = self
-            .bpf
-            .map(redirect::MAP_CAPTURE_V6)
-            .and_then(|m| LpmTrie::<_, AddrV6, PortSet>::try_from(m).ok())
-            .map_or(0, |t| t.keys().count());
-        let listeners = self
-            .bpf
-            .map(redirect::MAP_LISTENERS)
-            .and_then(|m| SockMap::try_from(m).ok())
-            .map_or(0, |m: SockMap<&MapData>| {
-                m.indices().filter(|i| i.is_ok()).count()
-            });
+        let v4 =
+            maps::get::<LpmTrie<&MapData, AddrV4, PortSet>>(&self.bpf, redirect::MAP_CAPTURE_V4)
+                .map_or(0, |t| t.keys().count());
+        let v6 =
+            maps::get::<LpmTrie<&MapData, AddrV6, PortSet>>(&self.bpf, redirect::MAP_CAPTURE_V6)
+                .map_or(0, |t| t.keys().count());
+        let listeners = maps::get::<SockMap<&MapData>>(&self.bpf, redirect::MAP_LISTENERS)
+            .map_or(0, |m| m.indices().filter(|i| i.is_ok()).count());
+        let links = |m: &BTreeMap<InterfaceName, Attached>| {
+            m.values()
+                .map(
+                    |a| serde_json::json!({"name": a.iface, "mode": a.mode.as_str(), "pin": a.pin}),
+                )
+                .collect::<Vec<_>>()
+        };
         serde_json::json!({
             "authorization": {
                 "program": authz::PROGRAM,
                 "hook": "xdp",
-                "interfaces": self.authz.iter().map(|a| serde_json::json!({"name": a.iface, "mode": a.mode.as_str(), "pin": a.pin})).collect::<Vec<_>>(),
-                "rules": self.authz_names.len(),
+                "interfaces": links(&self.authz),
+                "rules": self.plan.as_ref().map_or(0, |(p, _)| p.authz.rules.len()),
             },
+            "kernel": self.kernel,
             "capture": {
-                "program": PROGRAM,
+                "program": CAPTURE_PROGRAM,
                 "hook": "tc ingress",
-                "mode": "tcx",
-                "interfaces": self.links.iter().map(|(i, p, _)| serde_json::json!({"name": i, "pin": p})).collect::<Vec<_>>(),
+                "mode": if self.kernel.tcx { "tcx" } else { "clsact" },
+                "interfaces": links(&self.capture),
+                "fail_mode": self.plan.as_ref().map(|(p, _)| p.fail_mode.to_string()),
             },
             "maps": {
                 redirect::MAP_CAPTURE_V4: {"entries": v4, "max": redirect::MAX_PREFIXES},
@@ -162,118 +223,35 @@ impl Capture {
         })
     }
 
-    /// Writes the fail mode and packet mark the program applies.
-    pub fn set_settings(&mut self, fail_mode: FailMode, mark: u32) -> Result<(), Error> {
-        let settings = Settings {
-            fail_mode: match fail_mode {
-                FailMode::Open => redirect::FAIL_OPEN,
-                FailMode::Closed => redirect::FAIL_CLOSED,
-            },
-            mark,
-        };
-        let mut arr: Array<_, Settings> = Array::try_from(
-            self.bpf
-                .map_mut(redirect::MAP_SETTINGS)
-                .ok_or(Error::MissingMap(redirect::MAP_SETTINGS))?,
-        )
-        .map_err(map_err(redirect::MAP_SETTINGS))?;
-        arr.set(0, settings, 0)
-            .map_err(map_err(redirect::MAP_SETTINGS))
-    }
-
-    /// Makes the kernel capture maps hold exactly `rules` (ports of equal prefixes merged).
-    pub fn sync_rules(&mut self, rules: &[CaptureRule]) -> Result<(), Error> {
-        let mut v4: BTreeMap<(u32, [u8; 4]), PortSet> = BTreeMap::new();
-        let mut v6: BTreeMap<(u32, [u8; 16]), PortSet> = BTreeMap::new();
-        let mut merged: BTreeMap<Prefix, Vec<(u16, u16)>> = BTreeMap::new();
-        for r in rules {
-            merged.entry(r.prefix).or_default().extend(&r.ports);
-        }
-        for (prefix, ports) in merged {
-            let set = port_set(&ports).map_err(|reason| Error::Rule { prefix, reason })?;
-            match prefix.addr {
-                IpAddr::V4(a) => v4.insert((prefix.len as u32, a.octets()), set),
-                IpAddr::V6(a) => v6.insert((prefix.len as u32, a.octets()), set),
-            };
-        }
-        {
-            let mut trie: LpmTrie<_, AddrV4, PortSet> = LpmTrie::try_from(
-                self.bpf
-                    .map_mut(redirect::MAP_CAPTURE_V4)
-                    .ok_or(Error::MissingMap(redirect::MAP_CAPTURE_V4))?,
-            )
-            .map_err(map_err(redirect::MAP_CAPTURE_V4))?;
-            let old: Vec<_> = trie.keys().filter_map(Result::ok).collect();
-            for (&(len, addr), set) in &v4 {
-                trie.insert(&Key::new(len, AddrV4 { addr_be: addr }), set, 0)
-                    .map_err(map_err(redirect::MAP_CAPTURE_V4))?;
-            }
-            for k in old {
-                if !v4.contains_key(&(k.prefix_len(), k.data().addr_be)) {
-                    trie.remove(&k).map_err(map_err(redirect::MAP_CAPTURE_V4))?;
-                }
-            }
-        }
-        let mut trie: LpmTrie<_, AddrV6, PortSet> = LpmTrie::try_from(
-            self.bpf
-                .map_mut(redirect::MAP_CAPTURE_V6)
-                .ok_or(Error::MissingMap(redirect::MAP_CAPTURE_V6))?,
-        )
-        .map_err(map_err(redirect::MAP_CAPTURE_V6))?;
-        let old: Vec<_> = trie.keys().filter_map(Result::ok).collect();
-        for (&(len, addr), set) in &v6 {
-            trie.insert(&Key::new(len, AddrV6 { addr_be: addr }), set, 0)
-                .map_err(map_err(redirect::MAP_CAPTURE_V6))?;
-        }
-        for k in old {
-            if !v6.contains_key(&(k.prefix_len(), k.data().addr_be)) {
-                trie.remove(&k).map_err(map_err(redirect::MAP_CAPTURE_V6))?;
-            }
-        }
-        Ok(())
-    }
-
     /// Puts the agent's listeners in the SockMap the program assigns SYNs to.
     pub fn set_listeners(
         &mut self,
         v4: &impl AsRawFd,
         v6: Option<&impl AsRawFd>,
     ) -> Result<(), Error> {
-        let mut map: SockMap<_> = SockMap::try_from(
-            self.bpf
-                .map_mut(redirect::MAP_LISTENERS)
-                .ok_or(Error::MissingMap(redirect::MAP_LISTENERS))?,
-        )
-        .map_err(map_err(redirect::MAP_LISTENERS))?;
+        let name = redirect::MAP_LISTENERS;
+        let mut map: SockMap<_> = maps::get_mut(&mut self.bpf, name)?;
         map.set(redirect::LISTENER_V4, v4, 0)
-            .map_err(map_err(redirect::MAP_LISTENERS))?;
+            .map_err(maps::err(name))?;
         if let Some(v6) = v6 {
             map.set(redirect::LISTENER_V6, v6, 0)
-                .map_err(map_err(redirect::MAP_LISTENERS))?;
+                .map_err(maps::err(name))?;
         }
         Ok(())
     }
 
     /// Removes the listeners from the SockMap: new connections follow the fail mode.
     pub fn clear_listeners(&mut self) {
-        if let Some(m) = self.bpf.map_mut(redirect::MAP_LISTENERS)
-            && let Ok(mut map) = SockMap::try_from(m)
-        {
+        if let Ok(mut map) = maps::get_mut::<SockMap<_>>(&mut self.bpf, redirect::MAP_LISTENERS) {
             for slot in [redirect::LISTENER_V4, redirect::LISTENER_V6] {
                 let _ = map.clear_index(&slot);
             }
         }
     }
 
-    /// Current counter values, summed over CPUs.
+    /// Current capture counter values, summed over CPUs.
     pub fn counters(&self) -> Result<[u64; counters::MAX_ENTRIES as usize], Error> {
-        let map = self
-            .bpf
-            .map(counters::MAP_NAME)
-            .ok_or(Error::MissingMap(counters::MAP_NAME))?;
-        let arr: PerCpuArray<_, u64> =
-            PerCpuArray::try_from(map).map_err(map_err(counters::MAP_NAME))?;
-        sum_counters(&arr)
+        sum_counters(&maps::get(&self.bpf, counters::MAP_NAME)?)
     }
 
     fn pin_counters(&mut self) -> Result<(), Error> {
@@ -289,81 +267,29 @@ impl Capture {
             })
     }
 
-    /// Writes the authorization rules (an atomic generation swap in the kernel) and attaches the
-    /// XDP program to the capture interfaces the first time there is something to enforce.
-    pub fn apply_authz(&mut self, a: &mesh_policy::Authorization) -> Result<(), Error> {
-        let mut rules = Vec::with_capacity(a.rules.len());
-        for r in &a.rules {
-            let next = self.authz_ids.len() as u32 + 1;
-            let id = *self.authz_ids.entry(r.key.clone()).or_insert(next);
-            let action = match r.action {
-                mesh_policy::AuthzAction::Allow => authz::Action::Allow,
-                mesh_policy::AuthzAction::Deny => authz::Action::Deny,
-            };
-            self.authz_names.insert(
-                id,
-                (
-                    r.rule.clone(),
-                    if action == authz::Action::Allow {
-                        "allow"
-                    } else {
-                        "deny"
-                    },
-                ),
-            );
-            rules.push(authz::Rule {
-                id,
-                name: r.key.clone(),
-                interfaces: r.interfaces.clone(),
-                src: r.src,
-                dst: r.dst,
-                ports: r.ports,
-                protocol: match r.protocol {
-                    None => authz::Protocol::Any,
-                    Some(mesh_policy::AuthzProtocol::Tcp) => authz::Protocol::Tcp,
-                    Some(mesh_policy::AuthzProtocol::Udp) => authz::Protocol::Udp,
-                },
-                action,
-            });
-        }
-        let defaults = a
-            .defaults
-            .iter()
-            .map(|(i, act)| {
-                let act = match act {
-                    mesh_policy::AuthzAction::Allow => authz::Action::Allow,
-                    mesh_policy::AuthzAction::Deny => authz::Action::Deny,
-                };
-                (i.clone(), act)
-            })
-            .collect();
-        let set = authz::RuleSet { rules, defaults };
-        set.validate().map_err(authz::Error::Invalid)?;
-        authz::apply(&mut self.bpf, &set)?;
-        if self.authz.is_empty() && !(set.rules.is_empty() && set.defaults.is_empty()) {
-            let interfaces = self.interfaces.clone();
-            self.authz = authz::attach(&mut self.bpf, &interfaces, &self.dir)?;
-        }
-        Ok(())
-    }
-
-    /// Per-rule XDP counters, by rule name and action.
+    /// Per-rule XDP counters of the rules in force, by rule name and action.
     pub fn authz_counts(&self) -> Vec<AuthzCount> {
+        let Some((plan, ids)) = &self.plan else {
+            return Vec::new();
+        };
         let Ok(stats) = authz::stats(&self.bpf) else {
             return Vec::new();
         };
-        let mut by_rule: BTreeMap<(String, &'static str), (u64, u64)> = BTreeMap::new();
-        for (id, c) in &stats.rules {
-            if let Some((rule, action)) = self.authz_names.get(id) {
-                let e = by_rule.entry((rule.clone(), action)).or_default();
-                e.0 += c.packets;
-                e.1 += c.bytes;
-            }
+        let mut by_rule: BTreeMap<(&str, &'static str), (u64, u64)> = BTreeMap::new();
+        for (rule, id) in plan.authz.rules.iter().zip(ids) {
+            let action = match rule.action {
+                mesh_policy::AuthzAction::Allow => "allow",
+                mesh_policy::AuthzAction::Deny => "deny",
+            };
+            let c = stats.rules.get(id).copied().unwrap_or_default();
+            let e = by_rule.entry((&rule.rule, action)).or_default();
+            e.0 += c.packets;
+            e.1 += c.bytes;
         }
         by_rule
             .into_iter()
             .map(|((rule, action), (packets, bytes))| AuthzCount {
-                rule,
+                rule: rule.to_string(),
                 action,
                 packets,
                 bytes,
@@ -373,108 +299,37 @@ impl Capture {
 
     /// Unpins and detaches every link; the interfaces are left as they were before the agent.
     pub fn detach(&mut self) {
-        if !self.authz.is_empty()
-            && let Err(e) = authz::detach(std::mem::take(&mut self.authz))
-        {
+        if let Err(e) = authz::detach(std::mem::take(&mut self.authz).into_values().collect()) {
             warn!(error = %e, "detaching XDP authorization");
         }
-        for (iface, path, link) in self.links.drain(..) {
-            if let Some(link) = link {
-                match link.unpin() {
-                    Ok(fd) => drop(fd),
-                    Err(e) => warn!(iface, error = %e, "unpinning capture link"),
-                }
+        for (iface, a) in std::mem::take(&mut self.capture) {
+            if let Err(e) = attach::detach(a) {
+                warn!(iface = %iface, error = %e, "detaching capture");
             }
-            let _ = std::fs::remove_file(&path);
-            info!(iface, "capture detached");
         }
         let _ = std::fs::remove_file(self.dir.join(COUNTERS_PIN));
         let _ = std::fs::remove_dir(&self.dir);
+        info!("programs detached");
     }
 }
 
-impl Drop for Capture {
+impl Drop for Programs {
     fn drop(&mut self) {
         self.detach();
     }
 }
 
-/// Attaches `prog` to `iface` at TC ingress, atomically replacing a link a previous agent pinned
-/// at `pin`, and pins the new link there.
-fn attach(prog: &mut SchedClassifier, iface: &str, pin: &Path) -> Result<PinnedLink, Error> {
-    let attach_err = |reason: String| Error::Attach {
-        iface: iface.to_string(),
-        reason,
-    };
-    let replaced = match PinnedLink::from_pin(pin) {
-        Ok(old) => {
-            let old: Result<SchedClassifierLink, _> = FdLink::from(old).try_into();
-            match old
-                .map_err(|e| e.to_string())
-                .and_then(|l| prog.attach_to_link(l).map_err(|e| e.to_string()))
-            {
-                Ok(id) => {
-                    info!(
-                        iface,
-                        "replaced the capture program of a previous agent in place"
-                    );
-                    Some(id)
-                }
-                Err(e) => {
-                    warn!(iface, error = %e, "stale pinned link could not be reused; attaching anew");
-                    None
-                }
-            }
-        }
-        Err(_) => None,
-    };
-    let _ = std::fs::remove_file(pin);
-    let id = match replaced {
-        Some(id) => id,
-        None => prog.attach(iface, TcAttachType::Ingress).map_err(|e| {
-            attach_err(format!(
-                "{e} (does the interface exist in this network namespace?)"
-            ))
-        })?,
-    };
-    let link = prog.take_link(id)?;
-    let fd: FdLink = link
-        .try_into()
-        .map_err(|e: aya::programs::links::LinkError| attach_err(e.to_string()))?;
-    fd.pin(pin).map_err(|e| Error::Pin {
-        path: pin.to_path_buf(),
-        reason: e.to_string(),
-    })
-}
-
-fn port_set(ports: &[(u16, u16)]) -> Result<PortSet, String> {
-    let mut sorted: Vec<(u16, u16)> = ports.to_vec();
-    sorted.sort_unstable();
-    let mut merged: Vec<(u16, u16)> = Vec::new();
-    for (a, b) in sorted {
-        match merged.last_mut() {
-            Some(last) if a as u32 <= last.1 as u32 + 1 => last.1 = last.1.max(b),
-            _ => merged.push((a, b)),
-        }
-    }
-    if merged.is_empty() {
-        return Err("no ports".into());
-    }
-    if merged.len() > redirect::MAX_PORT_RANGES {
-        return Err(format!(
-            "{} separate port ranges; at most {} fit",
-            merged.len(),
-            redirect::MAX_PORT_RANGES
-        ));
-    }
-    let mut set = PortSet {
-        count: merged.len() as u32,
-        ..Default::default()
-    };
-    for (slot, (a, b)) in set.ranges.iter_mut().zip(merged) {
-        *slot = PortRange { first: a, last: b };
-    }
-    Ok(set)
+/// Removes and returns the links whose interface is not in `want`.
+fn drop_unwanted(
+    links: &mut BTreeMap<InterfaceName, Attached>,
+    want: &[InterfaceName],
+) -> Vec<Attached> {
+    let gone: Vec<InterfaceName> = links
+        .keys()
+        .filter(|i| !want.contains(i))
+        .cloned()
+        .collect();
+    gone.iter().filter_map(|i| links.remove(i)).collect()
 }
 
 fn sum_counters<T: std::borrow::Borrow<MapData>>(
@@ -484,7 +339,7 @@ fn sum_counters<T: std::borrow::Borrow<MapData>>(
     for (i, slot) in out.iter_mut().enumerate() {
         let v = arr
             .get(&(i as u32), 0)
-            .map_err(map_err(counters::MAP_NAME))?;
+            .map_err(maps::err(counters::MAP_NAME))?;
         *slot = v.iter().sum();
     }
     Ok(out)
@@ -493,9 +348,9 @@ fn sum_counters<T: std::borrow::Borrow<MapData>>(
 /// Reads the counters pinned in `dir` by a running (or killed) agent.
 pub fn pinned_counters(dir: &Path) -> Result<[u64; counters::MAX_ENTRIES as usize], Error> {
     let path = dir.join(COUNTERS_PIN);
-    let data = MapData::from_pin(&path).map_err(map_err(counters::MAP_NAME))?;
+    let data = MapData::from_pin(&path).map_err(maps::err(counters::MAP_NAME))?;
     let arr: PerCpuArray<_, u64> = PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))
-        .map_err(map_err(counters::MAP_NAME))?;
+        .map_err(maps::err(counters::MAP_NAME))?;
     sum_counters(&arr)
 }
 
@@ -535,30 +390,28 @@ fn ensure_bpffs(dir: &Path) -> Result<(), Error> {
 mod tests {
     use super::*;
 
+    /// The map names the agent writes (from `mesh_common`) are the names the object declares:
+    /// `#[map]` in mesh-ebpf takes literals, so this is where a mismatch shows.
     #[test]
-    fn port_ranges_merge_and_sort() {
-        let s = port_set(&[(443, 443), (80, 80), (81, 90), (85, 100)]).expect("fits");
-        assert_eq!(s.count, 2);
-        assert_eq!(
-            s.ranges[0],
-            PortRange {
-                first: 80,
-                last: 100
-            }
-        );
-        assert_eq!(
-            s.ranges[1],
-            PortRange {
-                first: 443,
-                last: 443
-            }
-        );
-        assert!(s.contains(95) && s.contains(443) && !s.contains(101));
-    }
-
-    #[test]
-    fn too_many_ranges_is_an_error() {
-        let many: Vec<_> = (1..=40u16).map(|p| (p * 10, p * 10)).collect();
-        assert!(port_set(&many).is_err());
+    fn every_shared_map_name_is_in_the_object() {
+        let obj = aya_obj::Object::parse(OBJECT).expect("the embedded object parses");
+        let declared: std::collections::BTreeSet<&str> =
+            obj.maps.keys().map(String::as_str).collect();
+        let mut shared = vec![
+            redirect::MAP_CAPTURE_V4,
+            redirect::MAP_CAPTURE_V6,
+            redirect::MAP_LISTENERS,
+            redirect::MAP_SETTINGS,
+            counters::MAP_NAME,
+            mesh_common::authz::MAP_GENERATION,
+            mesh_common::authz::MAP_RULE_STATS,
+            mesh_common::authz::MAP_IFACE_STATS,
+        ];
+        shared.extend(mesh_common::authz::MAP_V4);
+        shared.extend(mesh_common::authz::MAP_V6);
+        shared.extend(mesh_common::authz::MAP_LISTS);
+        for name in shared {
+            assert!(declared.contains(name), "{name} not in {declared:?}");
+        }
     }
 }

@@ -1,0 +1,271 @@
+//! Attaching the programs to an interface, and detaching them.
+//!
+//! Links are pinned in the agent's bpffs folder (`capture-<iface>`, `authz-<iface>`) so that the
+//! programs outlive the process: a new agent replaces a pinned link's program atomically (no
+//! moment without a program), and a killed agent's program stays and applies the fail mode. A
+//! clean detach unpins, which drops the last reference and detaches.
+//!
+//! Kernels before 6.6 have no TCX links: there the capture program is a `clsact` ingress
+//! filter at a fixed priority and handle. A filter is not tied to a file descriptor, so it
+//! outlives a killed agent the same way; the next agent replaces the filter's program in place
+//! (netlink replace of the same priority and handle), and a clean detach deletes the filter.
+use std::path::{Path, PathBuf};
+
+use aya::programs::{
+    SchedClassifier, TcAttachType, Xdp, XdpMode,
+    links::{FdLink, Link, LinkError, PinnedLink},
+    tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle, qdisc_add_clsact},
+    xdp::XdpLink,
+};
+use mesh_policy::InterfaceName;
+use serde::Serialize;
+use tracing::{info, warn};
+
+use super::{Error, netlink};
+
+/// Where a program runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// TC ingress as a TCX link (kernel 6.6+).
+    Tcx,
+    /// TC ingress as a netlink `clsact` filter (kernels before 6.6).
+    Clsact,
+    /// XDP in the driver, before an skb is allocated.
+    Driver,
+    /// XDP in the stack, on the skb (the device has no native XDP).
+    Generic,
+    /// A previous agent's XDP link was reused and the kernel did not say which mode it has.
+    Unknown,
+}
+
+impl Mode {
+    /// The mode as shown in `/status` and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Tcx => "tcx",
+            Mode::Clsact => "clsact",
+            Mode::Driver => "driver",
+            Mode::Generic => "generic",
+            Mode::Unknown => "unknown",
+        }
+    }
+}
+
+/// A program attached to an interface, its link pinned at `pin`.
+#[derive(Debug)]
+pub struct Attached {
+    pub iface: InterfaceName,
+    pub mode: Mode,
+    /// Whether a previous agent's link was updated in place.
+    pub replaced: bool,
+    /// Where the link is pinned; `None` for a clsact filter (it has no link to pin).
+    pub pin: Option<PathBuf>,
+    link: Option<Handle>,
+}
+
+/// What keeps a program attached until [`detach`].
+#[derive(Debug)]
+enum Handle {
+    Pinned(PinnedLink),
+    Filter(SchedClassifierLink),
+}
+
+/// Priority and handle of the capture filter on kernels without TCX: fixed, so that the next
+/// agent finds and replaces it.
+const FILTER_PRIORITY: u16 = 50;
+const FILTER_HANDLE: TcHandle = TcHandle::new(0, 0x5c1f);
+
+/// Takes over the link a previous agent pinned at `pin`, if any, with `attach_to_link`.
+fn take_over<L>(
+    iface: &InterfaceName,
+    pin: &Path,
+    attach_to_link: impl FnOnce(L) -> Result<(), String>,
+) -> bool
+where
+    L: TryFrom<FdLink, Error = LinkError>,
+{
+    let Ok(old) = PinnedLink::from_pin(pin) else {
+        return false;
+    };
+    let taken = L::try_from(FdLink::from(old))
+        .map_err(|e| e.to_string())
+        .and_then(attach_to_link);
+    // The old pin goes either way: its link is now ours, or dead.
+    let _ = std::fs::remove_file(pin);
+    match taken {
+        Ok(()) => true,
+        Err(e) => {
+            warn!(iface = %iface, error = %e, "a pinned link could not be reused; attaching anew");
+            false
+        }
+    }
+}
+
+fn pin_link(iface: &InterfaceName, link: FdLink, pin: &Path) -> Result<PinnedLink, Error> {
+    link.pin(pin).map_err(|e| Error::Pin {
+        path: pin.to_path_buf(),
+        reason: format!("{e} (interface {iface})"),
+    })
+}
+
+fn attach_err(iface: &InterfaceName, reason: String) -> Error {
+    Error::Attach {
+        iface: iface.to_string(),
+        reason,
+    }
+}
+
+/// Attaches the capture program at TC ingress of `iface`, replacing a previous agent's
+/// program in place: as a TCX link pinned at `pin` when the kernel has TCX, else as a clsact
+/// filter.
+pub fn tc(
+    prog: &mut SchedClassifier,
+    iface: &InterfaceName,
+    pin: &Path,
+    tcx: bool,
+) -> Result<Attached, Error> {
+    if !tcx {
+        return tc_filter(prog, iface);
+    }
+    let mut id = None;
+    let replaced = take_over(iface, pin, |old: SchedClassifierLink| {
+        id = Some(prog.attach_to_link(old).map_err(|e| e.to_string())?);
+        Ok(())
+    });
+    let id = match id {
+        Some(id) => id,
+        None => prog.attach(iface, TcAttachType::Ingress).map_err(|e| {
+            attach_err(
+                iface,
+                format!("{e} (does the interface exist in this network namespace?)"),
+            )
+        })?,
+    };
+    let link: FdLink = prog.take_link(id)?.try_into().map_err(|e: LinkError| {
+        attach_err(iface, format!("not a bpf_link, cannot be pinned: {e}"))
+    })?;
+    let link = pin_link(iface, link, pin)?;
+    info!(iface = %iface, mode = "tcx", replaced, "capture attached at TC ingress");
+    Ok(Attached {
+        iface: iface.clone(),
+        mode: Mode::Tcx,
+        replaced,
+        pin: Some(pin.to_path_buf()),
+        link: Some(Handle::Pinned(link)),
+    })
+}
+
+/// The pre-6.6 path: a `clsact` ingress filter at [`FILTER_PRIORITY`]/[`FILTER_HANDLE`].
+fn tc_filter(prog: &mut SchedClassifier, iface: &InterfaceName) -> Result<Attached, Error> {
+    // EEXIST when the interface has clsact already (ours from before, or another tool's).
+    let _ = qdisc_add_clsact(iface);
+    let previous = SchedClassifierLink::attached(
+        iface,
+        TcAttachType::Ingress,
+        FILTER_PRIORITY,
+        FILTER_HANDLE,
+        None,
+    )
+    .map_err(|e| e.to_string());
+    let (id, replaced) = match previous
+        .and_then(|l| prog.attach_to_link(l).map_err(|e| e.to_string()))
+    {
+        Ok(id) => (id, true),
+        Err(_) => {
+            let id = prog
+                .attach_with_options(
+                    iface,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::Netlink(NlOptions {
+                        priority: FILTER_PRIORITY,
+                        handle: FILTER_HANDLE,
+                        ..Default::default()
+                    }),
+                )
+                .map_err(|e| {
+                    attach_err(
+                        iface,
+                        format!("clsact filter: {e} (does the interface exist in this network namespace?)"),
+                    )
+                })?;
+            (id, false)
+        }
+    };
+    let link = prog.take_link(id)?;
+    info!(iface = %iface, mode = "clsact", replaced, "capture attached at TC ingress (no TCX before Linux 6.6)");
+    Ok(Attached {
+        iface: iface.clone(),
+        mode: Mode::Clsact,
+        replaced,
+        pin: None,
+        link: Some(Handle::Filter(link)),
+    })
+}
+
+/// Attaches the authorization program at XDP on `iface`, in driver mode when the device
+/// supports it and generic mode otherwise, replacing a previous agent's pinned link in place.
+pub fn xdp(prog: &mut Xdp, iface: &InterfaceName, pin: &Path) -> Result<Attached, Error> {
+    let mut id = None;
+    let replaced = take_over(iface, pin, |old: XdpLink| {
+        id = Some(prog.attach_to_link(old).map_err(|e| e.to_string())?);
+        Ok(())
+    });
+    let (id, mode) = match id {
+        Some(id) => {
+            let mode = netlink::xdp_mode(iface).unwrap_or(Mode::Unknown);
+            (id, mode)
+        }
+        None => match prog.attach(iface, XdpMode::Driver) {
+            Ok(id) => (id, Mode::Driver),
+            Err(drv) => match prog.attach(iface, XdpMode::Skb) {
+                Ok(id) => {
+                    info!(iface = %iface, reason = %drv, "driver-mode XDP refused; using generic mode");
+                    (id, Mode::Generic)
+                }
+                Err(skb) => {
+                    return Err(attach_err(
+                        iface,
+                        format!(
+                            "driver mode: {drv}; generic mode: {skb} (does the interface exist in this network namespace?)"
+                        ),
+                    ));
+                }
+            },
+        },
+    };
+    let link: FdLink = prog.take_link(id)?.try_into().map_err(|e: LinkError| {
+        attach_err(iface, format!("not a bpf_link, cannot be pinned: {e}"))
+    })?;
+    let link = pin_link(iface, link, pin)?;
+    info!(iface = %iface, mode = mode.as_str(), replaced, "authorization attached at XDP");
+    Ok(Attached {
+        iface: iface.clone(),
+        mode,
+        replaced,
+        pin: Some(pin.to_path_buf()),
+        link: Some(Handle::Pinned(link)),
+    })
+}
+
+/// Unpins and detaches (clean shutdown or an interface that left the plan); the interface is
+/// left without the program.
+pub fn detach(mut a: Attached) -> Result<(), Error> {
+    match a.link.take() {
+        Some(Handle::Pinned(link)) => {
+            // Dropping the last reference detaches the program.
+            let fd = link.unpin().map_err(|e| Error::Pin {
+                path: a.pin.clone().unwrap_or_default(),
+                reason: e.to_string(),
+            })?;
+            drop(fd);
+        }
+        Some(Handle::Filter(link)) => link.detach()?,
+        None => {}
+    }
+    if let Some(pin) = &a.pin {
+        let _ = std::fs::remove_file(pin);
+    }
+    info!(iface = %a.iface, mode = a.mode.as_str(), "detached");
+    Ok(())
+}

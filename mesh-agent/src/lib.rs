@@ -1,0 +1,12 @@
+//! The per-node agent as a library: `main.rs` is its command line, and the privileged
+//! integration tests link the same modules (the eBPF writers in particular) instead of
+//! compiling copies of them.
+pub mod admin;
+pub mod app;
+pub mod config;
+pub mod ebpf;
+pub mod metrics;
+pub mod policy;
+pub mod proxy;
+pub mod routing;
+pub mod watch;

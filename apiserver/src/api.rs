@@ -279,7 +279,7 @@ fn check_schema(rt: &ResourceType, obj: &mut Value, strict: bool) -> Result<()> 
         return Err(ApiError::BadRequest(format!(
             "{} in version \"{}\" cannot be handled as a {}: strict decoding error: {}",
             rt.kind,
-            rt.api_version(),
+            rt.version,
             rt.kind,
             fields.join(", ")
         )));
@@ -452,10 +452,14 @@ pub fn create(
     }
     check_schema(rt, &mut obj, opts.strict)?;
     prepare_kind(store, rt, &mut obj, None)?;
+    // Kinds with a spec count their spec changes; ConfigMaps, Secrets and the like do not.
+    let has_generation = obj.get("spec").is_some() || rt.crd.is_some();
     let meta = &mut obj["metadata"];
     meta["uid"] = json!(uid());
     meta["creationTimestamp"] = json!(rfc3339(now_secs()));
-    meta["generation"] = json!(1);
+    if has_generation {
+        meta["generation"] = json!(1);
+    }
     for field in ["resourceVersion", "deletionTimestamp", "selfLink"] {
         meta.as_object_mut().map(|m| m.remove(field));
     }
@@ -558,7 +562,9 @@ pub fn update(
     check_schema(rt, &mut obj, opts.strict)?;
     prepare_kind(store, rt, &mut obj, Some(&old))?;
     let skip = ["metadata", "status", "apiVersion", "kind"];
-    if content_without(&obj, &skip) != content_without(&old, &skip) {
+    if old["metadata"].get("generation").is_some()
+        && content_without(&obj, &skip) != content_without(&old, &skip)
+    {
         let g = old["metadata"]["generation"].as_i64().unwrap_or(1);
         obj["metadata"]["generation"] = json!(g + 1);
     }

@@ -8,6 +8,7 @@ pub mod api;
 pub mod error;
 pub mod openapi;
 pub mod patch;
+pub mod proto;
 pub mod resources;
 pub mod schema;
 pub mod selector;

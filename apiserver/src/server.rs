@@ -187,7 +187,7 @@ impl Server {
         match (&target.name, &req.method) {
             (None, &Method::GET) => self.list_or_watch(&target, req),
             (None, &Method::POST) => {
-                let body = parse_body(req)?;
+                let body = parse_body(req, &target.rt)?;
                 let opts = write_options(req)?;
                 let mut store = self.store();
                 let obj = api::create(&mut store, &target.rt, &target.ns, body, &opts)?;
@@ -233,7 +233,7 @@ impl Server {
                 Ok(json_response(200, &api::get(&store, rt, &t.ns, name)?))
             }
             Method::PUT => {
-                let body = parse_body(req)?;
+                let body = parse_body(req, rt)?;
                 let opts = write_options(req)?;
                 let mut store = self.store();
                 let obj = api::update(&mut store, rt, &t.ns, name, body, part, &opts)?;
@@ -359,8 +359,11 @@ fn flag(req: &Req, name: &str) -> bool {
         .is_some_and(|v| v == "1" || v == "true" || v.is_empty())
 }
 
-fn parse_body(req: &Req) -> Result<Value> {
-    if req.content_type.contains("protobuf") || req.content_type.contains("cbor") {
+fn parse_body(req: &Req, rt: &ResourceType) -> Result<Value> {
+    if req.content_type.contains("protobuf") {
+        return crate::proto::decode(&rt.kind, &req.body);
+    }
+    if req.content_type.contains("cbor") {
         return Err(ApiError::UnsupportedMediaType(format!(
             "the body of the request was in an unknown format - accepted media types include: application/json, application/yaml (got {})",
             req.content_type

@@ -70,8 +70,7 @@ impl Kubectl<'_> {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    /// `kubectl apply -f` of a manifest written to a file first. (`kubectl create namespace` and
-    /// the other generators send protobuf, which the server does not read.)
+    /// `kubectl apply -f` of a manifest written to a file first.
     fn apply_text(&self, name: &str, manifest: &str) -> String {
         let path = self.server.dir.path().join(name);
         std::fs::write(&path, manifest).expect("write manifest");
@@ -358,4 +357,52 @@ fn server_side_apply_kustomize_and_watch() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("ADDED") && text.contains("watched"), "{text}");
     assert!(text.contains("DELETED"), "{text}");
+}
+
+#[test]
+fn imperative_create_sends_protobuf() {
+    if !kubectl_available() {
+        return;
+    }
+    let s = ApiServer::start(&[]);
+    let k = Kubectl { server: &s };
+    assert!(
+        k.ok(&["create", "namespace", "imp"])
+            .contains("namespace/imp created")
+    );
+    k.ok(&[
+        "create",
+        "configmap",
+        "c",
+        "-n",
+        "imp",
+        "--from-literal=a=b",
+    ]);
+    k.ok(&[
+        "create",
+        "secret",
+        "generic",
+        "s",
+        "-n",
+        "imp",
+        "--from-literal=pw=x",
+    ]);
+    k.ok(&["create", "serviceaccount", "robot", "-n", "imp"]);
+    assert_eq!(
+        k.json(&["get", "cm", "c", "-n", "imp"])["data"],
+        json!({"a": "b"})
+    );
+    assert_eq!(
+        k.json(&["get", "secret", "s", "-n", "imp"])["data"],
+        json!({"pw": "eA=="})
+    );
+    assert!(
+        k.ok(&["describe", "sa", "robot", "-n", "imp"])
+            .contains("robot")
+    );
+    let out = k.run_env(
+        &["create", "deployment", "d", "--image=x", "-n", "imp"],
+        &[],
+    );
+    assert!(!out.status.success(), "other generators get 415");
 }

@@ -141,7 +141,7 @@ fn check(v: &Value, schema: &Value, path: &str, causes: &mut Vec<Cause>) {
         }
         if schema.get("type").is_some() {
             causes.push(Cause {
-                reason: "FieldValueInvalid",
+                reason: "FieldValueTypeInvalid",
                 message: format!(
                     "Invalid value: \"null\": {path} in body must be of type {}: \"null\"",
                     schema["type"].as_str().unwrap_or("object")
@@ -155,11 +155,10 @@ fn check(v: &Value, schema: &Value, path: &str, causes: &mut Vec<Cause>) {
     if int_or_string {
         if !(v.is_string() || type_matches(v, "integer")) {
             causes.push(Cause {
-                reason: "FieldValueInvalid",
+                reason: "FieldValueTypeInvalid",
                 message: format!(
-                    "Invalid value: \"{}\": {path} in body must be of type integer,string: {}",
-                    type_name(v),
-                    show(v)
+                    "Invalid value: \"{0}\": {path} in body must be of type integer,string: \"{0}\"",
+                    type_name(v)
                 ),
                 field: path.to_string(),
             });
@@ -168,12 +167,12 @@ fn check(v: &Value, schema: &Value, path: &str, causes: &mut Vec<Cause>) {
     } else if let Some(ty) = schema.get("type").and_then(Value::as_str)
         && !type_matches(v, ty)
     {
+        // kube-openapi reports the type name, not the value, on both sides.
         causes.push(Cause {
-            reason: "FieldValueInvalid",
+            reason: "FieldValueTypeInvalid",
             message: format!(
-                "Invalid value: \"{}\": {path} in body must be of type {ty}: {}",
-                type_name(v),
-                show(v)
+                "Invalid value: \"{0}\": {path} in body must be of type {ty}: \"{0}\"",
+                type_name(v)
             ),
             field: path.to_string(),
         });

@@ -4,8 +4,8 @@
 
 use serde_json::{Map, Value, json};
 
-use crate::error::{ApiError, Cause, Result, Subject};
-use crate::patch::{self, ListStrategy};
+use crate::error::{ApiError, Result, Subject};
+use crate::patch;
 use crate::resources::ResourceType;
 use crate::schema;
 use crate::selector::{FieldSelector, LabelSelector};
@@ -65,7 +65,7 @@ pub fn render(rt: &ResourceType, obj: &Value) -> Value {
     o
 }
 
-fn not_found(rt: &ResourceType, name: &str) -> ApiError {
+pub(crate) fn not_found(rt: &ResourceType, name: &str) -> ApiError {
     ApiError::NotFound(subject(rt, name))
 }
 
@@ -212,127 +212,6 @@ fn check_type(rt: &ResourceType, obj: &mut Map<String, Value>) -> Result<()> {
     Ok(())
 }
 
-fn matches(re: &str, s: &str) -> bool {
-    regex::Regex::new(re).is_ok_and(|r| r.is_match(s))
-}
-
-const DNS1123_LABEL: &str = "[a-z0-9]([-a-z0-9]*[a-z0-9])?";
-const DNS1123_SUBDOMAIN: &str = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*";
-const DNS1035_LABEL: &str = "[a-z]([-a-z0-9]*[a-z0-9])?";
-const LABEL_VALUE: &str = "(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?";
-const QUALIFIED_NAME: &str = "([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]";
-
-/// Why `name` is not a valid name for `kind`, in the real server's words.
-fn name_problem(kind: &str, name: &str) -> Option<String> {
-    if matches!(
-        kind,
-        "ClusterRole" | "ClusterRoleBinding" | "Role" | "RoleBinding"
-    ) {
-        // RBAC names are path segments, so `system:controller:x` is fine.
-        return (name == "." || name == ".." || name.contains('/') || name.contains('%')).then(
-            || format!("Invalid value: \"{name}\": may not contain '/' or '%' or be '.' or '..'"),
-        );
-    }
-    let (re, max, what, examples) = match kind {
-        "Namespace" => (
-            DNS1123_LABEL,
-            63,
-            "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character",
-            "'my-name',  or '123-abc'",
-        ),
-        "Service" => (
-            DNS1035_LABEL,
-            63,
-            "a DNS-1035 label must consist of lower case alphanumeric characters or '-', start with an alphabetic character, and end with an alphanumeric character",
-            "'my-name',  or 'abc-123'",
-        ),
-        _ => (
-            DNS1123_SUBDOMAIN,
-            253,
-            "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character",
-            "'example.com'",
-        ),
-    };
-    if name.len() > max {
-        return Some(format!(
-            "Invalid value: \"{name}\": must be no more than {max} characters"
-        ));
-    }
-    (!matches(&format!("^{re}$"), name)).then(|| {
-        format!("Invalid value: \"{name}\": {what} (e.g. {examples}, regex used for validation is '{re}')")
-    })
-}
-
-/// Why a label key is invalid: an optional DNS subdomain prefix, then a qualified name.
-fn label_key_problem(key: &str) -> Option<String> {
-    let (prefix, name) = match key.split_once('/') {
-        Some((p, n)) => (Some(p), n),
-        None => (None, key),
-    };
-    if let Some(p) = prefix
-        && (p.is_empty() || p.len() > 253 || !matches(&format!("^{DNS1123_SUBDOMAIN}$"), p))
-    {
-        return Some(format!(
-            "Invalid value: \"{key}\": prefix part a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character (e.g. 'example.com', regex used for validation is '{DNS1123_SUBDOMAIN}')"
-        ));
-    }
-    if name.is_empty() || name.len() > 63 || !matches(&format!("^{QUALIFIED_NAME}$"), name) {
-        return Some(format!(
-            "Invalid value: \"{key}\": name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character (e.g. 'MyName',  or 'my.name',  or '123-abc', regex used for validation is '{QUALIFIED_NAME}')"
-        ));
-    }
-    None
-}
-
-fn metadata_causes(rt: &ResourceType, obj: &Value) -> Vec<Cause> {
-    let invalid = |field: &str, message: String| Cause {
-        reason: "FieldValueInvalid",
-        message,
-        field: field.to_string(),
-    };
-    let name = str_at(obj, "metadata.name");
-    if name.is_empty() {
-        return vec![Cause {
-            reason: "FieldValueRequired",
-            message: "Required value: name or generateName is required".into(),
-            field: "metadata.name".into(),
-        }];
-    }
-    let mut causes = Vec::new();
-    if let Some(problem) = name_problem(&rt.kind, name) {
-        causes.push(invalid("metadata.name", problem));
-    }
-    for field in ["labels", "annotations"] {
-        let path = format!("metadata.{field}");
-        let Some(m) = obj["metadata"].get(field).filter(|m| !m.is_null()) else {
-            continue;
-        };
-        let Some(m) = m.as_object() else {
-            causes.push(invalid(
-                &path,
-                "Invalid value: must be a map of strings".into(),
-            ));
-            continue;
-        };
-        for (k, v) in m {
-            let Some(v) = v.as_str() else {
-                causes.push(invalid(
-                    &format!("{path}.{k}"),
-                    format!("Invalid value: {v}: must be a string"),
-                ));
-                continue;
-            };
-            if let Some(problem) = label_key_problem(k) {
-                causes.push(invalid(&path, problem));
-            }
-            if field == "labels" && (v.len() > 63 || !matches(&format!("^{LABEL_VALUE}$"), v)) {
-                causes.push(invalid(&path, format!("Invalid value: \"{v}\": a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character (e.g. 'MyValue',  or 'my_value',  or '12345', regex used for validation is '{LABEL_VALUE}')")));
-            }
-        }
-    }
-    causes
-}
-
 /// Prunes and validates a custom object against its schema.
 fn check_schema(rt: &ResourceType, obj: &mut Value, strict: bool) -> Result<()> {
     let Some(schema) = &rt.schema else {
@@ -363,7 +242,7 @@ fn check_schema(rt: &ResourceType, obj: &mut Value, strict: bool) -> Result<()> 
     }
 }
 
-fn content_without(obj: &Value, skip: &[&str]) -> Value {
+pub(crate) fn content_without(obj: &Value, skip: &[&str]) -> Value {
     match obj {
         Value::Object(m) => Value::Object(
             m.iter()
@@ -460,7 +339,7 @@ fn after_write(store: &mut Store, rt: &ResourceType, obj: &Value) {
     }
 }
 
-fn persist(store: &Store) -> Result<()> {
+pub(crate) fn persist(store: &Store) -> Result<()> {
     store.save().map_err(|e| ApiError::Internal(e.to_string()))
 }
 
@@ -500,7 +379,7 @@ pub fn create(
     if str_at(&obj, "metadata.name").is_empty() && !generate.is_empty() {
         obj["metadata"]["name"] = json!(format!("{generate}{}", crate::util::name_suffix()));
     }
-    let mut causes = metadata_causes(rt, &obj);
+    let mut causes = crate::meta::metadata_causes(rt, &obj);
     if !causes.is_empty() {
         return Err(ApiError::Invalid {
             subject: subject(rt, str_at(&obj, "metadata.name")),
@@ -532,7 +411,7 @@ pub fn create(
         meta.as_object_mut().map(|m| m.remove(field));
     }
     if let Some(manager) = &opts.field_manager {
-        record_manager(&mut obj, manager, "Update", rt, None);
+        crate::apply::record_manager(&mut obj, manager, "Update", rt, None);
     }
     if opts.dry_run {
         return Ok(render(rt, &obj));
@@ -620,7 +499,7 @@ pub fn update(
     {
         obj["metadata"]["managedFields"] = old["metadata"]["managedFields"].clone();
     }
-    let causes = metadata_causes(rt, &obj);
+    let causes = crate::meta::metadata_causes(rt, &obj);
     if !causes.is_empty() {
         return Err(ApiError::Invalid {
             subject: subject(rt, name),
@@ -639,7 +518,7 @@ pub fn update(
     if let Some(manager) = &opts.field_manager
         && obj != old
     {
-        record_manager(&mut obj, manager, "Update", rt, None);
+        crate::apply::record_manager(&mut obj, manager, "Update", rt, None);
     }
     // A finalized object whose last finalizer is gone is deleted, as the real server does.
     let finalizers_gone = obj
@@ -679,43 +558,6 @@ fn with_rv(old: &Value, new: &Value) -> Value {
     o
 }
 
-/// Lists in custom objects follow `x-kubernetes-list-type: map` keys; all others are atomic.
-fn schema_strategy(schema: Option<&Value>) -> impl Fn(&[String], &str) -> ListStrategy + '_ {
-    move |path: &[String], field: &str| {
-        let mut s = match schema {
-            Some(s) => s,
-            None => return ListStrategy::Replace,
-        };
-        for p in path.iter().chain(std::iter::once(&field.to_string())) {
-            s = match s.pointer(&format!("/properties/{p}")) {
-                Some(c) => c,
-                None => match s.pointer("/items/properties").and_then(|ps| ps.get(p)) {
-                    Some(c) => c,
-                    None => return ListStrategy::Replace,
-                },
-            };
-        }
-        let keys = s
-            .get("x-kubernetes-list-map-keys")
-            .and_then(Value::as_array);
-        match (
-            s.get("x-kubernetes-list-type").and_then(Value::as_str),
-            keys,
-        ) {
-            (Some("map"), Some(keys)) if keys.len() == 1 => match keys[0].as_str() {
-                // Strategies name keys statically; the common custom keys are listed here.
-                Some("name") => ListStrategy::MergeByKey("name"),
-                Some("type") => ListStrategy::MergeByKey("type"),
-                Some("port") => ListStrategy::MergeByKey("port"),
-                Some("key") => ListStrategy::MergeByKey("key"),
-                _ => ListStrategy::Replace,
-            },
-            (Some("set"), _) => ListStrategy::MergePrimitives,
-            _ => ListStrategy::Replace,
-        }
-    }
-}
-
 /// Applies a PATCH (any of the four kinds). Returns the object and whether apply created it.
 #[allow(clippy::too_many_arguments)]
 pub fn patch(
@@ -753,7 +595,7 @@ pub fn patch(
                 "the name of the object ({applied_name}) does not match the name on the URL ({name})"
             )));
         }
-        return apply(store, rt, ns, name, applied, current, part, &manager, opts);
+        return crate::apply::apply(store, rt, ns, name, applied, current, part, &manager, opts);
     }
     let current = current.ok_or_else(|| not_found(rt, name))?;
     let mut obj = current.clone();
@@ -769,178 +611,6 @@ pub fn patch(
         PatchKind::Apply => {}
     }
     let r = update(store, rt, ns, name, obj, part, opts)?;
-    Ok((r, false))
-}
-
-/// Field paths through maps (lists count as one field), to know what a manager applied.
-fn leaf_paths(v: &Value, prefix: &mut Vec<String>, out: &mut Vec<Vec<String>>) {
-    match v {
-        Value::Object(m) if !m.is_empty() => {
-            for (k, c) in m {
-                prefix.push(k.clone());
-                leaf_paths(c, prefix, out);
-                prefix.pop();
-            }
-        }
-        _ => out.push(prefix.clone()),
-    }
-}
-
-fn fields_v1(v: &Value) -> Value {
-    match v {
-        Value::Object(m) if !m.is_empty() => Value::Object(
-            m.iter()
-                .map(|(k, c)| (format!("f:{k}"), fields_v1(c)))
-                .collect(),
-        ),
-        _ => json!({}),
-    }
-}
-
-fn paths_of_fields_v1(f: &Value, prefix: &mut Vec<String>, out: &mut Vec<Vec<String>>) {
-    match f.as_object() {
-        Some(m) if !m.is_empty() => {
-            for (k, c) in m {
-                if let Some(name) = k.strip_prefix("f:") {
-                    prefix.push(name.to_string());
-                    paths_of_fields_v1(c, prefix, out);
-                    prefix.pop();
-                }
-            }
-        }
-        _ => out.push(prefix.clone()),
-    }
-}
-
-fn record_manager(
-    obj: &mut Value,
-    manager: &str,
-    operation: &str,
-    rt: &ResourceType,
-    applied: Option<&Value>,
-) {
-    let mut entries: Vec<Value> = obj
-        .pointer("/metadata/managedFields")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
-    entries.retain(|e| !(e["manager"] == json!(manager) && e["operation"] == json!(operation)));
-    let fields = match applied {
-        Some(a) => fields_v1(&content_without(a, &["apiVersion", "kind"])),
-        None => json!({}),
-    };
-    entries.push(json!({
-        "manager": manager,
-        "operation": operation,
-        "apiVersion": rt.api_version(),
-        "time": rfc3339(now_secs()),
-        "fieldsType": "FieldsV1",
-        "fieldsV1": fields,
-    }));
-    obj["metadata"]["managedFields"] = Value::Array(entries);
-}
-
-fn remove_path(v: &mut Value, path: &[String]) {
-    let Some((last, parents)) = path.split_last() else {
-        return;
-    };
-    let mut cur = v;
-    for p in parents {
-        cur = match cur.get_mut(p) {
-            Some(c) => c,
-            None => return,
-        };
-    }
-    if let Some(m) = cur.as_object_mut() {
-        m.remove(last);
-    }
-}
-
-/// Server-side apply: the applied configuration merges into the object; fields this manager
-/// applied before and no longer applies are removed unless another applier claims them.
-/// Conflicts between managers are not detected.
-#[allow(clippy::too_many_arguments)]
-fn apply(
-    store: &mut Store,
-    rt: &ResourceType,
-    ns: &str,
-    name: &str,
-    applied: Value,
-    current: Option<Value>,
-    part: Part,
-    manager: &str,
-    opts: &WriteOptions,
-) -> Result<(Value, bool)> {
-    let Some(current) = current else {
-        if part == Part::Status {
-            return Err(not_found(rt, name));
-        }
-        let mut obj = applied.clone();
-        obj["metadata"]["name"] = json!(name);
-        let mut o = opts.clone();
-        o.field_manager = None;
-        let mut created = create(store, rt, ns, obj, &o)?;
-        let mut stored = store
-            .get(&rt.storage(), ns, name)
-            .cloned()
-            .unwrap_or_default();
-        record_manager(&mut stored, manager, "Apply", rt, Some(&applied));
-        if !opts.dry_run {
-            // Recording the manager is part of the same logical write: keep its resourceVersion.
-            let rv = str_at(&stored, "metadata.resourceVersion").to_string();
-            if let Some(objs) = store.objects.get_mut(&rt.storage()) {
-                objs.insert((ns.to_string(), name.to_string()), stored.clone());
-            }
-            persist(store)?;
-            created = render(rt, &stored);
-            created["metadata"]["resourceVersion"] = json!(rv);
-        }
-        return Ok((created, true));
-    };
-    let mut obj = current.clone();
-    let applied_clean = content_without(&applied, &["apiVersion", "kind"]);
-    // Fields this manager applied last time and drops now.
-    let mut old_paths = Vec::new();
-    let mut other_paths = Vec::new();
-    for e in current
-        .pointer("/metadata/managedFields")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        if e["operation"] != json!("Apply") {
-            continue;
-        }
-        let target = if e["manager"] == json!(manager) {
-            &mut old_paths
-        } else {
-            &mut other_paths
-        };
-        paths_of_fields_v1(&e["fieldsV1"], &mut Vec::new(), target);
-    }
-    let mut new_paths = Vec::new();
-    leaf_paths(&applied_clean, &mut Vec::new(), &mut new_paths);
-    for p in &old_paths {
-        let kept = |ps: &Vec<Vec<String>>| ps.iter().any(|n| n.starts_with(p) || p.starts_with(n));
-        if !kept(&new_paths) && !kept(&other_paths) {
-            remove_path(&mut obj, p);
-        }
-    }
-    let mut patch_doc = applied_clean.clone();
-    if let Some(m) = patch_doc["metadata"].as_object_mut() {
-        m.remove("resourceVersion");
-        m.remove("managedFields");
-    }
-    if rt.crd.is_some() {
-        let strategy = schema_strategy(rt.schema.as_ref());
-        patch::strategic_merge(&mut obj, &patch_doc, &strategy)?;
-    } else {
-        patch::strategic_merge(&mut obj, &patch_doc, &patch::list_strategy)?;
-    }
-    record_manager(&mut obj, manager, "Apply", rt, Some(&applied));
-    let mut o = opts.clone();
-    o.field_manager = None;
-    let r = update(store, rt, ns, name, obj, part, &o)?;
     Ok((r, false))
 }
 

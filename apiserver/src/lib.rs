@@ -5,7 +5,9 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod apply;
 pub mod error;
+pub mod meta;
 pub mod openapi;
 pub mod patch;
 pub mod proto;

@@ -304,6 +304,62 @@ impl Registry {
     }
 }
 
+impl Registry {
+    /// The aggregated discovery document (`apidiscovery.k8s.io/v2` `APIGroupDiscoveryList`) of
+    /// the core group (`/api`) or of all named groups (`/apis`), which kubectl 1.32 asks for first.
+    pub fn aggregated(&self, core: bool) -> Value {
+        let items: Vec<Value> = self
+            .groups()
+            .iter()
+            .filter(|(g, _)| g.is_empty() == core)
+            .map(|(g, versions)| {
+                let versions: Vec<Value> = versions
+                    .iter()
+                    .map(|v| {
+                        let resources: Vec<Value> = self
+                            .types
+                            .iter()
+                            .filter(|t| t.group == *g && t.version == *v)
+                            .map(|t| t.aggregated())
+                            .collect();
+                        json!({"version": v, "resources": resources, "freshness": "Current"})
+                    })
+                    .collect();
+                json!({"metadata": {"name": g}, "versions": versions})
+            })
+            .collect();
+        json!({
+            "kind": "APIGroupDiscoveryList",
+            "apiVersion": "apidiscovery.k8s.io/v2",
+            "metadata": {},
+            "items": items,
+        })
+    }
+}
+
+impl ResourceType {
+    fn aggregated(&self) -> Value {
+        let gvk = json!({"group": self.group, "version": self.version, "kind": self.kind});
+        let mut r = json!({
+            "resource": self.plural,
+            "responseKind": gvk,
+            "scope": if self.namespaced { "Namespaced" } else { "Cluster" },
+            "singularResource": self.singular,
+            "verbs": VERBS,
+        });
+        if !self.short_names.is_empty() {
+            r["shortNames"] = json!(self.short_names);
+        }
+        if !self.categories.is_empty() {
+            r["categories"] = json!(self.categories);
+        }
+        if self.status {
+            r["subresources"] = json!([{"subresource": "status", "responseKind": gvk, "verbs": ["get", "patch", "update"]}]);
+        }
+        r
+    }
+}
+
 /// Kubernetes version priority: GA before beta before alpha, higher numbers first, then
 /// anything else alphabetically.
 pub fn version_priority(a: &str, b: &str) -> Ordering {

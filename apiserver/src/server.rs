@@ -92,7 +92,14 @@ impl Server {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("application/json")
             .to_string();
+        let accept = parts
+            .headers
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
         let req = Req {
+            accept,
             method,
             path,
             query,
@@ -127,6 +134,17 @@ impl Server {
             )),
             ["openapi", "v3", "api", v] if get => self.openapi_doc("", v),
             ["openapi", "v3", "apis", g, v] if get => self.openapi_doc(g, v),
+            ["api"] | ["apis"] if get && wants_aggregated(&req.accept) => {
+                let doc = self.store().registry.aggregated(segs == ["api"]);
+                let mut resp = json_response(200, &doc);
+                resp.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    http::HeaderValue::from_static(AGGREGATED_CONTENT_TYPE),
+                );
+                resp.headers_mut()
+                    .insert(header::VARY, http::HeaderValue::from_static("Accept"));
+                Ok(resp)
+            }
             ["api"] if get => {
                 let addr = self
                     .address
@@ -346,6 +364,7 @@ fn parse_target(store: &Store, group: &str, version: &str, rest: &[&str]) -> Opt
 
 /// A request with its body read.
 struct Req {
+    accept: String,
     method: Method,
     path: String,
     query: HashMap<String, String>,
@@ -416,6 +435,20 @@ fn list_options(req: &Req, rt: &ResourceType) -> Result<ListOptions> {
         continue_token: q("continue"),
         resource_version: q("resourceVersion"),
         resource_version_match: q("resourceVersionMatch"),
+    })
+}
+
+const AGGREGATED_CONTENT_TYPE: &str =
+    "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList";
+
+/// Whether the Accept header asks for aggregated discovery v2 (v2beta1 alone gets the plain
+/// documents, which every client also accepts).
+fn wants_aggregated(accept: &str) -> bool {
+    accept.split(',').any(|t| {
+        let params: Vec<&str> = t.split(';').map(str::trim).collect();
+        params.contains(&"g=apidiscovery.k8s.io")
+            && params.contains(&"v=v2")
+            && params.contains(&"as=APIGroupDiscoveryList")
     })
 }
 

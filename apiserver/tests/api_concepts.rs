@@ -737,6 +737,39 @@ async fn discovery_documents() {
         assert!(groups.contains(&g), "{g}");
     }
     assert!(!groups.contains(&"monitoring.coreos.com"));
+    // Aggregated discovery, as kubectl 1.32 asks for it.
+    let accept =
+        "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList,application/json";
+    let (code, ct, agg) = c.get_accept("/apis", accept).await;
+    assert_eq!(code, 200);
+    assert_eq!(
+        ct,
+        "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList"
+    );
+    assert_eq!(agg["kind"], "APIGroupDiscoveryList");
+    let apps = agg["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .find(|g| g["metadata"]["name"] == "apps")
+        .expect("apps");
+    let deploy = &apps["versions"][0]["resources"]
+        .as_array()
+        .expect("resources")
+        .iter()
+        .find(|r| r["resource"] == "deployments")
+        .cloned()
+        .expect("deployments");
+    assert_eq!(deploy["scope"], "Namespaced");
+    assert_eq!(deploy["subresources"][0]["subresource"], "status");
+    let (_, _, core) = c.get_accept("/api", accept).await;
+    assert_eq!(core["items"][0]["metadata"]["name"], "");
+    let (_, ct, _) = c.get_accept("/apis", "application/json").await;
+    assert_eq!(
+        ct, "application/json",
+        "plain discovery without the aggregated Accept"
+    );
+
     let (_, oa) = c.get("/openapi/v3").await;
     let url = oa["paths"]["apis/apps/v1"]["serverRelativeURL"]
         .as_str()

@@ -211,3 +211,107 @@ async fn watcher_and_reflector_follow_changes_and_recover() {
     names.sort();
     assert_eq!(names, ["late", "w"]);
 }
+
+#[tokio::test]
+async fn discovery_and_custom_resources() {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
+    use kube::discovery::Discovery;
+
+    let s = ApiServer::start(&[]);
+    let c = client(&s);
+    let crds: Api<CustomResourceDefinition> = Api::all(c.clone());
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/meshpolicy-crd.yaml"
+    ))
+    .expect("fixture");
+    let crd: CustomResourceDefinition = serde_yaml::from_str(&text).expect("crd yaml");
+    let made = crds
+        .create(&PostParams::default(), &crd)
+        .await
+        .expect("create crd");
+    let established = made
+        .status
+        .and_then(|s| s.conditions)
+        .unwrap_or_default()
+        .iter()
+        .any(|c| c.type_ == "Established" && c.status == "True");
+    assert!(established);
+
+    let gvk = GroupVersionKind::gvk("skiff.dev", "v1alpha1", "MeshPolicy");
+    for aggregated in [false, true] {
+        let d = Discovery::new(c.clone());
+        let d = if aggregated {
+            d.run_aggregated().await
+        } else {
+            d.run().await
+        }
+        .expect("discovery");
+        let (ar, caps) = d.resolve_gvk(&gvk).expect("MeshPolicy discovered");
+        assert_eq!(ar.plural, "meshpolicies");
+        assert_eq!(caps.scope, kube::discovery::Scope::Namespaced);
+        assert!(
+            d.resolve_gvk(&GroupVersionKind::gvk("apps", "v1", "Deployment"))
+                .is_some()
+        );
+    }
+
+    let ar = ApiResource::from_gvk_with_plural(&gvk, "meshpolicies");
+    let mps: Api<DynamicObject> = Api::namespaced_with(c.clone(), "default", &ar);
+    let obj: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "skiff.dev/v1alpha1", "kind": "MeshPolicy",
+        "metadata": {"name": "p"}, "spec": {"rules": [{"action": "Allow", "ports": [80]}]}
+    }))
+    .expect("object");
+    mps.create(&PostParams::default(), &obj)
+        .await
+        .expect("create");
+    let mut bad = obj.clone();
+    bad.metadata.name = Some("bad".into());
+    bad.data["spec"]["rules"][0]["action"] = json!("Maybe");
+    let err = mps
+        .create(&PostParams::default(), &bad)
+        .await
+        .expect_err("invalid");
+    match err {
+        kube::Error::Api(s) => {
+            assert_eq!((s.code, s.reason.as_str()), (422, "Invalid"));
+            assert!(
+                s.message
+                    .contains("spec.rules[0].action: Unsupported value: \"Maybe\""),
+                "{}",
+                s.message
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    let status = mps
+        .patch_status(
+            "p",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"observed": 1}})),
+        )
+        .await
+        .expect("status");
+    assert_eq!(status.data["status"]["observed"], 1);
+}
+
+#[tokio::test]
+async fn streaming_list_watcher() {
+    let s = ApiServer::start(&[]);
+    let cms: Api<ConfigMap> = Api::namespaced(client(&s), "default");
+    cms.create(&PostParams::default(), &cm("one", "1"))
+        .await
+        .expect("create");
+    let mut stream = watcher(cms.clone(), watcher::Config::default().streaming_lists()).boxed();
+    until(&mut stream, "initial event", |e| applied(e, "one", "1")).await;
+    until(&mut stream, "end of initial events", |e| {
+        matches!(e, watcher::Event::InitDone)
+    })
+    .await;
+    cms.create(&PostParams::default(), &cm("two", "2"))
+        .await
+        .expect("create");
+    until(&mut stream, "ADDED", |e| applied(e, "two", "2")).await;
+}

@@ -130,6 +130,29 @@ impl Http {
         (status, v)
     }
 
+    /// A GET with an Accept header; returns the status, the response Content-Type and the body.
+    pub async fn get_accept(&self, path: &str, accept: &str) -> (u16, String, Value) {
+        let req = Request::builder()
+            .uri(format!("{}{}", self.base, path))
+            .header("accept", accept)
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let resp = self.client.request(req).await.expect("send");
+        let status = resp.status().as_u16();
+        let ct = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+        (
+            status,
+            ct,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
     pub async fn get(&self, path: &str) -> (u16, Value) {
         self.send(Method::GET, path, "application/json", "").await
     }

@@ -9,6 +9,7 @@ pub mod apply;
 pub mod error;
 pub mod meta;
 pub mod openapi;
+pub mod output;
 pub mod patch;
 pub mod proto;
 pub mod resources;

@@ -37,6 +37,8 @@ pub struct ResourceType {
     pub schema: Option<Value>,
     /// The name of the CRD that defines this type, if any.
     pub crd: Option<String>,
+    /// The CRD version's `additionalPrinterColumns`, for Table output.
+    pub printer_columns: Vec<Value>,
 }
 
 impl ResourceType {
@@ -176,6 +178,7 @@ impl Registry {
                 status: t.status,
                 schema: None,
                 crd: None,
+                printer_columns: Vec::new(),
             })
             .collect();
         Registry { types }
@@ -487,6 +490,11 @@ pub fn crd_types(crd: &Value) -> Result<Vec<ResourceType>, Vec<Cause>> {
             status: v.pointer("/subresources/status").is_some(),
             schema: v.pointer("/schema/openAPIV3Schema").cloned(),
             crd: Some(name.to_string()),
+            printer_columns: v
+                .get("additionalPrinterColumns")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default(),
         })
         .collect())
 }

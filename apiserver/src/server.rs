@@ -17,6 +17,7 @@ use tokio::net::TcpListener;
 
 use crate::api::{self, ListOptions, Part, PatchKind, WriteOptions};
 use crate::error::{ApiError, Result};
+use crate::output::Shape;
 use crate::resources::ResourceType;
 use crate::selector::{FieldSelector, LabelSelector};
 use crate::store::Store;
@@ -247,8 +248,11 @@ impl Server {
                         "watch of a single object: use fieldSelector=metadata.name".into(),
                     ));
                 }
-                let store = self.store();
-                Ok(json_response(200, &api::get(&store, rt, &t.ns, name)?))
+                let obj = api::get(&self.store(), rt, &t.ns, name)?;
+                Ok(json_response(
+                    200,
+                    &Shape::from_accept(&req.accept).item(rt, obj),
+                ))
             }
             Method::PUT => {
                 let body = parse_body(req, rt)?;
@@ -286,8 +290,11 @@ impl Server {
     fn list_or_watch(&self, t: &Target, req: &Req) -> Result<Response<Body>> {
         let list = list_options(req, &t.rt)?;
         if !flag(req, "watch") {
-            let store = self.store();
-            return Ok(json_response(200, &api::list(&store, &t.rt, &t.ns, &list)?));
+            let doc = api::list(&self.store(), &t.rt, &t.ns, &list)?;
+            return Ok(json_response(
+                200,
+                &Shape::from_accept(&req.accept).list(&t.rt, doc),
+            ));
         }
         let timeout = match req.query.get("timeoutSeconds") {
             Some(s) => Some(Duration::from_secs(s.parse().map_err(|_| {
@@ -303,6 +310,7 @@ impl Server {
                 .query
                 .get("sendInitialEvents")
                 .map(|v| v == "true" || v == "1"),
+            shape: Shape::from_accept(&req.accept),
         };
         let started = {
             let store = self.store();

@@ -9,6 +9,7 @@ use tokio::sync::{broadcast, mpsc};
 
 use crate::api::{ListOptions, in_scope, render};
 use crate::error::{ApiError, Cause, Subject};
+use crate::output::Shape;
 use crate::resources::ResourceType;
 use crate::store::{Event, EventKind, Message, Store};
 
@@ -29,6 +30,8 @@ pub struct WatchOptions {
     pub bookmarks: bool,
     pub timeout: Option<Duration>,
     pub send_initial_events: Option<bool>,
+    /// Objects, metadata only, or one-row Tables, as the Accept header asked.
+    pub shape: Shape,
 }
 
 /// Server-wide watch settings.
@@ -65,11 +68,11 @@ fn bookmark(rt: &ResourceType, rv: u64, initial_end: bool) -> Bytes {
 
 /// The line an event becomes for this watch, if any: selector watches see objects entering and
 /// leaving the selection as ADDED and DELETED.
-fn event_line(rt: &ResourceType, ns: &str, opts: &ListOptions, e: &Event) -> Option<Bytes> {
+fn event_line(rt: &ResourceType, ns: &str, opts: &WatchOptions, e: &Event) -> Option<Bytes> {
     if e.storage != rt.storage() || !in_scope(ns, &e.object) {
         return None;
     }
-    let sel = |o: &Value| opts.labels.matches(o) && opts.fields.matches(o);
+    let sel = |o: &Value| opts.list.labels.matches(o) && opts.list.fields.matches(o);
     let now = sel(&e.object);
     let kind = match e.kind {
         EventKind::Added if now => EventKind::Added,
@@ -82,7 +85,16 @@ fn event_line(rt: &ResourceType, ns: &str, opts: &ListOptions, e: &Event) -> Opt
         },
         _ => return None,
     };
-    Some(line(kind.as_str(), render(rt, &e.object)))
+    Some(line(
+        kind.as_str(),
+        opts.shape.item(rt, render(rt, &e.object)),
+    ))
+}
+
+fn ends_with_crd(rt: &ResourceType, e: &Event) -> bool {
+    e.kind == EventKind::Deleted
+        && e.storage == "apiextensions.k8s.io/customresourcedefinitions"
+        && rt.crd.as_deref() == Some(crate::util::str_at(&e.object, "metadata.name"))
 }
 
 /// What the handler needs to answer a watch.
@@ -162,7 +174,7 @@ pub fn start(
                     .history
                     .iter()
                     .filter(|e| e.rv > r)
-                    .filter_map(|e| event_line(&rt, &ns, &opts.list, e)),
+                    .filter_map(|e| event_line(&rt, &ns, &opts, e)),
             );
         }
         _ => {
@@ -175,7 +187,7 @@ pub fn start(
                                 && opts.list.labels.matches(o)
                                 && opts.list.fields.matches(o)
                         })
-                        .map(|o| line("ADDED", render(&rt, o))),
+                        .map(|o| line("ADDED", opts.shape.item(&rt, render(&rt, o)))),
                 );
             }
             if send_initial {
@@ -238,7 +250,11 @@ async fn run(
                         continue;
                     }
                     seen = e.rv;
-                    event_line(&s.rt, &s.ns, &s.opts.list, &e)
+                    if ends_with_crd(&s.rt, &e) {
+                        // The real server ends watches of a resource whose CRD is deleted.
+                        break;
+                    }
+                    event_line(&s.rt, &s.ns, &s.opts, &e)
                 }
                 Ok(Message::Reset) | Err(broadcast::error::RecvError::Closed) => break,
                 Err(broadcast::error::RecvError::Lagged(_)) => {

@@ -116,6 +116,13 @@ async fn typed_crud_and_list() {
         .await
         .expect("select");
     assert_eq!(selected.items.len(), 1);
+    let meta = cms.get_metadata("p3").await.expect("get_metadata");
+    assert_eq!(meta.metadata.name.as_deref(), Some("p3"));
+    let metas = cms
+        .list_metadata(&ListParams::default().labels("app=t"))
+        .await
+        .expect("list_metadata");
+    assert_eq!(metas.items.len(), 8);
     cms.delete("a", &DeleteParams::default())
         .await
         .expect("delete");
@@ -314,4 +321,31 @@ async fn streaming_list_watcher() {
         .await
         .expect("create");
     until(&mut stream, "ADDED", |e| applied(e, "two", "2")).await;
+}
+
+#[tokio::test]
+async fn metadata_watcher() {
+    let s = ApiServer::start(&[]);
+    let cms: Api<ConfigMap> = Api::namespaced(client(&s), "default");
+    let metas: Api<kube::core::PartialObjectMeta<ConfigMap>> =
+        Api::namespaced(client(&s), "default");
+    let mut stream = watcher(metas, watcher::Config::default()).boxed();
+    cms.create(&PostParams::default(), &cm("m", "1"))
+        .await
+        .expect("create");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let e = tokio::time::timeout_at(deadline, stream.next())
+            .await
+            .expect("event in time");
+        if let Some(Ok(watcher::Event::Apply(m) | watcher::Event::InitApply(m))) = e
+            && m.metadata.name.as_deref() == Some("m")
+        {
+            assert_eq!(
+                m.types.map(|t| t.kind),
+                Some("PartialObjectMetadata".to_string())
+            );
+            break;
+        }
+    }
 }

@@ -108,6 +108,26 @@ fn apply_edit_label_patch_delete() {
         k.ok(&["get", "svc", "-n", "shop", "-o", "yaml"])
             .contains("targetPort: 8080")
     );
+    let table = k.ok(&["get", "svc", "-n", "shop"]);
+    let header: Vec<&str> = table
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header,
+        [
+            "NAME",
+            "TYPE",
+            "CLUSTER-IP",
+            "EXTERNAL-IP",
+            "PORT(S)",
+            "AGE"
+        ],
+        "{table}"
+    );
+    assert!(table.contains("80/TCP"), "{table}");
 
     // A changed file goes through kubectl's three-way strategic merge patch.
     let out = k.ok(&[
@@ -233,6 +253,13 @@ fn custom_resources_through_kubectl() {
         k.ok(&["get", "mp", "-n", "shop"]).contains("web"),
         "short names work"
     );
+    // Server-side Table printing: the CRD's printer columns.
+    let table = k.ok(&["get", "httproutes", "-n", "shop"]);
+    assert!(
+        table.starts_with("NAME") && table.contains("HOSTNAMES"),
+        "{table}"
+    );
+    assert!(table.contains("web.shop.svc.cluster.local"), "{table}");
     let route = k.json(&[
         "get",
         "httproutes.v1beta1.gateway.networking.k8s.io",

@@ -231,6 +231,7 @@ fn check_schema(rt: &ResourceType, obj: &mut Value, strict: bool) -> Result<()> 
             fields.join(", ")
         )));
     }
+    schema::apply_defaults(obj, schema);
     let causes = schema::validate(obj, schema);
     if causes.is_empty() {
         Ok(())

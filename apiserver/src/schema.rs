@@ -1,7 +1,7 @@
 //! Structural-schema pruning and OpenAPI v3 validation of custom objects against their CRD's
 //! `openAPIV3Schema`, with the messages and cause reasons of the real server (kube-openapi).
-//! CEL rules (`x-kubernetes-validations`), `allOf`/`anyOf`/`oneOf`/`not` and defaulting are not
-//! evaluated.
+//! Defaults (`default`) are applied like the real server's structural defaulting. CEL rules
+//! (`x-kubernetes-validations`) and `allOf`/`anyOf`/`oneOf`/`not` are not evaluated.
 
 use serde_json::{Map, Value};
 
@@ -85,6 +85,43 @@ fn prune_map(
                 removed.push(child_path);
             }
         }
+    }
+}
+
+/// Fills in `default` values of missing properties, as the real server does on every write:
+/// only inside objects that exist, and recursively into what it just defaulted.
+pub fn apply_defaults(v: &mut Value, schema: &Value) {
+    match v {
+        Value::Object(m) => {
+            if let Some(props) = schema.get("properties").and_then(Value::as_object) {
+                for (k, s) in props {
+                    if !m.contains_key(k)
+                        && let Some(d) = s.get("default")
+                    {
+                        m.insert(k.clone(), d.clone());
+                    }
+                    if let Some(child) = m.get_mut(k) {
+                        apply_defaults(child, s);
+                    }
+                }
+            }
+            if let Some(additional) = schema.get("additionalProperties").filter(|a| a.is_object()) {
+                let known = schema.get("properties").and_then(Value::as_object);
+                for (k, child) in m.iter_mut() {
+                    if known.is_none_or(|p| !p.contains_key(k)) {
+                        apply_defaults(child, additional);
+                    }
+                }
+            }
+        }
+        Value::Array(a) => {
+            if let Some(items) = schema.get("items") {
+                for item in a {
+                    apply_defaults(item, items);
+                }
+            }
+        }
+        _ => {}
     }
 }
 
@@ -439,6 +476,27 @@ mod tests {
         assert_eq!(
             replicas.message,
             "Invalid value: 11: spec.replicas in body should be less than or equal to 10"
+        );
+    }
+
+    #[test]
+    fn defaults_fill_missing_fields_inside_existing_objects() {
+        let schema = json!({"type": "object", "properties": {"spec": {"type": "object", "properties": {
+            "rules": {"type": "array", "items": {"type": "object", "properties": {
+                "matches": {"type": "array", "default": [{"path": {"type": "PathPrefix", "value": "/"}}],
+                            "items": {"type": "object", "properties": {"path": {"type": "object", "properties": {
+                                "type": {"type": "string", "default": "PathPrefix"},
+                                "value": {"type": "string", "default": "/"}}}}}},
+                "weight": {"type": "integer", "default": 1}}}},
+            "absent": {"type": "object", "properties": {"x": {"type": "integer", "default": 5}}}}}}});
+        let mut obj = json!({"spec": {"rules": [{}, {"matches": [{"path": {"value": "/api"}}], "weight": 3}]}});
+        apply_defaults(&mut obj, &schema);
+        assert_eq!(
+            obj,
+            json!({"spec": {"rules": [
+                {"matches": [{"path": {"type": "PathPrefix", "value": "/"}}], "weight": 1},
+                {"matches": [{"path": {"type": "PathPrefix", "value": "/api"}}], "weight": 3}
+            ]}})
         );
     }
 

@@ -553,6 +553,7 @@ fn crd() -> Value {
           "schema": {"openAPIV3Schema": {"type": "object", "properties": {
             "spec": {"type": "object", "required": ["size"], "properties": {
               "size": {"type": "integer", "minimum": 1, "maximum": 10},
+              "mode": {"type": "string", "default": "fast"},
               "rules": {"type": "array", "items": {"type": "object", "properties": {
                 "action": {"type": "string", "enum": ["Allow", "Deny"]}}}}}},
             "status": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}}}}]}})
@@ -606,6 +607,7 @@ async fn custom_resources_are_registered_validated_and_pruned() {
         w["spec"].get("unknown").is_none(),
         "unknown fields are pruned"
     );
+    assert_eq!(w["spec"]["mode"], "fast", "schema defaults are applied");
     assert!(
         w.get("status").is_none(),
         "create ignores status when /status exists"

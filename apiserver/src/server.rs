@@ -128,7 +128,18 @@ impl Server {
                     &json!({"resourceVersion": rv.to_string()}),
                 ))
             }
-            ["openapi", "v2"] => Err(ApiError::NoRoute(req.path.clone())),
+            // An empty OpenAPI v2 document (zero bytes of protobuf): kubectl's client-side
+            // validation, which it falls back to for kinds the server does not serve, then finds no
+            // schema and lets the request reach the "no matches for kind" error the real server
+            // gives, instead of failing on a 404 here.
+            ["openapi", "v2"] if get => Ok(Response::builder()
+                .status(200)
+                .header(
+                    header::CONTENT_TYPE,
+                    "application/com.github.proto-openapi.spec.v2.v1.0+protobuf",
+                )
+                .body(empty())
+                .unwrap_or_else(|_| Response::new(empty()))),
             ["openapi", "v3"] if get => Ok(json_response(
                 200,
                 &crate::openapi::root(&self.store().registry),

@@ -322,13 +322,21 @@ fn custom_resources_through_kubectl() {
     // PodMonitors exist only once their CRD is applied.
     let out = k.run_env(&["get", "podmonitors", "-A"], &[]);
     assert!(!out.status.success(), "no podmonitors before the CRD");
+    let pm = s.dir.path().join("pm.yaml");
+    std::fs::write(&pm, "apiVersion: monitoring.coreos.com/v1\nkind: PodMonitor\nmetadata:\n  name: agent\n  namespace: shop\nspec:\n  selector:\n    matchLabels: {app: skiff}\n  podMetricsEndpoints:\n  - {port: metrics, interval: 15s}\n").expect("write");
+    let out = k.run_env(&["apply", "-f", pm.to_str().expect("path")], &[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no matches for kind \"PodMonitor\" in version \"monitoring.coreos.com/v1\"")
+            && err.contains("ensure CRDs are installed first"),
+        "{err}"
+    );
     k.ok(&["apply", "-f", &f("podmonitor-crd.yaml")]);
     assert!(
         k.ok(&["api-resources", "--api-group=monitoring.coreos.com"])
             .contains("pmon")
     );
-    let pm = s.dir.path().join("pm.yaml");
-    std::fs::write(&pm, "apiVersion: monitoring.coreos.com/v1\nkind: PodMonitor\nmetadata:\n  name: agent\n  namespace: shop\nspec:\n  selector:\n    matchLabels: {app: skiff}\n  podMetricsEndpoints:\n  - {port: metrics, interval: 15s}\n").expect("write");
     k.ok(&["apply", "-f", pm.to_str().expect("path")]);
     assert!(k.ok(&["get", "pmon", "-n", "shop"]).contains("agent"));
 

@@ -31,13 +31,13 @@ struct Args {
     #[arg(long)]
     state: Option<PathBuf>,
     /// How many events are kept for watches to resume from; older versions get 410 Gone.
-    #[arg(long, default_value_t = 1000)]
-    compaction_window: usize,
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    compaction_window: u64,
     /// Seconds after which the server ends a watch that set no timeoutSeconds.
     #[arg(long, default_value_t = 1800)]
     watch_timeout: u64,
     /// Seconds between BOOKMARK events on watches that allow them.
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     bookmark_interval: u64,
     /// How a watch from an expired resourceVersion is answered: an ERROR event in a 200 stream
     /// (as the real server does) or an HTTP 410.
@@ -74,10 +74,14 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let store = Store::new(args.compaction_window, args.state.clone()).context("loading state")?;
+    let store = Store::new(
+        usize::try_from(args.compaction_window).unwrap_or(usize::MAX),
+        args.state.clone(),
+    )
+    .context("loading state")?;
     let settings = WatchSettings {
         default_timeout: Duration::from_secs(args.watch_timeout),
-        bookmark_interval: Duration::from_secs(args.bookmark_interval.max(1)),
+        bookmark_interval: Duration::from_secs(args.bookmark_interval),
         expired_as: match args.expired_watch {
             Expired::Event => ExpiredAs::Event,
             Expired::Http => ExpiredAs::Http,
@@ -93,9 +97,13 @@ async fn main() -> anyhow::Result<()> {
     }
     println!("{addr}");
     let server = Server::new(store, settings);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    // The state file is written before each write is answered, so stopping needs no flush.
     tokio::select! {
         r = server.serve(listener) => r.context("serving")?,
         _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
     }
     Ok(())
 }

@@ -340,7 +340,7 @@ fn after_write(store: &mut Store, rt: &ResourceType, obj: &Value) {
     }
 }
 
-pub(crate) fn persist(store: &Store) -> Result<()> {
+fn persist(store: &Store) -> Result<()> {
     store.save().map_err(|e| ApiError::Internal(e.to_string()))
 }
 

@@ -5,12 +5,12 @@
 
 use serde_json::{Value, json};
 
-use crate::api::{self, Part, WriteOptions, content_without, not_found, persist, render};
+use crate::api::{self, Part, WriteOptions, content_without, not_found};
 use crate::error::Result;
 use crate::patch::{self, ListStrategy};
 use crate::resources::ResourceType;
 use crate::store::Store;
-use crate::util::{now_secs, rfc3339, str_at};
+use crate::util::{now_secs, rfc3339};
 
 /// Lists in custom objects follow `x-kubernetes-list-type: map` keys; all others are atomic.
 fn schema_strategy(schema: Option<&Value>) -> impl Fn(&[String], &str) -> ListStrategy + '_ {
@@ -154,24 +154,11 @@ pub fn apply(
         }
         let mut obj = applied.clone();
         obj["metadata"]["name"] = json!(name);
+        // The manager's entry is part of the created object, so watchers see it too.
+        record_manager(&mut obj, manager, "Apply", rt, Some(&applied));
         let mut o = opts.clone();
         o.field_manager = None;
-        let mut created = api::create(store, rt, ns, obj, &o)?;
-        let mut stored = store
-            .get(&rt.storage(), ns, name)
-            .cloned()
-            .unwrap_or_default();
-        record_manager(&mut stored, manager, "Apply", rt, Some(&applied));
-        if !opts.dry_run {
-            // Recording the manager is part of the same logical write: keep its resourceVersion.
-            let rv = str_at(&stored, "metadata.resourceVersion").to_string();
-            if let Some(objs) = store.objects.get_mut(&rt.storage()) {
-                objs.insert((ns.to_string(), name.to_string()), stored.clone());
-            }
-            persist(store)?;
-            created = render(rt, &stored);
-            created["metadata"]["resourceVersion"] = json!(rv);
-        }
+        let created = api::create(store, rt, ns, obj, &o)?;
         return Ok((created, true));
     };
     let mut obj = current.clone();

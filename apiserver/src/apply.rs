@@ -12,7 +12,8 @@ use crate::resources::ResourceType;
 use crate::store::Store;
 use crate::util::{now_secs, rfc3339};
 
-/// Lists in custom objects follow `x-kubernetes-list-type: map` keys; all others are atomic.
+/// Lists in custom objects merge by their `x-kubernetes-list-map-keys` (`x-kubernetes-list-type:
+/// map`) or as sets (`set`); all others are atomic.
 fn schema_strategy(schema: Option<&Value>) -> impl Fn(&[String], &str) -> ListStrategy + '_ {
     move |path: &[String], field: &str| {
         let mut s = match schema {
@@ -35,14 +36,12 @@ fn schema_strategy(schema: Option<&Value>) -> impl Fn(&[String], &str) -> ListSt
             s.get("x-kubernetes-list-type").and_then(Value::as_str),
             keys,
         ) {
-            (Some("map"), Some(keys)) if keys.len() == 1 => match keys[0].as_str() {
-                // Strategies name keys statically; the common custom keys are listed here.
-                Some("name") => ListStrategy::MergeByKey("name"),
-                Some("type") => ListStrategy::MergeByKey("type"),
-                Some("port") => ListStrategy::MergeByKey("port"),
-                Some("key") => ListStrategy::MergeByKey("key"),
-                _ => ListStrategy::Replace,
-            },
+            (Some("map"), Some(keys)) if !keys.is_empty() => ListStrategy::MergeByKey(
+                keys.iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_string)
+                    .collect(),
+            ),
             (Some("set"), _) => ListStrategy::MergePrimitives,
             _ => ListStrategy::Replace,
         }
@@ -206,4 +205,41 @@ pub fn apply(
     o.field_manager = None;
     let r = api::update(store, rt, ns, name, obj, part, &o)?;
     Ok((r, false))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn custom_lists_merge_by_their_map_keys() {
+        let schema = json!({"type": "object", "properties": {"spec": {"type": "object", "properties": {
+            "listeners": {"type": "array", "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"],
+                          "items": {"type": "object"}},
+            "ports": {"type": "array", "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["port", "protocol"],
+                      "items": {"type": "object"}},
+            "tags": {"type": "array", "x-kubernetes-list-type": "set", "items": {"type": "string"}},
+            "rules": {"type": "array", "items": {"type": "object"}}}}}});
+        let mut live = json!({"spec": {
+            "listeners": [{"name": "a", "port": 1}, {"name": "b", "port": 2}],
+            "ports": [{"port": 53, "protocol": "UDP", "x": 1}, {"port": 53, "protocol": "TCP", "x": 2}],
+            "tags": ["x"],
+            "rules": [{"r": 1}, {"r": 2}]}});
+        let applied = json!({"spec": {
+            "listeners": [{"name": "b", "port": 3}],
+            "ports": [{"port": 53, "protocol": "TCP", "x": 9}],
+            "tags": ["y"],
+            "rules": [{"r": 3}]}});
+        let strategy = schema_strategy(Some(&schema));
+        patch::strategic_merge(&mut live, &applied, &strategy).expect("merge");
+        assert_eq!(
+            live["spec"],
+            json!({
+                "listeners": [{"name": "a", "port": 1}, {"name": "b", "port": 3}],
+                "ports": [{"port": 53, "protocol": "UDP", "x": 1}, {"port": 53, "protocol": "TCP", "x": 9}],
+                "tags": ["x", "y"],
+                "rules": [{"r": 3}]
+            })
+        );
+    }
 }

@@ -181,10 +181,11 @@ pub fn json_patch(doc: &mut Value, patch: &Value) -> Result<(), ApiError> {
 }
 
 /// How a list merges under strategic merge patch and server-side apply.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum ListStrategy {
-    /// Elements are objects identified by this key.
-    MergeByKey(&'static str),
+    /// Elements are objects identified by these keys (one for strategic merge patch; one or more
+    /// for `x-kubernetes-list-map-keys`).
+    MergeByKey(Vec<String>),
     /// A set of scalars (`finalizers`).
     MergePrimitives,
     /// The patch's list replaces the old one.
@@ -195,6 +196,7 @@ pub enum ListStrategy {
 /// Kubernetes API types. `path` is the object path of the list's parent (field names only).
 pub fn list_strategy(path: &[String], field: &str) -> ListStrategy {
     use ListStrategy::*;
+    let key = |k: &str| MergeByKey(vec![k.to_string()]);
     let in_container = path.iter().any(|p| {
         matches!(
             p.as_str(),
@@ -202,18 +204,18 @@ pub fn list_strategy(path: &[String], field: &str) -> ListStrategy {
         )
     });
     match field {
-        "containers" | "initContainers" | "ephemeralContainers" => MergeByKey("name"),
-        "env" | "volumes" | "imagePullSecrets" | "resourceClaims" | "secrets" => MergeByKey("name"),
-        "volumeMounts" => MergeByKey("mountPath"),
-        "volumeDevices" => MergeByKey("devicePath"),
-        "ports" if in_container => MergeByKey("containerPort"),
+        "containers" | "initContainers" | "ephemeralContainers" => key("name"),
+        "env" | "volumes" | "imagePullSecrets" | "resourceClaims" | "secrets" => key("name"),
+        "volumeMounts" => key("mountPath"),
+        "volumeDevices" => key("devicePath"),
+        "ports" if in_container => key("containerPort"),
         // Service.spec.ports; EndpointSlice and Endpoints ports are atomic.
-        "ports" if path.len() == 1 && path[0] == "spec" => MergeByKey("port"),
-        "conditions" => MergeByKey("type"),
-        "addresses" if path.last().map(String::as_str) == Some("status") => MergeByKey("type"),
-        "hostAliases" => MergeByKey("ip"),
-        "topologySpreadConstraints" => MergeByKey("topologyKey"),
-        "ownerReferences" => MergeByKey("uid"),
+        "ports" if path.len() == 1 && path[0] == "spec" => key("port"),
+        "conditions" => key("type"),
+        "addresses" if path.last().map(String::as_str) == Some("status") => key("type"),
+        "hostAliases" => key("ip"),
+        "topologySpreadConstraints" => key("topologyKey"),
+        "ownerReferences" => key("uid"),
         "finalizers" if path.last().map(String::as_str) == Some("metadata") => MergePrimitives,
         _ => Replace,
     }
@@ -322,12 +324,12 @@ fn smp_value(
     for (k, v) in p {
         if let Some(field) = k.strip_prefix("$setElementOrder/") {
             let order = v.as_array().cloned().unwrap_or_default();
-            let key = match strategy(path, field) {
-                ListStrategy::MergeByKey(key) => Some(key),
+            let keys = match strategy(path, field) {
+                ListStrategy::MergeByKey(keys) => Some(keys),
                 _ => None,
             };
             if let Some(Value::Array(a)) = t.get_mut(field) {
-                reorder(a, &order, key);
+                reorder(a, &order, keys.as_deref());
             }
         }
     }
@@ -338,8 +340,9 @@ fn smp_value(
     Ok(())
 }
 
-fn same_key(a: &Value, b: &Value, key: &str) -> bool {
-    a.get(key).is_some() && a.get(key) == b.get(key)
+/// Whether two list elements have the same merge key values (all keys, at least one present).
+fn same_key(a: &Value, b: &Value, keys: &[String]) -> bool {
+    keys.iter().any(|k| a.get(k).is_some()) && keys.iter().all(|k| a.get(k) == b.get(k))
 }
 
 fn merge_list(
@@ -369,13 +372,13 @@ fn merge_list(
             }
             Ok(old)
         }
-        ListStrategy::MergeByKey(key) => {
+        ListStrategy::MergeByKey(keys) => {
             for item in items {
                 if item.get("$patch").and_then(Value::as_str) == Some("delete") {
-                    old.retain(|o| !same_key(o, item, key));
+                    old.retain(|o| !same_key(o, item, &keys));
                     continue;
                 }
-                match old.iter_mut().find(|o| same_key(o, item, key)) {
+                match old.iter_mut().find(|o| same_key(o, item, &keys)) {
                     Some(o) if item.is_object() => smp_value(o, item, path, strategy)?,
                     _ => old.push(clean(item)),
                 }
@@ -386,10 +389,10 @@ fn merge_list(
 }
 
 /// `$setElementOrder`: listed elements first in the given order, the rest after, as they were.
-fn reorder(list: &mut Vec<Value>, order: &[Value], key: Option<&str>) {
+fn reorder(list: &mut Vec<Value>, order: &[Value], keys: Option<&[String]>) {
     let mut rest = std::mem::take(list);
     for o in order {
-        let pos = rest.iter().position(|e| match key {
+        let pos = rest.iter().position(|e| match keys {
             Some(k) => same_key(e, o, k),
             None => e == o,
         });

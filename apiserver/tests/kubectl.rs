@@ -376,22 +376,51 @@ fn server_side_apply_kustomize_and_watch() {
         json!({"a": "1", "c": "3"})
     );
 
-    // kubectl get -w prints changes as they happen.
+    // kubectl get -w prints changes as they happen. The configmap from kustomize shows up first,
+    // which says the watch is open, so the test waits for output instead of sleeping.
     let mut watch = k
         .command(&["get", "cm", "-n", "shop", "-w", "--output-watch-events"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .expect("kubectl get -w");
-    std::thread::sleep(Duration::from_millis(1500));
+    let stdout = watch.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let wait_for = |want: &dyn Fn(&str) -> bool, what: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) if want(&line) => return,
+                Ok(_) => {}
+                Err(_) => panic!("kubectl get -w printed no {what}"),
+            }
+        }
+    };
+    wait_for(&|l| l.contains("skiff-config"), "initial object");
     k.apply_text("watched.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: watched\n  namespace: shop\ndata:\n  a: b\n");
+    wait_for(
+        &|l| l.starts_with("ADDED") && l.contains("watched"),
+        "ADDED",
+    );
     k.ok(&["delete", "configmap", "watched", "-n", "shop"]);
-    std::thread::sleep(Duration::from_millis(1500));
+    wait_for(
+        &|l| l.starts_with("DELETED") && l.contains("watched"),
+        "DELETED",
+    );
     let _ = watch.kill();
-    let out = watch.wait_with_output().expect("watch output");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("ADDED") && text.contains("watched"), "{text}");
-    assert!(text.contains("DELETED"), "{text}");
+    let _ = watch.wait();
 }
 
 #[test]

@@ -659,6 +659,77 @@ async fn custom_resources_are_registered_validated_and_pruned() {
 }
 
 #[tokio::test]
+async fn cluster_scoped_custom_resources_and_apply_on_status() {
+    let s = ApiServer::start(&[]);
+    let c = s.client();
+    let crd = json!({"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+      "metadata": {"name": "meshconfigs.skiff.dev"},
+      "spec": {"group": "skiff.dev", "scope": "Cluster",
+        "names": {"plural": "meshconfigs", "singular": "meshconfig", "kind": "MeshConfig"},
+        "versions": [
+          {"name": "v1beta1", "served": true, "storage": false,
+           "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}},
+          {"name": "v1", "served": true, "storage": true, "subresources": {"status": {}},
+           "schema": {"openAPIV3Schema": {"type": "object", "properties": {
+             "spec": {"type": "object", "x-kubernetes-preserve-unknown-fields": true},
+             "status": {"type": "object", "properties": {"ready": {"type": "boolean"}}}}}}},
+          {"name": "v0", "served": false, "storage": false,
+           "schema": {"openAPIV3Schema": {"type": "object"}}}]}});
+    let (code, made) = c
+        .post(
+            "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
+            &crd,
+        )
+        .await;
+    assert_eq!(code, 201, "{made}");
+    let (_, group) = c.get("/apis/skiff.dev").await;
+    assert_eq!(group["preferredVersion"]["version"], "v1");
+    assert_eq!(
+        group["versions"].as_array().map(Vec::len),
+        Some(2),
+        "v0 is not served"
+    );
+    let (code, mc) = c
+        .post(
+            "/apis/skiff.dev/v1/meshconfigs",
+            &json!({"metadata": {"name": "global", "namespace": "ignored"}, "spec": {"x": 1}}),
+        )
+        .await;
+    assert_eq!(code, 201, "{mc}");
+    assert!(
+        mc["metadata"].get("namespace").is_none(),
+        "cluster-scoped objects have no namespace"
+    );
+    let (code, _) = c
+        .get("/apis/skiff.dev/v1/namespaces/default/meshconfigs/global")
+        .await;
+    assert_eq!(code, 404, "no namespaced path for a cluster-scoped kind");
+    let (code, old) = c.get("/apis/skiff.dev/v1beta1/meshconfigs/global").await;
+    assert_eq!(
+        (code, old["apiVersion"].as_str()),
+        (200, Some("skiff.dev/v1beta1"))
+    );
+    let (code, _) = c.get("/apis/skiff.dev/v0/meshconfigs/global").await;
+    assert_eq!(code, 404);
+
+    let (code, st) = c
+        .send(http::Method::PATCH, "/apis/skiff.dev/v1/meshconfigs/global/status?fieldManager=ctrl",
+              "application/apply-patch+yaml", "apiVersion: skiff.dev/v1\nkind: MeshConfig\nmetadata:\n  name: global\nstatus:\n  ready: true\n")
+        .await;
+    assert_eq!(code, 200, "{st}");
+    assert_eq!(st["status"]["ready"], true);
+    assert_eq!(st["spec"]["x"], 1, "apply on /status leaves the spec alone");
+    let (code, st) = c
+        .patch(
+            "/apis/skiff.dev/v1/meshconfigs/global/status",
+            "application/merge-patch+json",
+            &json!({"status": {"ready": "yes"}}),
+        )
+        .await;
+    assert_eq!(code, 422, "status is validated too: {st}");
+}
+
+#[tokio::test]
 async fn restart_keeps_objects_and_expires_old_versions() {
     let mut s = ApiServer::start(&[]);
     let c = s.client();

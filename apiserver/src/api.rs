@@ -394,9 +394,13 @@ pub fn create(
     {
         return Err(ApiError::AlreadyExists(subject(rt, &name)));
     }
-    if rt.status && rt.crd.is_some() {
-        // The status subresource owns status: a create cannot set it.
+    // The status subresource owns status: a create cannot set it, except for the kinds whose
+    // creators report status themselves (a kubelet registering its Node).
+    if rt.status && !(rt.crd.is_none() && rt.kind == "Node") {
         obj.as_object_mut().map(|m| m.remove("status"));
+        if rt.crd.is_none() && rt.kind == "Pod" {
+            obj["status"] = json!({"phase": "Pending"});
+        }
     }
     check_schema(rt, &mut obj, opts.strict)?;
     prepare_kind(store, rt, &mut obj, None)?;

@@ -343,6 +343,21 @@ async fn label_and_field_selectors() {
     }
     let (_, list) = c.get("/api/v1/pods?fieldSelector=spec.nodeName%3Dn2").await;
     assert_eq!(names(&list), ["p2"]);
+    // A pod starts Pending whatever status it was created with; status comes through /status.
+    let (_, p1) = c.get("/api/v1/namespaces/default/pods/p1").await;
+    assert_eq!(p1["status"], json!({"phase": "Pending"}));
+    let (code, _) = c
+        .patch(
+            "/api/v1/namespaces/default/pods/p1/status",
+            "application/strategic-merge-patch+json",
+            &json!({"status": {"phase": "Running", "podIP": "10.0.0.7"}}),
+        )
+        .await;
+    assert_eq!(code, 200);
+    let (_, list) = c
+        .get("/api/v1/pods?fieldSelector=status.podIP%3D10.0.0.7,status.phase%3DRunning")
+        .await;
+    assert_eq!(names(&list), ["p1"]);
     let (code, status) = c.get(&format!("{CM}?fieldSelector=data.k%3Dx")).await;
     assert_eq!(code, 400, "{status}");
 

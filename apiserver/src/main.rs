@@ -22,26 +22,31 @@ enum Expired {
 #[command(version)]
 struct Args {
     /// Address to listen on; port 0 picks a free one. The bound address is printed first.
-    #[arg(long, default_value = "127.0.0.1:0")]
+    #[arg(long, env = "MESH_APISERVER_LISTEN", default_value = "127.0.0.1:0")]
     listen: String,
     /// Write a kubeconfig for this server here (context `mesh-apiserver`, namespace default).
-    #[arg(long)]
+    #[arg(long, env = "MESH_APISERVER_KUBECONFIG_OUT")]
     kubeconfig: Option<PathBuf>,
     /// Load objects from this file at start if it exists, and save them after every write.
-    #[arg(long)]
+    #[arg(long, env = "MESH_APISERVER_STATE")]
     state: Option<PathBuf>,
     /// How many events are kept for watches to resume from; older versions get 410 Gone.
-    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "MESH_APISERVER_COMPACTION_WINDOW", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
     compaction_window: u64,
     /// Seconds after which the server ends a watch that set no timeoutSeconds.
-    #[arg(long, default_value_t = 1800)]
+    #[arg(long, env = "MESH_APISERVER_WATCH_TIMEOUT", default_value_t = 1800)]
     watch_timeout: u64,
     /// Seconds between BOOKMARK events on watches that allow them.
-    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "MESH_APISERVER_BOOKMARK_INTERVAL", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     bookmark_interval: u64,
     /// How a watch from an expired resourceVersion is answered: an ERROR event in a 200 stream
     /// (as the real server does) or an HTTP 410.
-    #[arg(long, value_enum, default_value = "event")]
+    #[arg(
+        long,
+        env = "MESH_APISERVER_EXPIRED_WATCH",
+        value_enum,
+        default_value = "event"
+    )]
     expired_watch: Expired,
 }
 
@@ -69,10 +74,16 @@ current-context: mesh-apiserver
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::env::var("LOG_FORMAT").is_ok_and(|f| f == "json") {
+        logs.json().init();
+    } else {
+        logs.init();
+    }
     let args = Args::parse();
     let store = Store::new(
         usize::try_from(args.compaction_window).unwrap_or(usize::MAX),

@@ -620,12 +620,20 @@ pub fn patch(
 }
 
 /// Deletes an object, or marks it for deletion while finalizers remain.
+/// `DeleteOptions.preconditions`: the delete happens only if the object still is this one.
+#[derive(Debug, Clone, Default)]
+pub struct Preconditions {
+    pub uid: Option<String>,
+    pub resource_version: Option<String>,
+}
+
 pub fn delete(
     store: &mut Store,
     rt: &ResourceType,
     ns: &str,
     name: &str,
     dry_run: bool,
+    preconditions: &Preconditions,
 ) -> Result<Value> {
     let ns = if rt.namespaced { ns } else { "" };
     let storage = rt.storage();
@@ -633,6 +641,30 @@ pub fn delete(
         .get(&storage, ns, name)
         .cloned()
         .ok_or_else(|| not_found(rt, name))?;
+    for (what, want, have) in [
+        ("UID", &preconditions.uid, str_at(&old, "metadata.uid")),
+        (
+            "ResourceVersion",
+            &preconditions.resource_version,
+            str_at(&old, "metadata.resourceVersion"),
+        ),
+    ] {
+        if let Some(want) = want
+            && want != have
+        {
+            let subject = subject(rt, name);
+            let message = format!(
+                "Operation cannot be fulfilled on {}{} \"{name}\": Precondition failed: {what} in precondition: {want}, {what} in object meta: {have}",
+                rt.plural,
+                if rt.group.is_empty() {
+                    String::new()
+                } else {
+                    format!(".{}", rt.group)
+                },
+            );
+            return Err(ApiError::Conflict { subject, message });
+        }
+    }
     if dry_run {
         return Ok(render(rt, &old));
     }
@@ -703,7 +735,14 @@ pub fn delete_collection(
     for item in list["items"].as_array().into_iter().flatten() {
         let ins = str_at(item, "metadata.namespace").to_string();
         let iname = str_at(item, "metadata.name").to_string();
-        deleted.push(delete(store, rt, &ins, &iname, false)?);
+        deleted.push(delete(
+            store,
+            rt,
+            &ins,
+            &iname,
+            false,
+            &Preconditions::default(),
+        )?);
     }
     Ok(list_doc(
         rt,

@@ -287,9 +287,28 @@ impl Server {
                 Ok(json_response(if created { 201 } else { 200 }, &obj))
             }
             Method::DELETE if part == Part::Main => {
-                let dry_run = req.query.contains_key("dryRun");
+                // DeleteOptions may come as a body (kubectl, kube-rs DeleteParams).
+                let options: Value = if req.body.iter().all(u8::is_ascii_whitespace) {
+                    json!({})
+                } else {
+                    serde_json::from_slice(&req.body).map_err(|e| {
+                        ApiError::BadRequest(format!("error decoding DeleteOptions: {e}"))
+                    })?
+                };
+                let dry_run = req.query.contains_key("dryRun")
+                    || options["dryRun"].as_array().is_some_and(|d| !d.is_empty());
+                let preconditions = api::Preconditions {
+                    uid: options
+                        .pointer("/preconditions/uid")
+                        .and_then(Value::as_str)
+                        .map(str::to_string),
+                    resource_version: options
+                        .pointer("/preconditions/resourceVersion")
+                        .and_then(Value::as_str)
+                        .map(str::to_string),
+                };
                 let mut store = self.store();
-                let obj = api::delete(&mut store, rt, &t.ns, name, dry_run)?;
+                let obj = api::delete(&mut store, rt, &t.ns, name, dry_run, &preconditions)?;
                 Ok(json_response(200, &obj))
             }
             ref m => Err(ApiError::MethodNotAllowed(format!(

@@ -893,3 +893,93 @@ async fn namespace_delete_removes_its_objects() {
     let (code, _) = c.get("/api/v1/namespaces/gone").await;
     assert_eq!(code, 404);
 }
+
+#[tokio::test]
+async fn finalizers_and_delete_preconditions() {
+    let s = ApiServer::start(&[]);
+    let c = s.client();
+    let mut cm = configmap("held", json!({}));
+    cm["metadata"]["finalizers"] = json!(["skiff.dev/cleanup"]);
+    let (_, made) = c.post(CM, &cm).await;
+    let (_, list) = c.get(CM).await;
+    let (_, mut w) = c
+        .watch(&format!("{CM}?watch=1&resourceVersion={}", rv(&list)))
+        .await;
+
+    // With a finalizer, delete only marks the object.
+    let (code, marked) = c.delete(&format!("{CM}/held")).await;
+    assert_eq!(code, 200);
+    assert!(
+        marked["metadata"]["deletionTimestamp"].is_string(),
+        "{marked}"
+    );
+    let (code, _) = c.get(&format!("{CM}/held")).await;
+    assert_eq!(code, 200, "still there while finalizers remain");
+    assert_eq!(w.next(SEC).await.expect("MODIFIED")["type"], "MODIFIED");
+    // Removing the last finalizer completes the deletion.
+    let (code, _) = c
+        .patch(
+            &format!("{CM}/held"),
+            "application/merge-patch+json",
+            &json!({"metadata": {"finalizers": null}}),
+        )
+        .await;
+    assert_eq!(code, 200);
+    let (code, _) = c.get(&format!("{CM}/held")).await;
+    assert_eq!(code, 404);
+    let mut types = Vec::new();
+    while let Some(e) = w.next(SEC).await {
+        types.push(e["type"].as_str().unwrap_or_default().to_string());
+    }
+    assert_eq!(
+        types.last().map(String::as_str),
+        Some("DELETED"),
+        "{types:?}"
+    );
+    assert!(made["metadata"]["uid"].is_string());
+
+    // Preconditions in DeleteOptions.
+    let (_, other) = c.post(CM, &configmap("guarded", json!({}))).await;
+    let body = json!({"preconditions": {"uid": "not-the-uid"}}).to_string();
+    let (code, status) = c
+        .send(
+            http::Method::DELETE,
+            &format!("{CM}/guarded"),
+            "application/json",
+            &body,
+        )
+        .await;
+    assert_eq!(
+        (code, status["reason"].as_str()),
+        (409, Some("Conflict")),
+        "{status}"
+    );
+    assert!(
+        status["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("Precondition failed: UID in precondition")
+    );
+    let body = json!({"preconditions": {"uid": other["metadata"]["uid"], "resourceVersion": other["metadata"]["resourceVersion"]},
+                      "propagationPolicy": "Foreground"})
+        .to_string();
+    let (code, _) = c
+        .send(
+            http::Method::DELETE,
+            &format!("{CM}/guarded"),
+            "application/json",
+            &body,
+        )
+        .await;
+    assert_eq!(code, 200);
+    let body = json!({"dryRun": ["All"]}).to_string();
+    let (code, _) = c
+        .send(
+            http::Method::DELETE,
+            &format!("{CM}/gone-already"),
+            "application/json",
+            &body,
+        )
+        .await;
+    assert_eq!(code, 404);
+}

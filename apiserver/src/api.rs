@@ -4,7 +4,7 @@
 
 use serde_json::{Map, Value, json};
 
-use crate::error::{ApiError, Result, Subject};
+use crate::error::{ApiError, Cause, Result, Subject};
 use crate::patch;
 use crate::resources::ResourceType;
 use crate::schema;
@@ -462,6 +462,17 @@ pub fn update(
         )));
     }
     let body_rv = str_at(&obj, "metadata.resourceVersion");
+    if body_rv.is_empty() && rt.crd.is_some() {
+        // Built-in kinds allow unconditional updates; custom resources do not.
+        return Err(ApiError::Invalid {
+            subject: subject(rt, name),
+            causes: vec![Cause {
+                reason: "FieldValueInvalid",
+                message: "Invalid value: 0x0: must be specified for an update".into(),
+                field: "metadata.resourceVersion".into(),
+            }],
+        });
+    }
     if !body_rv.is_empty() && body_rv != str_at(&old, "metadata.resourceVersion") {
         return Err(ApiError::stale(subject(rt, name)));
     }

@@ -656,6 +656,17 @@ async fn custom_resources_are_registered_validated_and_pruned() {
         )
         .await;
     assert_eq!(code, 415, "custom resources take no strategic merge patch");
+    let (code, status) = c
+        .put(&format!("{path}/w"), &json!({"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}, "spec": {"size": 2}}))
+        .await;
+    assert_eq!(
+        code, 422,
+        "custom resources need a resourceVersion on update: {status}"
+    );
+    assert_eq!(
+        status["details"]["causes"][0]["field"],
+        "metadata.resourceVersion"
+    );
     let (code, st) = c
         .patch(
             &format!("{path}/w/status"),

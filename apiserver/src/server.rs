@@ -254,11 +254,8 @@ impl Server {
         let rt = &t.rt;
         match *method {
             Method::GET => {
-                if flag(req, "watch") {
-                    return Err(ApiError::BadRequest(
-                        "watch of a single object: use fieldSelector=metadata.name".into(),
-                    ));
-                }
+                // As on the real server, `watch` on an item path is ignored: watches of one object
+                // go through the collection with fieldSelector=metadata.name.
                 let obj = api::get(&self.store(), rt, &t.ns, name)?;
                 Ok(json_response(
                     200,

@@ -303,7 +303,8 @@ fn prepare_kind(
             obj["metadata"]["labels"]["kubernetes.io/metadata.name"] = json!(name);
         }
         ("apiextensions.k8s.io", "CustomResourceDefinition") => {
-            let types = crate::resources::crd_types(obj).map_err(|causes| ApiError::Invalid {
+            // Validates the CRD; the types are registered once it is stored.
+            crate::resources::crd_types(obj).map_err(|causes| ApiError::Invalid {
                 subject: subject(rt, str_at(obj, "metadata.name")),
                 causes,
             })?;
@@ -314,17 +315,31 @@ fn prepare_kind(
                 .and_then(|v| v["name"].as_str())
                 .unwrap_or_default()
                 .to_string();
-            let now = rfc3339(now_secs());
-            let _ = types;
+            // Conditions keep their transition times across updates; storedVersions only grows.
+            let conditions = match old.and_then(|o| o.pointer("/status/conditions")) {
+                Some(c) => c.clone(),
+                None => {
+                    let now = rfc3339(now_secs());
+                    json!([
+                        {"type": "NamesAccepted", "status": "True", "reason": "NoConflicts",
+                         "message": "no conflicts found", "lastTransitionTime": now},
+                        {"type": "Established", "status": "True", "reason": "InitialNamesAccepted",
+                         "message": "the initial names have been accepted", "lastTransitionTime": now}
+                    ])
+                }
+            };
+            let mut stored: Vec<Value> = old
+                .and_then(|o| o.pointer("/status/storedVersions"))
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            if !stored.contains(&json!(storage_version)) {
+                stored.push(json!(storage_version));
+            }
             obj["status"] = json!({
                 "acceptedNames": obj["spec"]["names"].clone(),
-                "conditions": [
-                    {"type": "NamesAccepted", "status": "True", "reason": "NoConflicts",
-                     "message": "no conflicts found", "lastTransitionTime": now},
-                    {"type": "Established", "status": "True", "reason": "InitialNamesAccepted",
-                     "message": "the initial names have been accepted", "lastTransitionTime": now}
-                ],
-                "storedVersions": [storage_version],
+                "conditions": conditions,
+                "storedVersions": stored,
             });
         }
         _ => {}

@@ -297,6 +297,11 @@ fn prepare_kind(
                 spec["clusterIP"] = ip;
             }
         }
+        ("apps", "Deployment")
+            if obj["spec"].is_object() && obj["spec"].get("replicas").is_none() =>
+        {
+            obj["spec"]["replicas"] = json!(1);
+        }
         ("", "Namespace") => {
             obj["status"] = json!({"phase": "Active"});
             let name = str_at(obj, "metadata.name").to_string();

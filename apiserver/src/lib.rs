@@ -13,6 +13,7 @@ pub mod output;
 pub mod patch;
 pub mod proto;
 pub mod resources;
+pub mod scale;
 pub mod schema;
 pub mod selector;
 pub mod server;

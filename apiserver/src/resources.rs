@@ -39,6 +39,18 @@ pub struct ResourceType {
     pub crd: Option<String>,
     /// The CRD version's `additionalPrinterColumns`, for Table output.
     pub printer_columns: Vec<Value>,
+    /// Where a `/scale` subresource reads and writes replicas, if the kind has one.
+    pub scale: Option<Scale>,
+}
+
+/// The paths behind a `/scale` subresource (dotted, as in a CRD's `subresources.scale`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scale {
+    pub spec_replicas: String,
+    pub status_replicas: String,
+    /// A string field holding a label selector (custom kinds), or None for kinds whose
+    /// `spec.selector` is a LabelSelector object (Deployments).
+    pub label_selector: Option<String>,
 }
 
 impl ResourceType {
@@ -77,6 +89,17 @@ impl ResourceType {
             main["categories"] = json!(self.categories);
         }
         let mut out = vec![main];
+        if self.scale.is_some() {
+            out.push(json!({
+                "name": format!("{}/scale", self.plural),
+                "singularName": "",
+                "namespaced": self.namespaced,
+                "group": "autoscaling",
+                "version": "v1",
+                "kind": "Scale",
+                "verbs": ["get", "patch", "update"],
+            }));
+        }
         if self.status {
             out.push(json!({
                 "name": format!("{}/status", self.plural),
@@ -179,6 +202,11 @@ impl Registry {
                 schema: None,
                 crd: None,
                 printer_columns: Vec::new(),
+                scale: (t.kind == "Deployment").then(|| Scale {
+                    spec_replicas: ".spec.replicas".into(),
+                    status_replicas: ".status.replicas".into(),
+                    label_selector: None,
+                }),
             })
             .collect();
         Registry { types }
@@ -356,8 +384,17 @@ impl ResourceType {
         if !self.categories.is_empty() {
             r["categories"] = json!(self.categories);
         }
+        let mut subresources = Vec::new();
         if self.status {
-            r["subresources"] = json!([{"subresource": "status", "responseKind": gvk, "verbs": ["get", "patch", "update"]}]);
+            subresources.push(json!({"subresource": "status", "responseKind": gvk, "verbs": ["get", "patch", "update"]}));
+        }
+        if self.scale.is_some() {
+            subresources.push(json!({"subresource": "scale",
+                "responseKind": {"group": "autoscaling", "version": "v1", "kind": "Scale"},
+                "verbs": ["get", "patch", "update"]}));
+        }
+        if !subresources.is_empty() {
+            r["subresources"] = json!(subresources);
         }
         r
     }
@@ -490,6 +527,17 @@ pub fn crd_types(crd: &Value) -> Result<Vec<ResourceType>, Vec<Cause>> {
             status: v.pointer("/subresources/status").is_some(),
             schema: v.pointer("/schema/openAPIV3Schema").cloned(),
             crd: Some(name.to_string()),
+            scale: v.pointer("/subresources/scale").map(|sc| Scale {
+                spec_replicas: sc["specReplicasPath"]
+                    .as_str()
+                    .unwrap_or(".spec.replicas")
+                    .into(),
+                status_replicas: sc["statusReplicasPath"]
+                    .as_str()
+                    .unwrap_or(".status.replicas")
+                    .into(),
+                label_selector: sc["labelSelectorPath"].as_str().map(str::to_string),
+            }),
             printer_columns: v
                 .get("additionalPrinterColumns")
                 .and_then(Value::as_array)

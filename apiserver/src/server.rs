@@ -229,6 +229,11 @@ impl Server {
                 let list = api::delete_collection(&mut store, &target.rt, &target.ns, &opts)?;
                 Ok(json_response(200, &list))
             }
+            (Some(name), m)
+                if target.sub.as_deref() == Some("scale") && target.rt.scale.is_some() =>
+            {
+                self.scale(&target, name, m, req)
+            }
             (Some(name), m) => {
                 let part = match target.sub.as_deref() {
                     None => Part::Main,
@@ -307,6 +312,44 @@ impl Server {
                 let mut store = self.store();
                 let obj = api::delete(&mut store, rt, &t.ns, name, dry_run, &preconditions)?;
                 Ok(json_response(200, &obj))
+            }
+            ref m => Err(ApiError::MethodNotAllowed(format!(
+                "the server does not allow this method on the requested resource ({m})"
+            ))),
+        }
+    }
+
+    fn scale(&self, t: &Target, name: &str, method: &Method, req: &Req) -> Result<Response<Body>> {
+        let rt = &t.rt;
+        match *method {
+            Method::GET => Ok(json_response(
+                200,
+                &crate::scale::get(&self.store(), rt, &t.ns, name)?,
+            )),
+            Method::PUT => {
+                let body = parse_body(req, rt)?;
+                let opts = write_options(req)?;
+                let scale = crate::scale::update(&mut self.store(), rt, &t.ns, name, &body, &opts)?;
+                Ok(json_response(200, &scale))
+            }
+            Method::PATCH => {
+                let kind = PatchKind::from_content_type(&req.content_type).ok_or_else(|| {
+                    ApiError::UnsupportedMediaType(format!(
+                        "unsupported patch type {:?}",
+                        req.content_type
+                    ))
+                })?;
+                let opts = write_options(req)?;
+                let scale = crate::scale::patch(
+                    &mut self.store(),
+                    rt,
+                    &t.ns,
+                    name,
+                    kind,
+                    &req.body,
+                    &opts,
+                )?;
+                Ok(json_response(200, &scale))
             }
             ref m => Err(ApiError::MethodNotAllowed(format!(
                 "the server does not allow this method on the requested resource ({m})"

@@ -524,7 +524,10 @@ async fn patches() {
         .await;
     assert_eq!(code, 200, "{m}");
     assert_eq!(m["status"]["replicas"], 1);
-    assert!(m["spec"].get("replicas").is_none());
+    assert_eq!(
+        m["spec"]["replicas"], 1,
+        "defaulted at create, untouched by /status"
+    );
     let (_, m) = c
         .patch(
             &item,
@@ -695,7 +698,8 @@ async fn cluster_scoped_custom_resources_and_apply_on_status() {
         "versions": [
           {"name": "v1beta1", "served": true, "storage": false,
            "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}},
-          {"name": "v1", "served": true, "storage": true, "subresources": {"status": {}},
+          {"name": "v1", "served": true, "storage": true,
+           "subresources": {"status": {}, "scale": {"specReplicasPath": ".spec.size", "statusReplicasPath": ".status.size"}},
            "schema": {"openAPIV3Schema": {"type": "object", "properties": {
              "spec": {"type": "object", "x-kubernetes-preserve-unknown-fields": true},
              "status": {"type": "object", "properties": {"ready": {"type": "boolean"}}}}}}},
@@ -738,6 +742,16 @@ async fn cluster_scoped_custom_resources_and_apply_on_status() {
     let (code, _) = c.get("/apis/skiff.dev/v0/meshconfigs/global").await;
     assert_eq!(code, 404);
 
+    let (code, scale) = c
+        .patch(
+            "/apis/skiff.dev/v1/meshconfigs/global/scale",
+            "application/merge-patch+json",
+            &json!({"spec": {"replicas": 4}}),
+        )
+        .await;
+    assert_eq!((code, &scale["kind"]), (200, &json!("Scale")), "{scale}");
+    let (_, got) = c.get("/apis/skiff.dev/v1/meshconfigs/global").await;
+    assert_eq!(got["spec"]["size"], 4, "the CRD's specReplicasPath");
     let (code, st) = c
         .send(http::Method::PATCH, "/apis/skiff.dev/v1/meshconfigs/global/status?fieldManager=ctrl",
               "application/apply-patch+yaml", "apiVersion: skiff.dev/v1\nkind: MeshConfig\nmetadata:\n  name: global\nstatus:\n  ready: true\n")

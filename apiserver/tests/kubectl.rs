@@ -177,6 +177,16 @@ fn apply_edit_label_patch_delete() {
         "nginx:3"
     );
 
+    // kubectl scale goes through the /scale subresource.
+    assert!(
+        k.ok(&["scale", "deploy/web", "-n", "shop", "--replicas=3"])
+            .contains("deployment.apps/web scaled")
+    );
+    assert_eq!(
+        k.json(&["get", "deploy", "web", "-n", "shop"])["spec"]["replicas"],
+        3
+    );
+
     // Labels and annotations.
     k.ok(&["label", "ns", "shop", "skiff.dev/mesh=enabled"]);
     assert!(

@@ -30,6 +30,7 @@
 
 mod backend;
 mod compiled;
+pub mod crd;
 mod error;
 mod filter;
 mod grpc;

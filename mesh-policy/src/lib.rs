@@ -33,6 +33,7 @@
 
 mod backend;
 mod compiled;
+pub mod crd;
 mod error;
 mod filter;
 mod grpc;

@@ -11,7 +11,11 @@ use gateway_api::experimental::tlsroutes::TlsRoute;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::CustomResource;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+
+use crate::crd::{self, MeshPolicyStatus};
 
 /// The namespace of an object whose metadata names none, as `kubectl apply` would use.
 pub(crate) const DEFAULT_NAMESPACE: &str = "default";
@@ -161,33 +165,47 @@ impl fmt::Display for RouteId {
     }
 }
 
-/// `skiff.dev/v1alpha1 MeshPolicy`: node-wide data-plane settings.
-///
-/// Several MeshPolicies may exist; they are merged field by field, the oldest
-/// (`creationTimestamp`, then `namespace/name`) winning each field (see
-/// [`crate::MeshSettings`]).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct MeshPolicy {
-    /// Standard object metadata.
-    #[serde(default)]
-    pub metadata: ObjectMeta,
-    /// The settings.
-    #[serde(default)]
-    pub spec: MeshPolicySpec,
-}
-
-/// The `spec` of a [`MeshPolicy`]. Unknown fields are rejected so that typos are not silently
-/// ignored.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// Node-wide data-plane settings. Unknown fields are rejected so that typos are not silently
+/// ignored. Several MeshPolicies may exist; they are merged field by field, the oldest
+/// (creationTimestamp, then namespace/name) winning each field.
+//
+// The derive generates `MeshPolicy` (`metadata`, `spec`, `status`) and its
+// CustomResourceDefinition (`cargo xtask crds` writes it to `manifests/crds/`); the `///` docs
+// here become its descriptions (`kubectl explain meshpolicy.spec`). The schema checks what one
+// field can tell (see `crd.rs`); `crate::validate` checks everything, in both modes.
+#[derive(CustomResource, Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "skiff.dev",
+    version = "v1alpha1",
+    kind = "MeshPolicy",
+    namespaced,
+    status = "MeshPolicyStatus",
+    derive = "PartialEq",
+    derive = "Default",
+    category = "skiff",
+    shortname = "meshpol",
+    printcolumn(
+        name = "Accepted",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Accepted\")].status"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    ),
+    doc = "Skiff's node-wide data-plane settings: extra capture ranges, fail mode, protocol detection, header injection, L4 and L7 authorization."
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MeshPolicySpec {
     /// Extra destinations to capture even when no Service or route names them.
     #[serde(default)]
+    #[schemars(length(max = crd::MAX_CAPTURE))]
     pub capture: Vec<CaptureSpec>,
     /// What the agent does with captured traffic it cannot handle (`open` passes it through
     /// untouched, `closed` refuses it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crd::fail_mode_schema")]
     pub fail_mode: Option<FailMode>,
     /// Header injection defaults.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -195,6 +213,7 @@ pub struct MeshPolicySpec {
     /// How long to wait for the first client bytes before treating a connection as opaque TCP,
     /// as a Gateway API duration (`100ms`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = crd::DURATION_PATTERN))]
     pub protocol_detection_timeout: Option<String>,
     /// L4 authorization that XDP enforces on the pods' veths (their egress).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -204,33 +223,55 @@ pub struct MeshPolicySpec {
 /// `spec.authorization`: modelled on Istio's AuthorizationPolicy (ALLOW/DENY rules with from/to)
 /// and Kubernetes NetworkPolicy at L4. Any matching `Deny` rule drops; else any matching `Allow`
 /// passes; else the interface's default (`Allow` when none is given).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthorizationSpec {
     /// Action for traffic no rule matches, per host-side interface name.
     #[serde(default)]
+    #[schemars(extend(
+        "maxProperties" = crd::MAX_INTERFACES,
+        "x-kubernetes-validations" = [{
+            "rule": crd::INTERFACE_KEYS_RULE,
+            "message": "keys must be interface names of 1 to 15 characters",
+        }],
+    ))]
     pub defaults: BTreeMap<String, AuthzAction>,
     /// The rules.
     #[serde(default)]
+    #[schemars(
+        length(max = crd::MAX_AUTHZ_RULES),
+        extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"])
+    )]
     pub rules: Vec<AuthzRuleSpec>,
     /// L7 deny rules, checked by the HTTP proxy on every request (answered `403`).
     #[serde(default)]
+    #[schemars(
+        length(max = crd::MAX_HTTP_DENY_RULES),
+        extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"])
+    )]
     pub http: Vec<HttpDenySpec>,
 }
 
 /// An L7 deny rule: a request matching every condition given is answered `403` before routing.
 /// Within a list any value matches (OR); the lists combine with AND.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": crd::HTTP_DENY_NOT_EMPTY_RULE,
+    "message": "denies every request: give at least one of paths, methods, headers",
+}]))]
 pub struct HttpDenySpec {
     /// Unique within the policy; logged with the refusal.
+    #[schemars(length(min = 1, max = 63), regex(pattern = crd::DNS_LABEL_PATTERN))]
     pub name: String,
     /// Path prefixes, matched segment by segment like a `PathPrefix` (`/admin` matches `/admin`
     /// and `/admin/x`, not `/administrator`).
     #[serde(default)]
+    #[schemars(inner(regex(pattern = crd::DENY_PATH_PATTERN)))]
     pub paths: Vec<String>,
     /// Methods (`DELETE`).
     #[serde(default)]
+    #[schemars(inner(regex(pattern = crd::METHOD_PATTERN)))]
     pub methods: Vec<String>,
     /// Headers that must all be present with exactly these values (names case-insensitive).
     #[serde(default)]
@@ -238,24 +279,38 @@ pub struct HttpDenySpec {
 }
 
 /// One authorization rule. Every field left out matches anything.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthzRuleSpec {
     /// Unique within the policy; names the rule in metrics.
+    #[schemars(length(min = 1, max = 63), regex(pattern = crd::DNS_LABEL_PATTERN))]
     pub name: String,
     /// `Allow` or `Deny`.
     pub action: AuthzAction,
     /// Host-side interfaces the rule applies to; empty means every captured interface.
     #[serde(default)]
+    #[schemars(
+        length(max = crd::MAX_INTERFACES),
+        inner(length(min = 1, max = 15), regex(pattern = crd::INTERFACE_PATTERN))
+    )]
     pub interfaces: Vec<String>,
     /// Source CIDRs.
     #[serde(default)]
+    #[schemars(
+        length(max = crd::MAX_AUTHZ_ENTRIES),
+        inner(regex(pattern = crd::CIDR_PATTERN))
+    )]
     pub from: Vec<String>,
     /// Destination CIDRs.
     #[serde(default)]
+    #[schemars(
+        length(max = crd::MAX_AUTHZ_ENTRIES),
+        inner(regex(pattern = crd::CIDR_PATTERN))
+    )]
     pub to: Vec<String>,
     /// Destination ports or ranges.
     #[serde(default)]
+    #[schemars(length(max = crd::MAX_AUTHZ_ENTRIES))]
     pub ports: Vec<PortSpec>,
     /// `TCP` or `UDP`; absent means both.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -263,7 +318,7 @@ pub struct AuthzRuleSpec {
 }
 
 /// What an authorization rule does.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum AuthzAction {
     /// Let the packet through.
     #[default]
@@ -273,7 +328,7 @@ pub enum AuthzAction {
 }
 
 /// The transport an authorization rule matches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum AuthzProtocol {
     /// TCP.
@@ -283,13 +338,15 @@ pub enum AuthzProtocol {
 }
 
 /// One `spec.capture[]` entry: `{cidr: "10.96.0.0/16", ports: [80, "8000-8100", "*"]}`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CaptureSpec {
     /// An IPv4 or IPv6 CIDR; host bits are ignored.
+    #[schemars(regex(pattern = crd::CIDR_PATTERN))]
     pub cidr: String,
     /// Ports or ranges; empty means every port.
     #[serde(default)]
+    #[schemars(length(max = crd::MAX_CAPTURE_PORTS))]
     pub ports: Vec<PortSpec>,
 }
 
@@ -315,7 +372,7 @@ pub enum FailMode {
 
 /// `spec.headers` of a [`MeshPolicy`]; unset fields fall through to older policies and then to
 /// the defaults (all `true`).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HeaderPolicy {
     /// Inject `x-request-id` when absent (default true).
@@ -329,5 +386,6 @@ pub struct HeaderPolicy {
     pub forwarded: Option<bool>,
     /// Headers set on every proxied request.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "crd::header_values_schema")]
     pub set: BTreeMap<String, String>,
 }

@@ -1,7 +1,9 @@
 //! `cargo xtask <command>`: setup, demo, test, bench. Every command but `setup` first runs the
 //! setup steps that are missing, so a fresh machine needs nothing else.
 mod bench;
+mod crds;
 mod demo;
+mod manifests;
 mod setup;
 mod test;
 mod util;
@@ -30,6 +32,15 @@ enum Command {
     },
     /// End-to-end figures: throughput, latency and memory through the agent against direct.
     Bench,
+    /// Write the CRDs generated from the Rust types to `manifests/crds/`.
+    Crds {
+        /// Write nothing; fail with a diff if a committed CRD differs.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Check `manifests/`: kustomize renders, every object validates against the Kubernetes
+    /// schemas, the example MeshPolicies against the CRD and `mesh-agent check`.
+    Manifests,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -47,6 +58,11 @@ fn main() -> anyhow::Result<()> {
         Command::Bench => {
             setup::run()?;
             bench::run()
+        }
+        Command::Crds { check } => crds::run(check),
+        Command::Manifests => {
+            setup::run()?;
+            manifests::run(&util::build_agent(false)?)
         }
     }
 }

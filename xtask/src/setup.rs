@@ -25,12 +25,67 @@ const PACKAGES: &[(&str, &str)] = &[
 ];
 
 /// Python modules the tests import (with Debian's /usr/bin/python3), and their packages.
-const PYTHON_MODULES: &[(&str, &str)] = &[("grpc", "python3-grpcio")];
+/// `ensurepip` (python3-venv) creates the virtualenv of the manifest checks.
+const PYTHON_MODULES: &[(&str, &str)] =
+    &[("grpc", "python3-grpcio"), ("ensurepip", "python3-venv")];
+
+/// PyPI packages of the manifest checks (`cargo xtask manifests`), pinned, in a virtualenv of
+/// Debian's /usr/bin/python3 (not whichever `python3` comes first on PATH, and not the system
+/// site-packages, which Debian does not let pip change).
+const PIP_PACKAGES: &[&str] = &["kubernetes-validate==1.37.0", "jsonschema==4.26.0"];
 
 pub fn run() -> anyhow::Result<()> {
     rust_src()?;
     bpf_linker()?;
     packages()?;
+    python_venv()?;
+    Ok(())
+}
+
+/// The virtualenv the manifest checks run in.
+fn venv() -> PathBuf {
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    PathBuf::from(home).join(".cache/mesh-python")
+}
+
+/// The Python of that virtualenv.
+pub fn python() -> PathBuf {
+    venv().join("bin/python")
+}
+
+/// Creates the virtualenv and installs [`PIP_PACKAGES`] unless `pip freeze` already lists them.
+fn python_venv() -> anyhow::Result<()> {
+    let python = python();
+    let python = python.to_string_lossy();
+    let frozen = output(&python, &["-m", "pip", "freeze"]).unwrap_or_default();
+    if PIP_PACKAGES
+        .iter()
+        .all(|p| frozen.lines().any(|l| l.eq_ignore_ascii_case(p)))
+    {
+        return Ok(());
+    }
+    eprintln!(
+        "setup: installing {} in {}",
+        PIP_PACKAGES.join(" "),
+        venv().display()
+    );
+    exec(
+        Command::new("/usr/bin/python3")
+            .arg("-m")
+            .arg("venv")
+            .arg(venv()),
+    )?;
+    exec(
+        Command::new(python.as_ref())
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .args(PIP_PACKAGES),
+    )?;
     Ok(())
 }
 

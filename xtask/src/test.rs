@@ -9,6 +9,7 @@ use crate::util::{build_agent, cargo, clean_leftovers, exec, root};
 
 pub fn run(lint: bool) -> anyhow::Result<()> {
     clean_leftovers();
+    crate::crds::run(true)?;
     if lint {
         exec(cargo().args(["fmt", "--all", "--", "--check"]))?;
         exec(cargo().args([
@@ -21,6 +22,7 @@ pub fn run(lint: bool) -> anyhow::Result<()> {
         ]))?;
     }
     let agent = build_agent(false)?;
+    crate::manifests::run(&agent)?;
     let result = exec(
         cargo()
             .args(["test", "--workspace"])

@@ -44,8 +44,9 @@ pub fn build_agent(release: bool) -> anyhow::Result<PathBuf> {
         c.arg("--release");
     }
     exec(&mut c)?;
-    Ok(root()
-        .join("target")
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from);
+    Ok(target
         .join(if release { "release" } else { "debug" })
         .join("mesh-agent"))
 }

@@ -76,7 +76,10 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
     // Listeners first: once the program is attached, SYNs need somewhere to go.
     let listeners = Listeners::bind(cfg.listen_port)?;
     let mut routing = PolicyRouting::install(cfg.mark, cfg.route_table)?;
-    let mut capture = Programs::load(&cfg.bpffs_dir, cfg.mark)?;
+    let mut capture = Programs::load(&cfg.bpffs_dir, cfg.mark, cfg.ebpf_log)?;
+    if let Some(logger) = capture.take_logger() {
+        tokio::spawn(crate::ebpf::forward_logs(logger));
+    }
     capture.apply(&plan)?;
     capture.set_listeners(&listeners.v4, listeners.v6.as_ref())?;
     let capture = Arc::new(Mutex::new(capture));

@@ -23,6 +23,7 @@ pub const ENV_SPLICE: &str = "MESH_SPLICE";
 pub const ENV_POLICY: &str = "MESH_POLICY";
 pub const ENV_ADMIN_ADDRESS: &str = "MESH_ADMIN_ADDRESS";
 pub const ENV_ACCESS_LOG: &str = "MESH_ACCESS_LOG";
+pub const ENV_EBPF_LOG: &str = "MESH_EBPF_LOG";
 
 pub const DEFAULT_LISTEN_PORT: u16 = 15001;
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -86,6 +87,10 @@ pub struct File {
     pub admin_address: Option<String>,
     /// One JSON line per connection and per HTTP request (default true).
     pub access_log: Option<bool>,
+    /// The eBPF programs' own debug logs (rare events: no listener for a targeted SYN, a failed
+    /// socket assignment) as `tracing` events of target `mesh_ebpf` (default false: the
+    /// statements are then removed by the verifier and cost nothing).
+    pub ebpf_log: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -139,6 +144,9 @@ pub struct Overrides {
     /// Access log lines per connection and per HTTP request.
     #[arg(long, env = ENV_ACCESS_LOG)]
     pub access_log: Option<bool>,
+    /// eBPF program debug logs, bridged into the agent's log (`RUST_LOG=mesh_ebpf=debug`).
+    #[arg(long, env = ENV_EBPF_LOG)]
+    pub ebpf_log: Option<bool>,
 }
 
 /// The validated configuration the agent runs with.
@@ -159,6 +167,8 @@ pub struct Config {
     pub policy: Option<PathBuf>,
     pub admin_address: std::net::SocketAddr,
     pub access_log: bool,
+    /// Load the programs with their debug logs on and forward them to `tracing`.
+    pub ebpf_log: bool,
 }
 
 /// Every problem found, each naming its field.
@@ -206,6 +216,7 @@ impl Config {
             "policy": self.policy,
             "admin_address": self.admin_address.to_string(),
             "access_log": self.access_log,
+            "ebpf_log": self.ebpf_log,
         })
     }
 
@@ -415,6 +426,7 @@ impl Config {
             policy,
             admin_address,
             access_log: ov.access_log.or(file.access_log).unwrap_or(true),
+            ebpf_log: ov.ebpf_log.or(file.ebpf_log).unwrap_or(false),
         })
     }
 }

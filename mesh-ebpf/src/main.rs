@@ -22,6 +22,7 @@ use aya_ebpf::{
     maps::lpm_trie::Key,
     programs::TcContext,
 };
+use aya_log_ebpf::debug;
 use mesh_common::{
     counters::index as ctr,
     redirect::{self, AddrV4, AddrV6, FAIL_CLOSED},
@@ -55,6 +56,7 @@ pub fn capture(ctx: TcContext) -> i32 {
         Ok(action) => action,
         Err(Error::Assign) => {
             count(ctr::ERRORS);
+            debug!(&ctx, "bpf_sk_assign failed; the packet passes untouched");
             TC_ACT_UNSPEC
         }
     }
@@ -86,10 +88,24 @@ fn try_capture(ctx: &TcContext) -> Result<i32, Error> {
                 ctx.set_mark(mark);
                 assign(ctx, sk)?;
                 count(ctr::REDIRECTED);
+                debug!(
+                    ctx,
+                    "targeted SYN to port {} assigned to the agent's listener",
+                    u16::from_be(seg.dport_be)
+                );
                 Ok(verdict::OK)
             }
             None => {
                 count(ctr::NO_LISTENER);
+                debug!(
+                    ctx,
+                    "targeted SYN with no agent listener: fail mode {}",
+                    if fail_mode == FAIL_CLOSED {
+                        "closed"
+                    } else {
+                        "open"
+                    }
+                );
                 if fail_mode == FAIL_CLOSED {
                     count(ctr::FAIL_CLOSED);
                     // Refused at once with a RST, not left to time out.

@@ -284,12 +284,17 @@ impl Topology {
     /// Starts `mesh-agent run` in the node namespace with these extra arguments and waits until
     /// it reports ready.
     pub fn start_agent(&self, args: &[&str]) -> Agent {
-        Agent::start(self, &agent_bin(), args)
+        Agent::start(self, &agent_bin(), args, "info")
+    }
+
+    /// [`start_agent`](Self::start_agent) with another `RUST_LOG` filter.
+    pub fn start_agent_logging(&self, args: &[&str], rust_log: &str) -> Agent {
+        Agent::start(self, &agent_bin(), args, rust_log)
     }
 
     /// [`start_agent`](Self::start_agent) with a given binary (the benchmark's release build).
     pub fn start_agent_bin(&self, bin: &Path, args: &[&str]) -> Agent {
-        Agent::start(self, bin, args)
+        Agent::start(self, bin, args, "info")
     }
 }
 
@@ -424,7 +429,7 @@ pub struct Agent {
 }
 
 impl Agent {
-    fn start(topo: &Topology, bin: &Path, args: &[&str]) -> Agent {
+    fn start(topo: &Topology, bin: &Path, args: &[&str], rust_log: &str) -> Agent {
         let log_path = std::env::temp_dir().join(format!(
             "{}-agent-{}.log",
             topo.id,
@@ -441,7 +446,7 @@ impl Agent {
             .args(["--bpffs-dir", &bpffs])
             .args(args)
             .env("LOG_FORMAT", "json")
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", rust_log)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

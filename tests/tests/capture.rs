@@ -103,6 +103,52 @@ fn targeted_port_goes_through_the_agent_untargeted_port_does_not() {
     assert_eq!(delta("errors"), 0);
 }
 
+/// The programs' own debug logs reach the agent's log (as `tracing` events of target
+/// `mesh_ebpf`) when `--ebpf-log` is on, and are absent when it is off (the default).
+#[test]
+fn program_debug_logs_reach_the_agent_log_only_when_switched_on() {
+    if !privileged("program_debug_logs_reach_the_agent_log_only_when_switched_on") {
+        return;
+    }
+    let t = Topology::new(&["client", "server"]);
+    let (client, server) = (t.pod("client"), t.pod("server"));
+    greeter(&server.ns, sa(server.ip4, 8080), "s8080");
+    let line = "targeted SYN to port 8080 assigned to the agent's listener";
+    let args = [
+        "--interface",
+        &client.host_if,
+        "--capture",
+        "10.201.0.0/16=8080",
+    ];
+    let filter = "info,mesh_ebpf=debug";
+
+    let quiet = t.start_agent_logging(&args, filter);
+    greeting(&client.ns, sa(server.ip4, 8080)).expect("through the agent, logs off");
+    thread::sleep(Duration::from_millis(300));
+    assert!(
+        !quiet.log().contains(line),
+        "logs are off by default:\n{}",
+        quiet.log()
+    );
+    drop(quiet);
+
+    let mut with_logs = args.to_vec();
+    with_logs.extend(["--ebpf-log", "true"]);
+    let loud = t.start_agent_logging(&with_logs, filter);
+    greeting(&client.ns, sa(server.ip4, 8080)).expect("through the agent, logs on");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !loud.log().contains(line) && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+    }
+    let log = loud.log();
+    let record = log
+        .lines()
+        .find(|l| l.contains(line))
+        .unwrap_or_else(|| panic!("the program's log line is in the agent's log:\n{log}"));
+    let v: serde_json::Value = serde_json::from_str(record).expect("a JSON log line");
+    assert_eq!(v["level"], "DEBUG", "{record}");
+}
+
 #[test]
 fn ipv6_destination_is_captured() {
     if !privileged("ipv6_destination_is_captured") {

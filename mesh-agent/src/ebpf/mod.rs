@@ -72,6 +72,32 @@ pub enum Error {
     UnknownInterfaces(Vec<String>),
     #[error("{0}")]
     Kernel(String),
+    #[error("eBPF program logs: {0}")]
+    Log(String),
+}
+
+/// Reads the programs' log records (a ring buffer) and emits them through `log`, which the
+/// agent's subscriber turns into `tracing` events of target `mesh_ebpf`.
+pub type ProgramLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
+
+/// Forwards the programs' log records until the task is dropped.
+pub async fn forward_logs(logger: ProgramLogger) {
+    // SAFETY: the logger owns its ring buffer's fd; it stays open and the same for as long as
+    // the AsyncFd owns the logger.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    };
+    let Ok(mut fd) = registered else {
+        warn!("eBPF program logs: cannot poll the log ring buffer");
+        return;
+    };
+    loop {
+        let Ok(mut ready) = fd.readable_mut().await else {
+            return;
+        };
+        ready.get_inner_mut().flush();
+        ready.clear_ready();
+    }
 }
 
 /// Packets and bytes one authorization rule decided (summed over its entries and CPUs).
@@ -86,6 +112,7 @@ pub struct AuthzCount {
 /// The loaded object, the links it has on the interfaces, and the plan it enforces.
 pub struct Programs {
     bpf: Ebpf,
+    logger: Option<ProgramLogger>,
     kernel: kernel::Kernel,
     dir: PathBuf,
     mark: u32,
@@ -98,17 +125,28 @@ pub struct Programs {
 
 impl Programs {
     /// Loads the object (nothing attached yet) and pins the capture counters in `bpffs_dir`.
-    /// `mark` is set on every packet handed to the agent.
-    pub fn load(bpffs_dir: &Path, mark: u32) -> Result<Self, Error> {
+    /// `mark` is set on every packet handed to the agent. With `log`, the programs' debug logs
+    /// are on; [`Programs::take_logger`] then gives the reader to poll.
+    pub fn load(bpffs_dir: &Path, mark: u32, log: bool) -> Result<Self, Error> {
         let kernel = kernel::Kernel::probe();
         kernel.require().map_err(Error::Kernel)?;
         if !kernel.tcx {
             info!(release = %kernel.release, "no TCX links before Linux 6.6: capture attaches as a clsact filter");
         }
         ensure_bpffs(bpffs_dir)?;
-        let bpf = EbpfLoader::new().load(OBJECT)?;
+        // Off, the level is a frozen global: the verifier removes the log statements.
+        let level = if log { aya_log::Level::Debug as u8 } else { 0 };
+        let mut bpf = EbpfLoader::new()
+            .override_global(aya_log::LEVEL, &level, false)
+            .load(OBJECT)?;
+        let logger = if log {
+            Some(aya_log::EbpfLogger::init(&mut bpf).map_err(|e| Error::Log(e.to_string()))?)
+        } else {
+            None
+        };
         let mut programs = Programs {
             bpf,
+            logger,
             kernel,
             dir: bpffs_dir.to_path_buf(),
             mark,
@@ -119,6 +157,11 @@ impl Programs {
         };
         programs.pin_counters()?;
         Ok(programs)
+    }
+
+    /// The programs' log reader, when loaded with logs on (once).
+    pub fn take_logger(&mut self) -> Option<ProgramLogger> {
+        self.logger.take()
     }
 
     /// Makes the kernel enforce `plan`: settings, capture tries and authorization maps, then

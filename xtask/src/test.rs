@@ -1,13 +1,15 @@
 //! `cargo xtask test`: the whole suite, as CI runs it. Privileged tests are required here: one that
 //! cannot run fails instead of skipping (`MESH_REQUIRE_PRIVILEGED`). Then the Gateway API
-//! conformance requests in `../shared/conformance` drive the agent from the outside.
+//! conformance requests in `../shared/conformance` drive the agent from the outside. Last, the
+//! privileged tests again on Debian's 6.1 kernel in a VM (`cargo xtask kernels --kernel 6.1`), the
+//! oldest kernel the README promises.
 use std::process::Command;
 
 use anyhow::bail;
 
 use crate::util::{build_agent, cargo, clean_leftovers, exec, root};
 
-pub fn run(lint: bool) -> anyhow::Result<()> {
+pub fn run(lint: bool, kernels: bool) -> anyhow::Result<()> {
     clean_leftovers();
     if lint {
         exec(cargo().args(["fmt", "--all", "--", "--check"]))?;
@@ -29,7 +31,11 @@ pub fn run(lint: bool) -> anyhow::Result<()> {
     );
     clean_leftovers();
     result?;
-    conformance(&agent)
+    conformance(&agent)?;
+    if kernels {
+        crate::kernels::run(&crate::kernels::Options::ci())?;
+    }
+    Ok(())
 }
 
 /// The faulty comparison in the shared runner: `cases.json` gives some redirect ports as strings

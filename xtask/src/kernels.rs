@@ -6,9 +6,9 @@
 //! host's `/boot` or `/lib/modules`. Each boots under qemu with TCG (KVM exists here but hangs
 //! nested) from a small initramfs: busybox-static, the kernel's own virtio/9p modules and
 //! `guest/init`, which mounts the host's root read-only over 9p and runs the test executables
-//! built on the host, one test at a time, with the agent built on the host. The VM has no network
-//! device: the tests build their own namespaces and veths inside it. The `host` row runs the same
-//! script on the host, without a VM.
+//! built on the host (each test alone, two at a time), with the agent built on the host. The VM has
+//! no network device: the tests build their own namespaces and veths inside it. The `host` row runs
+//! the same script on the host, without a VM.
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
@@ -31,7 +31,7 @@ pub enum Target {
     /// Debian's 6.1 line (bookworm's own kernel) in a VM.
     #[value(name = "6.1")]
     V6_1,
-    /// Debian's 6.12 line (bookworm-backports / trixie) in a VM.
+    /// Debian's 6.12 line (the `+deb12` packages) in a VM.
     #[value(name = "6.12")]
     V6_12,
     /// The host, then 6.1 and 6.12.
@@ -253,16 +253,12 @@ fn cache_dir() -> PathBuf {
     PathBuf::from(home).join(".cache/mesh-kernels")
 }
 
-/// The integration test executables of `mesh-tests`, by suite (test file) name.
+/// The integration test executables of `mesh-tests`, by suite (test file) name. Built as
+/// `cargo test --workspace` builds them: with `-p mesh-tests` alone, features unify differently
+/// and `cargo xtask test` would build every test dependency a second time.
 fn test_executables() -> anyhow::Result<BTreeMap<String, PathBuf>> {
     let out = cargo()
-        .args([
-            "test",
-            "-p",
-            "mesh-tests",
-            "--no-run",
-            "--message-format=json",
-        ])
+        .args(["test", "--workspace", "--no-run", "--message-format=json"])
         .current_dir(root())
         .stderr(Stdio::inherit())
         .output()
@@ -278,7 +274,11 @@ fn test_executables() -> anyhow::Result<BTreeMap<String, PathBuf>> {
         let is_test = v["target"]["kind"]
             .as_array()
             .is_some_and(|k| k.iter().any(|k| k == "test"));
+        let ours = v["package_id"]
+            .as_str()
+            .is_some_and(|p| p.contains("#mesh-tests@"));
         if v["reason"] == "compiler-artifact"
+            && ours
             && is_test
             && let (Some(name), Some(exe)) =
                 (v["target"]["name"].as_str(), v["executable"].as_str())
@@ -387,6 +387,16 @@ run() {
 }
 "#,
     );
+    // Read the agent (a debug build is ~190 MB) and the test executables once before any test
+    // starts: over a cold 9p mount, the first agents took longer than the harness's 20 s to get
+    // ready.
+    s.push_str("cat \"$MESH_AGENT_BIN\"");
+    let mut exes: Vec<&Path> = tests.iter().map(|t| t.exe.as_path()).collect();
+    exes.dedup();
+    for exe in exes {
+        let _ = write!(s, " '{}'", exe.display());
+    }
+    s.push_str(" >/dev/null\n");
     let jobs = jobs.max(1);
     for lane in 0..jobs {
         s.push_str("(\n");

@@ -1,11 +1,11 @@
 //! `cargo xtask test`: the whole suite, as CI runs it. Privileged tests are required here: one that
 //! cannot run fails instead of skipping (`MESH_REQUIRE_PRIVILEGED`). Then the Gateway API
 //! conformance requests in `../shared/conformance` drive the agent from the outside. Last, the
-//! privileged tests again on Debian's 6.1 kernel in a VM (`cargo xtask kernels --kernel 6.1`), the
-//! oldest kernel the README promises.
+//! privileged tests again on Debian bookworm's 6.1 kernel in a VM (`cargo xtask kernels --kernel
+//! 6.1`), the oldest kernel the agent is meant to run on.
 use std::process::Command;
 
-use anyhow::bail;
+use anyhow::{Context as _, bail};
 
 use crate::util::{build_agent, cargo, clean_leftovers, exec, root};
 
@@ -33,7 +33,9 @@ pub fn run(lint: bool, kernels: bool) -> anyhow::Result<()> {
     result?;
     conformance(&agent)?;
     if kernels {
-        crate::kernels::run(&crate::kernels::Options::ci())?;
+        crate::kernels::run(&crate::kernels::Options::ci()).context(
+            "the privileged tests on Debian's 6.1 kernel (cargo xtask kernels --kernel 6.1)",
+        )?;
     }
     Ok(())
 }

@@ -13,6 +13,7 @@ use std::{
     collections::BTreeMap,
     fmt::Write as _,
     io::{BufRead as _, BufReader, Write as _},
+    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::mpsc,
@@ -428,13 +429,14 @@ fn run_host(tests: &[Test], agent: &Path, opts: &Options, logs: &Path) -> anyhow
     clean_leftovers();
     let child = Command::new("sh")
         .arg(&script)
+        .process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
         .context("running the job on the host")?;
     let row = console(
-        Proc(child),
+        Proc { child, group: true },
         title,
         tests,
         &[],
@@ -655,16 +657,24 @@ impl Cpio {
     }
 }
 
-/// A child process killed (SIGKILL, by its own pid) and reaped when dropped: no qemu outlives a
-/// run, whether it ends, fails, or times out.
-struct Proc(Child);
+/// A child process killed (SIGKILL) and reaped when dropped: no qemu and no host test outlives a
+/// run, whether it ends, fails, or times out. `group`: the child leads its own process group
+/// (the host job and the tests it starts) and the whole group is killed, by its id.
+struct Proc {
+    child: Child,
+    group: bool,
+}
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        if self.0.try_wait().ok().flatten().is_none() {
-            let _ = self.0.kill();
+        if self.child.try_wait().ok().flatten().is_none() {
+            if self.group {
+                let pgid = format!("-{}", self.child.id());
+                let _ = Command::new("kill").args(["-KILL", "--", &pgid]).status();
+            }
+            let _ = self.child.kill();
         }
-        let _ = self.0.wait();
+        let _ = self.child.wait();
     }
 }
 
@@ -730,7 +740,10 @@ fn run_vm(
         .spawn()
         .context("starting qemu-system-x86_64 (`cargo xtask setup` installs it)")?;
     let row = console(
-        Proc(child),
+        Proc {
+            child,
+            group: false,
+        },
         kernel.release.clone(),
         tests,
         &skipped,
@@ -773,11 +786,11 @@ fn console(
     let mut file = std::fs::File::create(log)?;
     let (tx, rx) = mpsc::channel::<String>();
     for stream in [
-        proc.0
+        proc.child
             .stdout
             .take()
             .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-        proc.0
+        proc.child
             .stderr
             .take()
             .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),

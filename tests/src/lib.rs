@@ -456,7 +456,12 @@ impl Agent {
             log_path,
             bpffs_dir: topo.bpffs_dir.clone(),
         };
-        let deadline = Instant::now() + Duration::from_secs(20);
+        // An emulated CPU (`cargo xtask kernels` runs the suite under qemu TCG) needs longer.
+        let ready_secs = std::env::var("MESH_AGENT_READY_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(20);
+        let deadline = Instant::now() + Duration::from_secs(ready_secs);
         loop {
             if agent.log().contains("agent ready") {
                 return agent;
@@ -470,7 +475,7 @@ impl Agent {
             }
             assert!(
                 Instant::now() < deadline,
-                "agent not ready after 20 s:\n{}",
+                "agent not ready after {ready_secs} s:\n{}",
                 agent.log()
             );
             std::thread::sleep(Duration::from_millis(50));

@@ -1,9 +1,10 @@
-//! `cargo xtask <command>`: setup, demo, test, bench. Every command but `setup` first runs the
+//! `cargo xtask <command>`: setup, demo, test, kernels, bench. Every command but `setup` first runs the
 //! setup steps that are missing, so a fresh machine needs nothing else.
 mod bench;
 mod crds;
 mod demo;
 mod manifests;
+mod kernels;
 mod setup;
 mod test;
 mod util;
@@ -24,12 +25,19 @@ enum Command {
     Setup,
     /// Build a topology in network namespaces, run the agent, make requests, show what happened.
     Demo,
-    /// Lints, unit tests, privileged integration tests (as root), and the conformance suite.
+    /// Lints, unit tests, privileged integration tests (as root), the conformance suite, and the
+    /// privileged tests on Debian's 6.1 kernel in a VM.
     Test {
         /// Skip `cargo fmt --check` and clippy.
         #[arg(long)]
         no_lint: bool,
+        /// Skip the run on Debian's 6.1 kernel in a VM (`cargo xtask kernels --kernel 6.1`).
+        #[arg(long)]
+        no_kernels: bool,
     },
+    /// The privileged integration tests on Debian's 6.1 and 6.12 kernels (qemu VMs) and on the
+    /// host: a kernel x test table.
+    Kernels(kernels::Options),
     /// End-to-end figures: throughput, latency and memory through the agent against direct.
     Bench,
     /// Write the CRDs generated from the Rust types to `manifests/crds/`.
@@ -51,9 +59,16 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             demo::run()
         }
-        Command::Test { no_lint } => {
+        Command::Test {
+            no_lint,
+            no_kernels,
+        } => {
             setup::run()?;
-            test::run(!no_lint)
+            test::run(!no_lint, !no_kernels)
+        }
+        Command::Kernels(opts) => {
+            setup::run()?;
+            kernels::run(&opts)
         }
         Command::Bench => {
             setup::run()?;

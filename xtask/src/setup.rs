@@ -22,7 +22,16 @@ const PACKAGES: &[(&str, &str)] = &[
     ("nghttp", "nghttp2-client"),
     ("prometheus", "prometheus"),
     ("promtool", "prometheus"),
+    // `cargo xtask kernels`: boots Debian kernels under qemu, unpacks their modules.
+    ("qemu-system-x86_64", "qemu-system-x86"),
+    ("modprobe", "kmod"),
+    ("depmod", "kmod"),
+    ("xz", "xz-utils"),
 ];
+
+/// Packages checked by name rather than by a command: `busybox` alone may be the dynamically
+/// linked build, and the kernels' initramfs needs the static one.
+const PACKAGES_BY_NAME: &[&str] = &["busybox-static"];
 
 /// Python modules the tests import (with Debian's /usr/bin/python3), and their packages.
 /// `ensurepip` (python3-venv) creates the virtualenv of the manifest checks.
@@ -181,6 +190,10 @@ fn packages() -> anyhow::Result<()> {
             })
             .map(|(_, pkg)| *pkg),
     );
+    missing.extend(PACKAGES_BY_NAME.iter().filter(|pkg| {
+        output("dpkg-query", &["-W", "-f=${Status}", pkg])
+            .is_none_or(|s| !s.contains("install ok installed"))
+    }));
     missing.sort_unstable();
     missing.dedup();
     if missing.is_empty() {

@@ -1,13 +1,15 @@
 //! `cargo xtask test`: the whole suite, as CI runs it. Privileged tests are required here: one that
 //! cannot run fails instead of skipping (`MESH_REQUIRE_PRIVILEGED`). Then the Gateway API
-//! conformance requests in `../shared/conformance` drive the agent from the outside.
+//! conformance requests in `../shared/conformance` drive the agent from the outside. Last, the
+//! privileged tests again on Debian bookworm's 6.1 kernel in a VM (`cargo xtask kernels --kernel
+//! 6.1`), the oldest kernel the agent is meant to run on.
 use std::process::Command;
 
-use anyhow::bail;
+use anyhow::{Context as _, bail};
 
 use crate::util::{build_agent, cargo, clean_leftovers, exec, root};
 
-pub fn run(lint: bool) -> anyhow::Result<()> {
+pub fn run(lint: bool, kernels: bool) -> anyhow::Result<()> {
     clean_leftovers();
     crate::crds::run(true)?;
     if lint {
@@ -31,7 +33,13 @@ pub fn run(lint: bool) -> anyhow::Result<()> {
     );
     clean_leftovers();
     result?;
-    conformance(&agent)
+    conformance(&agent)?;
+    if kernels {
+        crate::kernels::run(&crate::kernels::Options::ci()).context(
+            "the privileged tests on Debian's 6.1 kernel (cargo xtask kernels --kernel 6.1)",
+        )?;
+    }
+    Ok(())
 }
 
 /// Runs every conformance request with the shared runner as it is (`run.py` exits non-zero

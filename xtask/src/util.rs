@@ -36,6 +36,15 @@ pub fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
+/// Where cargo builds: `CARGO_TARGET_DIR` when set (relative to the workspace root), else
+/// `target/`.
+pub fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(d) => root().join(d),
+        None => root().join("target"),
+    }
+}
+
 /// Builds the agent (debug) and returns the binary's path.
 pub fn build_agent(release: bool) -> anyhow::Result<PathBuf> {
     let mut c = cargo();
@@ -44,9 +53,7 @@ pub fn build_agent(release: bool) -> anyhow::Result<PathBuf> {
         c.arg("--release");
     }
     exec(&mut c)?;
-    let target =
-        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from);
-    Ok(target
+    Ok(target_dir()
         .join(if release { "release" } else { "debug" })
         .join("mesh-agent"))
 }

@@ -87,6 +87,12 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            // Before anything is bound or loaded: a kernel without a needed feature is named in
+            // one line, not found out later from a verifier log.
+            if let Err(line) = ebpf::kernel::Kernel::probe().require() {
+                eprintln!("mesh-agent: {line}");
+                return ExitCode::from(3);
+            }
             let initial = match &cfg.policy {
                 None => mesh_policy::Compiled::empty(),
                 Some(path) => match policy::load(path) {

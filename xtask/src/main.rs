@@ -3,8 +3,8 @@
 mod bench;
 mod crds;
 mod demo;
-mod manifests;
 mod kernels;
+mod manifests;
 mod setup;
 mod test;
 mod util;

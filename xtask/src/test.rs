@@ -38,6 +38,9 @@ pub fn run(lint: bool, kernels: bool) -> anyhow::Result<()> {
         crate::kernels::run(&crate::kernels::Options::ci()).context(
             "the privileged tests on Debian's 6.1 kernel (cargo xtask kernels --kernel 6.1)",
         )?;
+        crate::kernels::run(&crate::kernels::Options::ci_refusal()).context(
+            "the agent's refusal of Debian's 5.10 kernel (cargo xtask kernels --kernel 5.10 --suites kernel)",
+        )?;
     }
     Ok(())
 }

@@ -97,16 +97,13 @@ fn try_capture(ctx: &TcContext) -> Result<i32, Error> {
             }
             None => {
                 count(ctr::NO_LISTENER);
-                debug!(
-                    ctx,
-                    "targeted SYN with no agent listener: fail mode {}",
-                    if fail_mode == FAIL_CLOSED {
-                        "closed"
-                    } else {
-                        "open"
-                    }
-                );
                 if fail_mode == FAIL_CLOSED {
+                    // One literal per branch: a string chosen at run time was copied with the
+                    // longer one's length, which 6.1's verifier rightly refuses.
+                    debug!(
+                        ctx,
+                        "targeted SYN with no agent listener: refused (fail closed)"
+                    );
                     count(ctr::FAIL_CLOSED);
                     // Refused at once with a RST, not left to time out.
                     match reset::refuse(ctx, &seg) {
@@ -117,6 +114,10 @@ fn try_capture(ctx: &TcContext) -> Result<i32, Error> {
                         }
                     }
                 } else {
+                    debug!(
+                        ctx,
+                        "targeted SYN with no agent listener: passed (fail open)"
+                    );
                     count(ctr::FAIL_OPEN);
                     Ok(TC_ACT_UNSPEC)
                 }

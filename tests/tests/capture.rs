@@ -412,7 +412,7 @@ fn sigterm_drains_then_removes_everything_it_installed() {
         "--capture",
         "10.201.2.0/24=8080",
         "--drain-timeout",
-        "5s",
+        "15s",
     ]);
     assert_ne!(
         t.node.sh(&["ip", "rule", "show"]).stdout,
@@ -438,12 +438,15 @@ fn sigterm_drains_then_removes_everything_it_installed() {
         c.shutdown(Shutdown::Write).expect("close");
     });
     let start = Instant::now();
-    let status = agent.terminate(Duration::from_secs(10));
+    let status = agent.terminate(Duration::from_secs(20));
     closer.join().expect("drained connection worked");
     assert!(status.success(), "exit status {status}");
     assert!(
-        start.elapsed() < Duration::from_secs(5),
-        "exited when the last connection closed"
+        // Well before the 15 s drain timeout; loose enough for an emulated CPU (xtask kernels).
+        start.elapsed() < Duration::from_secs(10),
+        "exited when the last connection closed, not at the drain timeout ({:?}):\n{}",
+        start.elapsed(),
+        agent.log()
     );
     assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
     assert_eq!(

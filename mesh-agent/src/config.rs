@@ -23,6 +23,7 @@ pub const ENV_SPLICE: &str = "MESH_SPLICE";
 pub const ENV_POLICY: &str = "MESH_POLICY";
 pub const ENV_ADMIN_ADDRESS: &str = "MESH_ADMIN_ADDRESS";
 pub const ENV_ACCESS_LOG: &str = "MESH_ACCESS_LOG";
+pub const ENV_KUBE_PROXY_NOTRACK: &str = "MESH_KUBE_PROXY_NOTRACK";
 
 pub const DEFAULT_LISTEN_PORT: u16 = 15001;
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -86,6 +87,9 @@ pub struct File {
     pub admin_address: Option<String>,
     /// One JSON line per connection and per HTTP request (default true).
     pub access_log: Option<bool>,
+    /// Exempt captured (marked) packets from conntrack so kube-proxy's DNAT of Service VIPs
+    /// does not rewrite them before they reach the agent (default true).
+    pub kube_proxy_notrack: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -139,6 +143,11 @@ pub struct Overrides {
     /// Access log lines per connection and per HTTP request.
     #[arg(long, env = ENV_ACCESS_LOG)]
     pub access_log: Option<bool>,
+    /// Install the `inet skiff_capture` nftables table that exempts captured packets from
+    /// conntrack, so kube-proxy's PREROUTING DNAT leaves them to the agent. Off only when nothing
+    /// on the node DNATs Service addresses (no kube-proxy) and `nft` is unavailable.
+    #[arg(long, env = ENV_KUBE_PROXY_NOTRACK)]
+    pub kube_proxy_notrack: Option<bool>,
 }
 
 /// The validated configuration the agent runs with.
@@ -159,6 +168,9 @@ pub struct Config {
     pub policy: Option<PathBuf>,
     pub admin_address: std::net::SocketAddr,
     pub access_log: bool,
+    /// Captured packets (those carrying `mark`) skip conntrack in the node's PREROUTING, so a
+    /// kube-proxy DNAT rule for their Service VIP never applies to them; see `routing::Notrack`.
+    pub kube_proxy_notrack: bool,
 }
 
 /// Every problem found, each naming its field.
@@ -206,6 +218,7 @@ impl Config {
             "policy": self.policy,
             "admin_address": self.admin_address.to_string(),
             "access_log": self.access_log,
+            "kube_proxy_notrack": self.kube_proxy_notrack,
         })
     }
 
@@ -415,6 +428,10 @@ impl Config {
             policy,
             admin_address,
             access_log: ov.access_log.or(file.access_log).unwrap_or(true),
+            kube_proxy_notrack: ov
+                .kube_proxy_notrack
+                .or(file.kube_proxy_notrack)
+                .unwrap_or(true),
         })
     }
 }
@@ -454,6 +471,13 @@ mod tests {
         assert_eq!(c.capture[1].ports, [PortRange::ALL]);
         assert_eq!(c.idle_timeout, Duration::from_secs(90));
         assert_eq!(c.drain_timeout, Duration::from_millis(500));
+        assert!(c.kube_proxy_notrack, "on by default");
+        assert!(
+            !build("kube_proxy_notrack: false\n")
+                .expect("valid")
+                .kube_proxy_notrack
+        );
+        assert_eq!(c.to_json()["kube_proxy_notrack"], true);
     }
 
     #[test]

@@ -281,6 +281,60 @@ impl Topology {
             .sh(&["ip", "route", "replace", &format!("{vip}/32"), "dev", "lo"]);
     }
 
+    /// Installs kube-proxy's rules for one Service port, as kube-proxy in `mode` does: `vip:port`
+    /// DNATed to `backend:bport` in `nat` PREROUTING (the pods' connections) and OUTPUT (the
+    /// node's own, hence the agent's upstream ones). Callable once per Service port.
+    pub fn kube_proxy_service(
+        &self,
+        mode: KubeProxyMode,
+        vip: Ipv4Addr,
+        port: u16,
+        backend: Ipv4Addr,
+        bport: u16,
+    ) {
+        let to = format!("{backend}:{bport}");
+        match mode {
+            KubeProxyMode::Nftables => {
+                // `add` is idempotent for the table and chains, so Services can be added one by one.
+                let rules = format!(
+                    "add table ip kube-proxy\n\
+                     add chain ip kube-proxy nat-prerouting {{ type nat hook prerouting priority dstnat; }}\n\
+                     add chain ip kube-proxy nat-output {{ type nat hook output priority -100; }}\n\
+                     add rule ip kube-proxy nat-prerouting ip daddr {vip} tcp dport {port} dnat to {to}\n\
+                     add rule ip kube-proxy nat-output ip daddr {vip} tcp dport {port} dnat to {to}\n"
+                );
+                self.node.nft(&rules);
+            }
+            KubeProxyMode::IptablesLegacy | KubeProxyMode::IptablesNft => {
+                let bin = mode.command();
+                let (vip, port) = (format!("{vip}/32"), port.to_string());
+                for chain in ["PREROUTING", "OUTPUT"] {
+                    self.node.sh(&[
+                        bin,
+                        "-w",
+                        "-t",
+                        "nat",
+                        "-A",
+                        chain,
+                        "-d",
+                        &vip,
+                        "-p",
+                        "tcp",
+                        "--dport",
+                        &port,
+                        "-j",
+                        "DNAT",
+                        "--to-destination",
+                        &to,
+                    ]);
+                }
+            }
+        }
+        // As in kube_proxy_dnat: the node has no default route, give its own connections one.
+        self.node
+            .sh(&["ip", "route", "replace", &format!("{vip}/32"), "dev", "lo"]);
+    }
+
     /// Starts `mesh-agent run` in the node namespace with these extra arguments and waits until
     /// it reports ready.
     pub fn start_agent(&self, args: &[&str]) -> Agent {
@@ -331,6 +385,48 @@ impl Drop for Topology {
                     let _ = std::fs::remove_file(e.path());
                 }
             }
+        }
+    }
+}
+
+impl Netns {
+    /// Loads an nftables script (`nft -f -`) in this namespace and panics if it fails.
+    pub fn nft(&self, script: &str) {
+        let mut child = self
+            .cmd("nft")
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("nft");
+        std::io::Write::write_all(child.stdin.as_mut().expect("stdin"), script.as_bytes())
+            .expect("write rules");
+        let out = child.wait_with_output().expect("nft");
+        assert!(
+            out.status.success(),
+            "nft -f - failed: {}\n{script}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// The ways kube-proxy programs a Service's DNAT on a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KubeProxyMode {
+    /// `--proxy-mode nftables`: its own `ip kube-proxy` table.
+    Nftables,
+    /// `--proxy-mode iptables` with the legacy x_tables backend.
+    IptablesLegacy,
+    /// `--proxy-mode iptables` through `iptables-nft` (nf_tables underneath).
+    IptablesNft,
+}
+
+impl KubeProxyMode {
+    fn command(self) -> &'static str {
+        match self {
+            KubeProxyMode::Nftables => "nft",
+            KubeProxyMode::IptablesLegacy => "iptables-legacy",
+            KubeProxyMode::IptablesNft => "iptables-nft",
         }
     }
 }

@@ -20,6 +20,10 @@
 //! OUTPUT DNAT sends it to an endpoint as for any host client. The reply direction needs nothing:
 //! the listener's packets to the pod have the VIP as source and match no DNAT rule (conntrack
 //! picks them up as an unreplied entry, which is harmless).
+//!
+//! The `nft` tool loads the rule (`nft -f -`, one transaction), as `ip` does the routing: of the
+//! netlink crates, `rustables` is GPL-3.0 and needs bindgen, `nftnl` links the C libnftnl, and
+//! `nf_tables` (0.1) is too young to carry a node's data path.
 use std::{io::Write as _, process::Command};
 
 use tracing::{debug, info, warn};

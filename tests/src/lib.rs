@@ -13,7 +13,7 @@ pub mod tls;
 use std::{
     fs::File,
     io::Read,
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Output, Stdio},
     sync::atomic::{AtomicUsize, Ordering},
@@ -283,31 +283,38 @@ impl Topology {
 
     /// Installs kube-proxy's rules for one Service port, as kube-proxy in `mode` does: `vip:port`
     /// DNATed to `backend:bport` in `nat` PREROUTING (the pods' connections) and OUTPUT (the
-    /// node's own, hence the agent's upstream ones). Callable once per Service port.
+    /// node's own, hence the agent's upstream ones). Callable once per Service port; IPv4 or IPv6
+    /// (both addresses of one family).
     pub fn kube_proxy_service(
         &self,
         mode: KubeProxyMode,
-        vip: Ipv4Addr,
+        vip: impl Into<IpAddr>,
         port: u16,
-        backend: Ipv4Addr,
+        backend: impl Into<IpAddr>,
         bport: u16,
     ) {
-        let to = format!("{backend}:{bport}");
+        let (vip, backend) = (vip.into(), backend.into());
+        let to = std::net::SocketAddr::new(backend, bport).to_string();
+        let (family, bits) = if vip.is_ipv4() {
+            ("ip", 32)
+        } else {
+            ("ip6", 128)
+        };
         match mode {
             KubeProxyMode::Nftables => {
                 // `add` is idempotent for the table and chains, so Services can be added one by one.
                 let rules = format!(
-                    "add table ip kube-proxy\n\
-                     add chain ip kube-proxy nat-prerouting {{ type nat hook prerouting priority dstnat; }}\n\
-                     add chain ip kube-proxy nat-output {{ type nat hook output priority -100; }}\n\
-                     add rule ip kube-proxy nat-prerouting ip daddr {vip} tcp dport {port} dnat to {to}\n\
-                     add rule ip kube-proxy nat-output ip daddr {vip} tcp dport {port} dnat to {to}\n"
+                    "add table {family} kube-proxy\n\
+                     add chain {family} kube-proxy nat-prerouting {{ type nat hook prerouting priority dstnat; }}\n\
+                     add chain {family} kube-proxy nat-output {{ type nat hook output priority -100; }}\n\
+                     add rule {family} kube-proxy nat-prerouting {family} daddr {vip} tcp dport {port} dnat to {to}\n\
+                     add rule {family} kube-proxy nat-output {family} daddr {vip} tcp dport {port} dnat to {to}\n"
                 );
                 self.node.nft(&rules);
             }
             KubeProxyMode::IptablesLegacy | KubeProxyMode::IptablesNft => {
-                let bin = mode.command();
-                let (vip, port) = (format!("{vip}/32"), port.to_string());
+                let bin = mode.command(vip.is_ipv6());
+                let (dst, port) = (format!("{vip}/{bits}"), port.to_string());
                 for chain in ["PREROUTING", "OUTPUT"] {
                     self.node.sh(&[
                         bin,
@@ -317,7 +324,7 @@ impl Topology {
                         "-A",
                         chain,
                         "-d",
-                        &vip,
+                        &dst,
                         "-p",
                         "tcp",
                         "--dport",
@@ -331,8 +338,14 @@ impl Topology {
             }
         }
         // As in kube_proxy_dnat: the node has no default route, give its own connections one.
-        self.node
-            .sh(&["ip", "route", "replace", &format!("{vip}/32"), "dev", "lo"]);
+        self.node.sh(&[
+            "ip",
+            "route",
+            "replace",
+            &format!("{vip}/{bits}"),
+            "dev",
+            "lo",
+        ]);
     }
 
     /// Starts `mesh-agent run` in the node namespace with these extra arguments and waits until
@@ -422,11 +435,13 @@ pub enum KubeProxyMode {
 }
 
 impl KubeProxyMode {
-    fn command(self) -> &'static str {
-        match self {
-            KubeProxyMode::Nftables => "nft",
-            KubeProxyMode::IptablesLegacy => "iptables-legacy",
-            KubeProxyMode::IptablesNft => "iptables-nft",
+    fn command(self, ipv6: bool) -> &'static str {
+        match (self, ipv6) {
+            (KubeProxyMode::Nftables, _) => "nft",
+            (KubeProxyMode::IptablesLegacy, false) => "iptables-legacy",
+            (KubeProxyMode::IptablesLegacy, true) => "ip6tables-legacy",
+            (KubeProxyMode::IptablesNft, false) => "iptables-nft",
+            (KubeProxyMode::IptablesNft, true) => "ip6tables-nft",
         }
     }
 }

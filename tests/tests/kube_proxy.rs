@@ -344,3 +344,42 @@ fn the_notrack_table_is_replaced_after_a_crash_and_removed_on_stop() {
         second.log()
     );
 }
+
+/// The notrack table is `inet`: an IPv6 Service VIP behind kube-proxy's ip6 rules works too, in
+/// each mode, with the agent's upstream DNATed by the OUTPUT rule.
+#[test]
+fn ipv6_service_vip_through_each_kube_proxy_mode() {
+    if !privileged("ipv6_service_vip_through_each_kube_proxy_mode") {
+        return;
+    }
+    let vip: std::net::Ipv6Addr = "fd00:96::10".parse().expect("ip");
+    for mode in [
+        KubeProxyMode::Nftables,
+        KubeProxyMode::IptablesLegacy,
+        KubeProxyMode::IptablesNft,
+    ] {
+        let t = Topology::new(&["client", "server"]);
+        let server = t.pod("server");
+        greeter(&server.ns, sa(server.ip6, 8080), "server");
+        t.kube_proxy_service(mode, vip, 80, server.ip6, 8080);
+        let agent = t.start_agent(&[
+            "--interface",
+            &t.pod("client").host_if,
+            "--capture",
+            "fd00:96::/64=80",
+        ]);
+        let (greeting, echoed) = greet_and_echo(&t, "client", sa(vip, 80), "over IPv6");
+        assert!(
+            greeting.ends_with("server=server")
+                && !greeting.contains(&t.pod("client").ip6.to_string()),
+            "{mode:?}: the agent connected to the backend: {greeting}"
+        );
+        assert_eq!(echoed, "over IPv6", "{mode:?}");
+        thread::sleep(Duration::from_millis(200));
+        let conns = closed_connections(&agent);
+        assert!(
+            conns.iter().any(|(d, _)| *d == format!("[{vip}]:80")),
+            "{mode:?}: the agent saw the VIP as original destination: {conns:?}"
+        );
+    }
+}

@@ -39,7 +39,7 @@ pub enum Error {
     #[error("`ip {args}` failed: {reason}")]
     Command { args: String, reason: String },
     #[error(
-        "cannot run `nft` ({source}): install nftables (`cargo xtask setup` does), or set \
+        "cannot run `nft`: install nftables (`cargo xtask setup` does), or set \
          kube_proxy_notrack: false (MESH_KUBE_PROXY_NOTRACK=false) if nothing on this node DNATs \
          Service addresses"
     )]

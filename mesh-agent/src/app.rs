@@ -18,7 +18,7 @@ use crate::{
     metrics::Metrics,
     policy::{self, ReloadStats},
     proxy::{self, Listeners, Stats, balance::Balancer},
-    routing::PolicyRouting,
+    routing::{Notrack, PolicyRouting},
 };
 
 /// Different endpoints tried for one connection before it is given up.
@@ -76,6 +76,11 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
     // Listeners first: once the program is attached, SYNs need somewhere to go.
     let listeners = Listeners::bind(cfg.listen_port)?;
     let mut routing = PolicyRouting::install(cfg.mark, cfg.route_table)?;
+    // Before the program attaches: no captured SYN may meet kube-proxy's DNAT (routing.rs).
+    let mut notrack = cfg
+        .kube_proxy_notrack
+        .then(|| Notrack::install(cfg.mark))
+        .transpose()?;
     let mut capture = Programs::load(&cfg.bpffs_dir, cfg.mark, cfg.ebpf_log)?;
     if let Some(logger) = capture.take_logger() {
         tokio::spawn(crate::ebpf::forward_logs(logger));
@@ -159,6 +164,9 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
     let counters = capture.counters().ok();
     capture.detach();
     routing.remove();
+    if let Some(n) = notrack.as_mut() {
+        n.remove();
+    }
     info!(
         accepted = stats.accepted.load(Ordering::Relaxed),
         upstream_failures = stats.upstream_failures.load(Ordering::Relaxed),

@@ -24,6 +24,7 @@ pub const ENV_POLICY: &str = "MESH_POLICY";
 pub const ENV_ADMIN_ADDRESS: &str = "MESH_ADMIN_ADDRESS";
 pub const ENV_ACCESS_LOG: &str = "MESH_ACCESS_LOG";
 pub const ENV_EBPF_LOG: &str = "MESH_EBPF_LOG";
+pub const ENV_KUBE_PROXY_NOTRACK: &str = "MESH_KUBE_PROXY_NOTRACK";
 
 pub const DEFAULT_LISTEN_PORT: u16 = 15001;
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -91,6 +92,9 @@ pub struct File {
     /// socket assignment) as `tracing` events of target `mesh_ebpf` (default false: the
     /// statements are then removed by the verifier and cost nothing).
     pub ebpf_log: Option<bool>,
+    /// Exempt captured (marked) packets from conntrack so kube-proxy's DNAT of Service VIPs
+    /// does not rewrite them before they reach the agent (default true).
+    pub kube_proxy_notrack: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -147,6 +151,11 @@ pub struct Overrides {
     /// eBPF program debug logs, bridged into the agent's log (`RUST_LOG=mesh_ebpf=debug`).
     #[arg(long, env = ENV_EBPF_LOG)]
     pub ebpf_log: Option<bool>,
+    /// Install the `inet skiff_capture` nftables table that exempts captured packets from
+    /// conntrack, so kube-proxy's PREROUTING DNAT leaves them to the agent. Off only when nothing
+    /// on the node DNATs Service addresses (no kube-proxy) and `nft` is unavailable.
+    #[arg(long, env = ENV_KUBE_PROXY_NOTRACK)]
+    pub kube_proxy_notrack: Option<bool>,
 }
 
 /// The validated configuration the agent runs with.
@@ -169,6 +178,9 @@ pub struct Config {
     pub access_log: bool,
     /// Load the programs with their debug logs on and forward them to `tracing`.
     pub ebpf_log: bool,
+    /// Captured packets (those carrying `mark`) skip conntrack in the node's PREROUTING, so a
+    /// kube-proxy DNAT rule for their Service VIP never applies to them; see `routing::Notrack`.
+    pub kube_proxy_notrack: bool,
 }
 
 /// Every problem found, each naming its field.
@@ -217,6 +229,7 @@ impl Config {
             "admin_address": self.admin_address.to_string(),
             "access_log": self.access_log,
             "ebpf_log": self.ebpf_log,
+            "kube_proxy_notrack": self.kube_proxy_notrack,
         })
     }
 
@@ -427,6 +440,10 @@ impl Config {
             admin_address,
             access_log: ov.access_log.or(file.access_log).unwrap_or(true),
             ebpf_log: ov.ebpf_log.or(file.ebpf_log).unwrap_or(false),
+            kube_proxy_notrack: ov
+                .kube_proxy_notrack
+                .or(file.kube_proxy_notrack)
+                .unwrap_or(true),
         })
     }
 }
@@ -466,6 +483,13 @@ mod tests {
         assert_eq!(c.capture[1].ports, [PortRange::ALL]);
         assert_eq!(c.idle_timeout, Duration::from_secs(90));
         assert_eq!(c.drain_timeout, Duration::from_millis(500));
+        assert!(c.kube_proxy_notrack, "on by default");
+        assert!(
+            !build("kube_proxy_notrack: false\n")
+                .expect("valid")
+                .kube_proxy_notrack
+        );
+        assert_eq!(c.to_json()["kube_proxy_notrack"], true);
     }
 
     #[test]

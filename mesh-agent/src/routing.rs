@@ -1,17 +1,54 @@
 //! Policy routing that delivers captured packets to the agent: `ip rule fwmark MARK/MARK lookup
 //! TABLE` plus `local default dev lo` in that table, for IPv4 and IPv6. The agent removes exactly
 //! what it installed when it stops. The `ip` tool (iproute2) does the netlink work.
-use std::process::Command;
+//!
+//! [`Notrack`] adds one nftables rule in a table of the agent's own (`inet skiff_capture`, hook
+//! prerouting, priority raw = -300, before conntrack at -200): `meta mark & MARK == MARK
+//! notrack`. Why: kube-proxy (nftables or iptables mode) DNATs a Service VIP to an endpoint in the
+//! node's `nat` PREROUTING chain, which runs after TC ingress. Without the rule, the captured SYN
+//! to `VIP:port` (marked, `bpf_sk_assign`ed to the listener) gets a conntrack entry and is
+//! rewritten to `endpoint:port`. The mark still routes it to `local` and the assigned listener
+//! still takes it, but the request socket it creates has the *rewritten* address as its local
+//! address. Conntrack turns the SYN-ACK's source back into the VIP, so the client answers; its ACK
+//! reaches TC with the VIP tuple, `bpf_skc_lookup_tcp` finds no socket for it (the request socket
+//! is keyed by the endpoint's address), so it goes on unmarked, is DNATed again, and never
+//! completes the handshake: the client's request hangs, the SYN-ACK is retransmitted, the agent
+//! accepts nothing and logs nothing. An untracked packet skips NAT (NAT needs a conntrack entry):
+//! the listener sees the VIP as the local, i.e. original, destination and every later packet
+//! matches the socket. Every packet of a captured flow is marked, so none of them is tracked.
+//! The agent's upstream connection to the VIP is not marked: it is tracked, and kube-proxy's
+//! OUTPUT DNAT sends it to an endpoint as for any host client. The reply direction needs nothing:
+//! the listener's packets to the pod have the VIP as source and match no DNAT rule (conntrack
+//! picks them up as an unreplied entry, which is harmless).
+//!
+//! The `nft` tool loads the rule (`nft -f -`, one transaction), as `ip` does the routing: of the
+//! netlink crates, `rustables` is GPL-3.0 and needs bindgen, `nftnl` links the C libnftnl, and
+//! `nf_tables` (0.1) is too young to carry a node's data path.
+use std::{io::Write as _, process::Command};
 
 use tracing::{debug, info, warn};
 
 /// Rule preference: after the `local` table (0), before `main` (32766).
 pub const RULE_PREF: u32 = 9000;
 
+/// The agent's nftables table (its only content is the notrack chain).
+pub const NOTRACK_TABLE: &str = "skiff_capture";
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("`ip {args}` failed: {reason}")]
     Command { args: String, reason: String },
+    #[error(
+        "cannot run `nft`: install nftables (`cargo xtask setup` does), or set \
+         kube_proxy_notrack: false (MESH_KUBE_PROXY_NOTRACK=false) if nothing on this node DNATs \
+         Service addresses"
+    )]
+    NftMissing { source: std::io::Error },
+    #[error("`nft -f -` failed to {action} table inet {NOTRACK_TABLE}: {reason}")]
+    Nft {
+        action: &'static str,
+        reason: String,
+    },
 }
 
 /// Installed rules and routes; removed on [`PolicyRouting::remove`] or drop.
@@ -93,5 +130,97 @@ impl PolicyRouting {
 impl Drop for PolicyRouting {
     fn drop(&mut self) {
         self.remove();
+    }
+}
+
+/// The notrack rule for captured packets (see the module docs); removed on
+/// [`Notrack::remove`] or drop.
+pub struct Notrack {
+    installed: bool,
+}
+
+/// Runs `nft -f -` with `script` on stdin: one transaction, all or nothing.
+fn nft(action: &'static str, script: &str) -> Result<(), Error> {
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|source| Error::NftMissing { source })?;
+    let written = child
+        .stdin
+        .take()
+        .map(|mut stdin| stdin.write_all(script.as_bytes()));
+    let out = child.wait_with_output().map_err(|e| Error::Nft {
+        action,
+        reason: e.to_string(),
+    })?;
+    match written {
+        Some(Ok(())) if out.status.success() => Ok(()),
+        Some(Err(e)) => Err(Error::Nft {
+            action,
+            reason: format!("writing the rules: {e}"),
+        }),
+        _ => Err(Error::Nft {
+            action,
+            reason: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        }),
+    }
+}
+
+/// The install transaction. Declaring the table, deleting it and declaring it again in one
+/// transaction replaces whatever a crashed agent left (or nothing) without a window in which
+/// captured packets are tracked twice or not at all, and works on nft versions without `destroy`.
+pub fn notrack_script(mark: u32) -> String {
+    format!(
+        "table inet {NOTRACK_TABLE}\n\
+         delete table inet {NOTRACK_TABLE}\n\
+         table inet {NOTRACK_TABLE} {{\n\
+         \tchain prerouting {{\n\
+         \t\ttype filter hook prerouting priority raw; policy accept;\n\
+         \t\tmeta mark & {mark:#x} == {mark:#x} notrack\n\
+         \t}}\n\
+         }}\n"
+    )
+}
+
+impl Notrack {
+    /// Installs (or replaces) the table for IPv4 and IPv6 (`inet`).
+    pub fn install(mark: u32) -> Result<Self, Error> {
+        nft("install", &notrack_script(mark))?;
+        info!(table = NOTRACK_TABLE, mark = %format!("{mark:#x}"), "conntrack bypass for captured packets installed");
+        Ok(Notrack { installed: true })
+    }
+
+    /// Removes the table [`install`](Self::install) added.
+    pub fn remove(&mut self) {
+        if std::mem::take(&mut self.installed)
+            && let Err(e) = nft("remove", &format!("delete table inet {NOTRACK_TABLE}\n"))
+        {
+            warn!(error = %e, "removing the conntrack bypass");
+        }
+    }
+}
+
+impl Drop for Notrack {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notrack_script_replaces_the_table_and_matches_the_mark_bits() {
+        let s = notrack_script(0x400);
+        assert!(s.starts_with("table inet skiff_capture\ndelete table inet skiff_capture\n"));
+        assert!(
+            s.contains("type filter hook prerouting priority raw;"),
+            "{s}"
+        );
+        assert!(s.contains("meta mark & 0x400 == 0x400 notrack"), "{s}");
     }
 }

@@ -13,7 +13,7 @@ pub mod tls;
 use std::{
     fs::File,
     io::Read,
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Output, Stdio},
     sync::atomic::{AtomicUsize, Ordering},
@@ -281,6 +281,73 @@ impl Topology {
             .sh(&["ip", "route", "replace", &format!("{vip}/32"), "dev", "lo"]);
     }
 
+    /// Installs kube-proxy's rules for one Service port, as kube-proxy in `mode` does: `vip:port`
+    /// DNATed to `backend:bport` in `nat` PREROUTING (the pods' connections) and OUTPUT (the
+    /// node's own, hence the agent's upstream ones). Callable once per Service port; IPv4 or IPv6
+    /// (both addresses of one family).
+    pub fn kube_proxy_service(
+        &self,
+        mode: KubeProxyMode,
+        vip: impl Into<IpAddr>,
+        port: u16,
+        backend: impl Into<IpAddr>,
+        bport: u16,
+    ) {
+        let (vip, backend) = (vip.into(), backend.into());
+        let to = std::net::SocketAddr::new(backend, bport).to_string();
+        let (family, bits) = if vip.is_ipv4() {
+            ("ip", 32)
+        } else {
+            ("ip6", 128)
+        };
+        match mode {
+            KubeProxyMode::Nftables => {
+                // `add` is idempotent for the table and chains, so Services can be added one by one.
+                let rules = format!(
+                    "add table {family} kube-proxy\n\
+                     add chain {family} kube-proxy nat-prerouting {{ type nat hook prerouting priority dstnat; }}\n\
+                     add chain {family} kube-proxy nat-output {{ type nat hook output priority -100; }}\n\
+                     add rule {family} kube-proxy nat-prerouting {family} daddr {vip} tcp dport {port} dnat to {to}\n\
+                     add rule {family} kube-proxy nat-output {family} daddr {vip} tcp dport {port} dnat to {to}\n"
+                );
+                self.node.nft(&rules);
+            }
+            KubeProxyMode::IptablesLegacy | KubeProxyMode::IptablesNft => {
+                let bin = mode.command(vip.is_ipv6());
+                let (dst, port) = (format!("{vip}/{bits}"), port.to_string());
+                for chain in ["PREROUTING", "OUTPUT"] {
+                    self.node.sh(&[
+                        bin,
+                        "-w",
+                        "-t",
+                        "nat",
+                        "-A",
+                        chain,
+                        "-d",
+                        &dst,
+                        "-p",
+                        "tcp",
+                        "--dport",
+                        &port,
+                        "-j",
+                        "DNAT",
+                        "--to-destination",
+                        &to,
+                    ]);
+                }
+            }
+        }
+        // As in kube_proxy_dnat: the node has no default route, give its own connections one.
+        self.node.sh(&[
+            "ip",
+            "route",
+            "replace",
+            &format!("{vip}/{bits}"),
+            "dev",
+            "lo",
+        ]);
+    }
+
     /// Starts `mesh-agent run` in the node namespace with these extra arguments and waits until
     /// it reports ready.
     pub fn start_agent(&self, args: &[&str]) -> Agent {
@@ -336,6 +403,50 @@ impl Drop for Topology {
                     let _ = std::fs::remove_file(e.path());
                 }
             }
+        }
+    }
+}
+
+impl Netns {
+    /// Loads an nftables script (`nft -f -`) in this namespace and panics if it fails.
+    pub fn nft(&self, script: &str) {
+        let mut child = self
+            .cmd("nft")
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("nft");
+        std::io::Write::write_all(child.stdin.as_mut().expect("stdin"), script.as_bytes())
+            .expect("write rules");
+        let out = child.wait_with_output().expect("nft");
+        assert!(
+            out.status.success(),
+            "nft -f - failed: {}\n{script}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// The ways kube-proxy programs a Service's DNAT on a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KubeProxyMode {
+    /// `--proxy-mode nftables`: its own `ip kube-proxy` table.
+    Nftables,
+    /// `--proxy-mode iptables` with the legacy x_tables backend.
+    IptablesLegacy,
+    /// `--proxy-mode iptables` through `iptables-nft` (nf_tables underneath).
+    IptablesNft,
+}
+
+impl KubeProxyMode {
+    fn command(self, ipv6: bool) -> &'static str {
+        match (self, ipv6) {
+            (KubeProxyMode::Nftables, _) => "nft",
+            (KubeProxyMode::IptablesLegacy, false) => "iptables-legacy",
+            (KubeProxyMode::IptablesLegacy, true) => "ip6tables-legacy",
+            (KubeProxyMode::IptablesNft, false) => "iptables-nft",
+            (KubeProxyMode::IptablesNft, true) => "ip6tables-nft",
         }
     }
 }

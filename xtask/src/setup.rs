@@ -13,6 +13,9 @@ const PACKAGES: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("nsenter", "util-linux"),
     ("nft", "nftables"),
+    // The kube-proxy tests install kube-proxy's rules in both iptables flavours.
+    ("iptables-legacy", "iptables"),
+    ("iptables-nft", "iptables"),
     ("curl", "curl"),
     ("openssl", "openssl"),
     ("socat", "socat"),

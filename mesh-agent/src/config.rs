@@ -23,6 +23,8 @@ pub const ENV_SPLICE: &str = "MESH_SPLICE";
 pub const ENV_POLICY: &str = "MESH_POLICY";
 pub const ENV_ADMIN_ADDRESS: &str = "MESH_ADMIN_ADDRESS";
 pub const ENV_ACCESS_LOG: &str = "MESH_ACCESS_LOG";
+pub const ENV_KUBERNETES: &str = "MESH_KUBERNETES";
+pub const ENV_NODE_NAME: &str = "MESH_NODE_NAME";
 
 pub const DEFAULT_LISTEN_PORT: u16 = 15001;
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -139,6 +141,13 @@ pub struct Overrides {
     /// Access log lines per connection and per HTTP request.
     #[arg(long, env = ENV_ACCESS_LOG)]
     pub access_log: Option<bool>,
+    /// Take the policy and the pods to capture from the Kubernetes API (kubeconfig from
+    /// `KUBECONFIG`, else in-cluster) instead of a policy file.
+    #[arg(long, env = ENV_KUBERNETES)]
+    pub kubernetes: bool,
+    /// This node's name (the downward API's `spec.nodeName`); required with `--kubernetes`.
+    #[arg(long, env = ENV_NODE_NAME)]
+    pub node_name: Option<String>,
 }
 
 /// The validated configuration the agent runs with.
@@ -159,6 +168,15 @@ pub struct Config {
     pub policy: Option<PathBuf>,
     pub admin_address: std::net::SocketAddr,
     pub access_log: bool,
+    /// Kubernetes mode: the node whose pods are enrolled.
+    pub kubernetes: Option<Kubernetes>,
+}
+
+/// Kubernetes mode settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Kubernetes {
+    /// Only pods scheduled here (`spec.nodeName`) are captured.
+    pub node_name: String,
 }
 
 /// Every problem found, each naming its field.
@@ -206,6 +224,7 @@ impl Config {
             "policy": self.policy,
             "admin_address": self.admin_address.to_string(),
             "access_log": self.access_log,
+            "kubernetes": self.kubernetes.as_ref().map(|k| serde_json::json!({"node_name": k.node_name})),
         })
     }
 
@@ -391,6 +410,30 @@ impl Config {
             );
             std::net::SocketAddr::from(([127, 0, 0, 1], 15020))
         });
+        let kubernetes = if ov.kubernetes {
+            if policy.is_some() {
+                err(
+                    "policy".into(),
+                    "--policy and --kubernetes exclude each other: in Kubernetes mode the policy comes from the API server".into(),
+                );
+            }
+            match ov.node_name.as_deref().map(str::trim) {
+                Some(n) if !n.is_empty() => Some(Kubernetes {
+                    node_name: n.to_string(),
+                }),
+                _ => {
+                    err(
+                        ENV_NODE_NAME.into(),
+                        format!(
+                            "required with --kubernetes ({ENV_KUBERNETES}): set {ENV_NODE_NAME} (or --node-name) to this node's name, e.g. from the downward API's spec.nodeName"
+                        ),
+                    );
+                    None
+                }
+            }
+        } else {
+            None
+        };
         if let Some(p) = &policy
             && !p.exists()
         {
@@ -415,6 +458,7 @@ impl Config {
             policy,
             admin_address,
             access_log: ov.access_log.or(file.access_log).unwrap_or(true),
+            kubernetes,
         })
     }
 }

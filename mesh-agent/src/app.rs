@@ -31,6 +31,12 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
     let mut sigint =
         tokio::signal::unix::signal(SignalKind::interrupt()).context("SIGINT handler")?;
 
+    // Kubernetes mode: the client is configured before anything is bound or loaded, so a
+    // missing kubeconfig is a startup error.
+    let kube = match &cfg.kubernetes {
+        Some(k) => Some((crate::k8s::client().await?, k.node_name.clone())),
+        None => None,
+    };
     let plan = policy::plan(&cfg, &initial)?;
     let summary = initial.summary();
     let store = Arc::new(PolicyStore::new(initial));
@@ -56,12 +62,23 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
     )
     .with_observer(metrics.http.clone());
     metrics.register_http(http.clone());
+    let kube_metrics = kube
+        .as_ref()
+        .map(|_| crate::k8s::Metrics::register(&mut metrics.registry));
+    let kube_status = kube.as_ref().map(|(_, node)| crate::k8s::Status::new(node));
     let metrics = Arc::new(metrics);
     let status: admin::StatusFn = {
         let cell = capture_cell.clone();
-        Arc::new(move || match cell.get() {
-            Some(c) => c.lock().unwrap_or_else(|e| e.into_inner()).status(),
-            None => serde_json::json!({"capture": null}),
+        let kube_status = kube_status.clone();
+        Arc::new(move || {
+            let mut s = match cell.get() {
+                Some(c) => c.lock().unwrap_or_else(|e| e.into_inner()).status(),
+                None => serde_json::json!({"capture": null}),
+            };
+            if let Some(k) = &kube_status {
+                s["kubernetes"] = k.json();
+            }
+            s
         })
     };
     let admin_state = Arc::new(admin::State {
@@ -125,8 +142,26 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
         )));
     }
 
-    // Programs attached, listeners in the SockMap, policy loaded, accepting.
-    ready.store(true, Ordering::Release);
+    // Kubernetes mode is ready once every watched kind has synced and its policy is applied.
+    let kubernetes = match (kube, kube_metrics, kube_status) {
+        (Some((client, node)), Some(metrics), Some(status)) => {
+            let targets = crate::k8s::Targets {
+                cfg: cfg.clone(),
+                store: store.clone(),
+                programs: capture.clone(),
+                reloads: reloads.clone(),
+                ready: ready.clone(),
+                metrics,
+                status,
+            };
+            Some(tokio::spawn(crate::k8s::run(client, node, targets)))
+        }
+        _ => {
+            // Programs attached, listeners in the SockMap, policy loaded, accepting.
+            ready.store(true, Ordering::Release);
+            None
+        }
+    };
     info!(
         interfaces = ?plan.interfaces,
         capture_rules = plan.capture.len(),
@@ -142,7 +177,7 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
         _ = sigint.recv() => info!("SIGINT: draining"),
     }
     ready.store(false, Ordering::Release);
-    if let Some(w) = watcher {
+    for w in watcher.into_iter().chain(kubernetes) {
         w.abort();
         // Wait until the task (and its handle on the capture) is gone.
         let _ = w.await;

@@ -25,6 +25,8 @@ pub const ENV_ADMIN_ADDRESS: &str = "MESH_ADMIN_ADDRESS";
 pub const ENV_ACCESS_LOG: &str = "MESH_ACCESS_LOG";
 pub const ENV_EBPF_LOG: &str = "MESH_EBPF_LOG";
 pub const ENV_KUBE_PROXY_NOTRACK: &str = "MESH_KUBE_PROXY_NOTRACK";
+pub const ENV_KUBERNETES: &str = "MESH_KUBERNETES";
+pub const ENV_NODE_NAME: &str = "MESH_NODE_NAME";
 
 pub const DEFAULT_LISTEN_PORT: u16 = 15001;
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -156,6 +158,13 @@ pub struct Overrides {
     /// on the node DNATs Service addresses (no kube-proxy) and `nft` is unavailable.
     #[arg(long, env = ENV_KUBE_PROXY_NOTRACK)]
     pub kube_proxy_notrack: Option<bool>,
+    /// Take the policy and the pods to capture from the Kubernetes API (kubeconfig from
+    /// `KUBECONFIG`, else in-cluster) instead of a policy file.
+    #[arg(long, env = ENV_KUBERNETES)]
+    pub kubernetes: bool,
+    /// This node's name (the downward API's `spec.nodeName`); required with `--kubernetes`.
+    #[arg(long, env = ENV_NODE_NAME)]
+    pub node_name: Option<String>,
 }
 
 /// The validated configuration the agent runs with.
@@ -181,6 +190,15 @@ pub struct Config {
     /// Captured packets (those carrying `mark`) skip conntrack in the node's PREROUTING, so a
     /// kube-proxy DNAT rule for their Service VIP never applies to them; see `routing::Notrack`.
     pub kube_proxy_notrack: bool,
+    /// Kubernetes mode: the node whose pods are enrolled.
+    pub kubernetes: Option<Kubernetes>,
+}
+
+/// Kubernetes mode settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Kubernetes {
+    /// Only pods scheduled here (`spec.nodeName`) are captured.
+    pub node_name: String,
 }
 
 /// Every problem found, each naming its field.
@@ -230,6 +248,7 @@ impl Config {
             "access_log": self.access_log,
             "ebpf_log": self.ebpf_log,
             "kube_proxy_notrack": self.kube_proxy_notrack,
+            "kubernetes": self.kubernetes.as_ref().map(|k| serde_json::json!({"node_name": k.node_name})),
         })
     }
 
@@ -415,6 +434,30 @@ impl Config {
             );
             std::net::SocketAddr::from(([127, 0, 0, 1], 15020))
         });
+        let kubernetes = if ov.kubernetes {
+            if policy.is_some() {
+                err(
+                    "policy".into(),
+                    "--policy and --kubernetes exclude each other: in Kubernetes mode the policy comes from the API server".into(),
+                );
+            }
+            match ov.node_name.as_deref().map(str::trim) {
+                Some(n) if !n.is_empty() => Some(Kubernetes {
+                    node_name: n.to_string(),
+                }),
+                _ => {
+                    err(
+                        ENV_NODE_NAME.into(),
+                        format!(
+                            "required with --kubernetes ({ENV_KUBERNETES}): set {ENV_NODE_NAME} (or --node-name) to this node's name, e.g. from the downward API's spec.nodeName"
+                        ),
+                    );
+                    None
+                }
+            }
+        } else {
+            None
+        };
         if let Some(p) = &policy
             && !p.exists()
         {
@@ -444,6 +487,7 @@ impl Config {
                 .kube_proxy_notrack
                 .or(file.kube_proxy_notrack)
                 .unwrap_or(true),
+            kubernetes,
         })
     }
 }

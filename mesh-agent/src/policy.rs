@@ -6,7 +6,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use mesh_policy::{Compiled, KernelPlan, LoadError, PlanError, PolicyStore};
+use mesh_policy::{Compiled, KernelPlan, LoadError, NodeSettings, PlanError, PolicyStore};
 use tracing::{error, info};
 
 use crate::{
@@ -70,28 +70,12 @@ pub fn reload(
     programs: &Mutex<Programs>,
     stats: &ReloadStats,
 ) {
-    let loaded = load(path).map_err(|e| error_lines(&e)).and_then(|new| {
-        let plan = plan(cfg, &new).map_err(|e| e.0)?;
-        Ok((new, plan))
-    });
-    match loaded {
-        Ok((new, plan)) => {
-            let summary = new.summary();
-            let mut programs = programs.lock().unwrap_or_else(|e| e.into_inner());
-            // Kernel first: a new destination is captured before routes for it are looked up;
-            // a destination that leaves the policy is released after the swap's in-flight users
-            // finish with it (they keep their Arc).
-            if let Err(e) = programs.apply(&plan) {
-                stats.count(false);
-                error!(?trigger, error = %e, "policy reload: kernel maps could not follow; keeping the last good policy");
-                return;
-            }
-            drop(programs);
-            store.replace(new);
-            stats.count(true);
-            info!(?trigger, ?summary, capture_rules = plan.capture.len(), fail_mode = %plan.fail_mode, "policy reloaded");
+    match load(path) {
+        Ok(new) => {
+            let _ = apply(new, &cfg.node_settings(), trigger, store, programs, stats);
         }
-        Err(lines) => {
+        Err(e) => {
+            let lines = error_lines(&e);
             stats.count(false);
             error!(
                 ?trigger,
@@ -103,6 +87,63 @@ pub fn reload(
             }
         }
     }
+}
+
+/// Why a compiled policy could not be put in force.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("{0}")]
+    Plan(#[from] PlanError),
+    #[error("kernel maps could not follow: {0}")]
+    Kernel(#[from] crate::ebpf::Error),
+}
+
+/// The one step both modes share (file and Kubernetes): the kernel plan of `new` on a node
+/// with `node`'s settings, written to the kernel, then the route table swapped. On error the
+/// last good policy stays in force and the error is logged and counted.
+pub fn apply(
+    new: Compiled,
+    node: &NodeSettings,
+    trigger: Trigger,
+    store: &PolicyStore,
+    programs: &Mutex<Programs>,
+    stats: &ReloadStats,
+) -> Result<KernelPlan, ApplyError> {
+    let summary = new.summary();
+    let result = new
+        .kernel_plan(node)
+        .map_err(ApplyError::from)
+        .and_then(|plan| {
+            let mut programs = programs.lock().unwrap_or_else(|e| e.into_inner());
+            // Kernel first: a new destination is captured before routes for it are looked up;
+            // a destination that leaves the policy is released after the swap's in-flight users
+            // finish with it (they keep their Arc).
+            programs.apply(&plan)?;
+            Ok(plan)
+        });
+    match &result {
+        Ok(plan) => {
+            store.replace(new);
+            stats.count(true);
+            info!(?trigger, ?summary, interfaces = ?plan.interfaces, capture_rules = plan.capture.len(), fail_mode = %plan.fail_mode, "policy reloaded");
+        }
+        Err(ApplyError::Plan(e)) => {
+            stats.count(false);
+            error!(
+                ?trigger,
+                errors = e.0.len(),
+                "policy rejected; the last good policy stays in force"
+            );
+            for l in &e.0 {
+                error!(%l, "policy error");
+            }
+        }
+        Err(e) => {
+            stats.count(false);
+            error!(?trigger, error = %e, "policy reload: keeping the last good policy");
+        }
+    }
+    result
 }
 
 /// Shared handle used by the proxy.

@@ -46,6 +46,8 @@ pub fn fingerprint(path: &Path) -> Fingerprint {
 pub enum Trigger {
     FileChange,
     Sighup,
+    /// An object watched in the Kubernetes API changed.
+    Kubernetes,
 }
 
 /// Calls `reload` whenever the files at `path` change (once they have been stable for one poll,

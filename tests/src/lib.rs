@@ -351,17 +351,22 @@ impl Topology {
     /// Starts `mesh-agent run` in the node namespace with these extra arguments and waits until
     /// it reports ready.
     pub fn start_agent(&self, args: &[&str]) -> Agent {
-        Agent::start(self, &agent_bin(), args, "info")
+        Agent::start(self, &agent_bin(), args, &[])
     }
 
     /// [`start_agent`](Self::start_agent) with another `RUST_LOG` filter.
     pub fn start_agent_logging(&self, args: &[&str], rust_log: &str) -> Agent {
-        Agent::start(self, &agent_bin(), args, rust_log)
+        Agent::start(self, &agent_bin(), args, &[("RUST_LOG", rust_log)])
+    }
+
+    /// [`start_agent`](Self::start_agent) with extra environment variables (`KUBECONFIG`).
+    pub fn start_agent_env(&self, args: &[&str], env: &[(&str, &str)]) -> Agent {
+        Agent::start(self, &agent_bin(), args, env)
     }
 
     /// [`start_agent`](Self::start_agent) with a given binary (the benchmark's release build).
     pub fn start_agent_bin(&self, bin: &Path, args: &[&str]) -> Agent {
-        Agent::start(self, bin, args, "info")
+        Agent::start(self, bin, args, &[])
     }
 }
 
@@ -540,7 +545,7 @@ pub struct Agent {
 }
 
 impl Agent {
-    fn start(topo: &Topology, bin: &Path, args: &[&str], rust_log: &str) -> Agent {
+    fn start(topo: &Topology, bin: &Path, args: &[&str], env: &[(&str, &str)]) -> Agent {
         let log_path = std::env::temp_dir().join(format!(
             "{}-agent-{}.log",
             topo.id,
@@ -557,7 +562,8 @@ impl Agent {
             .args(["--bpffs-dir", &bpffs])
             .args(args)
             .env("LOG_FORMAT", "json")
-            .env("RUST_LOG", rust_log)
+            .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

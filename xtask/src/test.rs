@@ -7,7 +7,7 @@ use std::process::Command;
 
 use anyhow::{Context as _, bail};
 
-use crate::util::{build_agent, cargo, clean_leftovers, exec, root};
+use crate::util::{build_agent, build_apiserver, cargo, clean_leftovers, exec, root};
 
 pub fn run(lint: bool, kernels: bool) -> anyhow::Result<()> {
     clean_leftovers();
@@ -24,12 +24,14 @@ pub fn run(lint: bool, kernels: bool) -> anyhow::Result<()> {
         ]))?;
     }
     let agent = build_agent(false)?;
+    let apiserver = build_apiserver()?;
     crate::manifests::run(&agent)?;
     let result = exec(
         cargo()
             .args(["test", "--workspace"])
             .env("MESH_REQUIRE_PRIVILEGED", "1")
-            .env("MESH_AGENT_BIN", &agent),
+            .env("MESH_AGENT_BIN", &agent)
+            .env("MESH_APISERVER_BIN", &apiserver),
     );
     clean_leftovers();
     result?;

@@ -58,6 +58,14 @@ pub fn build_agent(release: bool) -> anyhow::Result<PathBuf> {
         .join("mesh-agent"))
 }
 
+/// Builds the test API server (debug) and returns the binary's path.
+pub fn build_apiserver() -> anyhow::Result<PathBuf> {
+    exec(cargo().args(["build", "-p", "mesh-apiserver"]))?;
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from);
+    Ok(target.join("debug").join("mesh-apiserver"))
+}
+
 /// Deletes network namespaces and bpffs folders that an interrupted test or demo left behind.
 pub fn clean_leftovers() {
     if let Some(list) = output("ip", &["netns", "list"]) {

@@ -42,8 +42,8 @@ pub(crate) const MAX_CAPTURE: usize = mesh_common::redirect::MAX_PREFIXES as usi
 /// `spec.capture[].ports`: port ranges per prefix in the kernel's `PortSet` (the agent's own
 /// `capture` setting has the same bound).
 pub(crate) const MAX_CAPTURE_PORTS: usize = mesh_common::redirect::MAX_PORT_RANGES;
-/// Entries one MeshPolicy's authorization may expand to (`MAX_AUTHZ_ENTRIES` in
-/// `lower/policy.rs`): every rule is at least one, and the product of its `from`, `to` and
+/// Entries one MeshPolicy's authorization may expand to (validation in `lower/policy.rs` uses
+/// this constant too): every rule is at least one, and the product of its `from`, `to` and
 /// `ports` is its count, so none of these lists can be longer either.
 pub(crate) const MAX_AUTHZ_ENTRIES: usize = 1024;
 /// `spec.authorization.rules`.
@@ -54,7 +54,7 @@ pub(crate) const MAX_INTERFACES: usize = mesh_common::authz::MAX_IFACES as usize
 /// `spec.authorization.http`: the HTTP proxy checks every rule on every request, and the
 /// apiserver needs a bound to estimate the cost of the rule's CEL check.
 pub(crate) const MAX_HTTP_DENY_RULES: usize = 256;
-/// Longest header value the agent injects (`MAX_VALUE_LEN` in `lower/mod.rs`).
+/// Longest header value the agent injects (`lower/mod.rs` validates with this constant).
 pub(crate) const MAX_HEADER_VALUE: usize = 4096;
 /// Longest condition message the apiserver accepts.
 const MAX_MESSAGE: usize = 32768;

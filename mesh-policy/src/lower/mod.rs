@@ -64,7 +64,8 @@ const MAX_BACKEND_REFS: usize = 16;
 const MAX_HEADER_EDITS: usize = 16;
 const MAX_WEIGHT: i32 = 1_000_000;
 const MAX_PATH_LEN: usize = 1024;
-const MAX_VALUE_LEN: usize = 4096;
+/// Longest header value (one constant with the CRD schema's limit).
+const MAX_VALUE_LEN: usize = crate::crd::MAX_HEADER_VALUE;
 const REDIRECT_STATUS_CODES: [u16; 5] = [301, 302, 303, 307, 308];
 
 /// Policy ready to index.

@@ -7,8 +7,9 @@ use crate::{
     settings::AuthzRule,
 };
 
-/// Most authorization entries one MeshPolicy may expand to (the kernel holds 4,096 rule ids).
-const MAX_AUTHZ_ENTRIES: usize = 1024;
+// Most authorization entries one MeshPolicy may expand to (the kernel holds 4,096 rule ids):
+// the same constant bounds the CRD schema.
+use crate::crd::MAX_AUTHZ_ENTRIES;
 
 /// Validates `spec.authorization` and expands each rule into one typed entry per (source,
 /// destination, port range) combination; also returns the per-interface defaults.

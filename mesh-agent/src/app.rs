@@ -34,7 +34,7 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
     // Kubernetes mode: the client is configured before anything is bound or loaded, so a
     // missing kubeconfig is a startup error.
     let kube = match &cfg.kubernetes {
-        Some(k) => Some((crate::k8s::client().await?, k.node_name.clone())),
+        Some(k) => Some((crate::k8s::client().await?, k.clone())),
         None => None,
     };
     let plan = policy::plan(&cfg, &initial)?;
@@ -65,7 +65,9 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
     let kube_metrics = kube
         .as_ref()
         .map(|_| crate::k8s::Metrics::register(&mut metrics.registry));
-    let kube_status = kube.as_ref().map(|(_, node)| crate::k8s::Status::new(node));
+    let kube_status = kube
+        .as_ref()
+        .map(|(_, k)| crate::k8s::Status::new(&k.node_name));
     let metrics = Arc::new(metrics);
     let status: admin::StatusFn = {
         let cell = capture_cell.clone();
@@ -144,7 +146,7 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
 
     // Kubernetes mode is ready once every watched kind has synced and its policy is applied.
     let kubernetes = match (kube, kube_metrics, kube_status) {
-        (Some((client, node)), Some(metrics), Some(status)) => {
+        (Some((client, k)), Some(metrics), Some(status)) => {
             let targets = crate::k8s::Targets {
                 cfg: cfg.clone(),
                 store: store.clone(),
@@ -154,7 +156,12 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
                 metrics,
                 status,
             };
-            Some(tokio::spawn(crate::k8s::run(client, node, targets)))
+            Some(tokio::spawn(crate::k8s::run(
+                client,
+                k.node_name,
+                k.backoff_max,
+                targets,
+            )))
         }
         _ => {
             // Programs attached, listeners in the SockMap, policy loaded, accepting.

@@ -27,11 +27,15 @@ pub const ENV_EBPF_LOG: &str = "MESH_EBPF_LOG";
 pub const ENV_KUBE_PROXY_NOTRACK: &str = "MESH_KUBE_PROXY_NOTRACK";
 pub const ENV_KUBERNETES: &str = "MESH_KUBERNETES";
 pub const ENV_NODE_NAME: &str = "MESH_NODE_NAME";
+pub const ENV_KUBE_BACKOFF_MAX: &str = "MESH_KUBE_BACKOFF_MAX";
 
 pub const DEFAULT_LISTEN_PORT: u16 = 15001;
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
+/// client-go's reflector ceiling: kind to an API server that is coming back, with every node's
+/// agent reconnecting at once.
+pub const DEFAULT_KUBE_BACKOFF_MAX: Duration = Duration::from_secs(30);
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/mesh";
 /// Mark bit set on captured packets; the policy-routing rule matches `mark/mark`.
 pub const DEFAULT_MARK: u32 = 0x1;
@@ -165,6 +169,11 @@ pub struct Overrides {
     /// This node's name (the downward API's `spec.nodeName`); required with `--kubernetes`.
     #[arg(long, env = ENV_NODE_NAME)]
     pub node_name: Option<String>,
+    /// Longest wait between attempts to re-establish a failed watch (`30s`): the delay doubles
+    /// from 800 ms, with jitter, up to this. Lower it on small clusters to resync sooner after an
+    /// API server outage.
+    #[arg(long, env = ENV_KUBE_BACKOFF_MAX)]
+    pub kube_backoff_max: Option<String>,
 }
 
 /// The validated configuration the agent runs with.
@@ -199,6 +208,8 @@ pub struct Config {
 pub struct Kubernetes {
     /// Only pods scheduled here (`spec.nodeName`) are captured.
     pub node_name: String,
+    /// Ceiling of the watch reconnection backoff.
+    pub backoff_max: Duration,
 }
 
 /// Every problem found, each naming its field.
@@ -385,6 +396,11 @@ impl Config {
             ov.drain_timeout.as_ref().or(file.drain_timeout.as_ref()),
             DEFAULT_DRAIN_TIMEOUT,
         );
+        let kube_backoff_max = duration(
+            "kube_backoff_max",
+            ov.kube_backoff_max.as_ref(),
+            DEFAULT_KUBE_BACKOFF_MAX,
+        );
         let listen_port = ov
             .listen_port
             .or(file.listen_port)
@@ -444,6 +460,7 @@ impl Config {
             match ov.node_name.as_deref().map(str::trim) {
                 Some(n) if !n.is_empty() => Some(Kubernetes {
                     node_name: n.to_string(),
+                    backoff_max: kube_backoff_max,
                 }),
                 _ => {
                     err(

@@ -41,6 +41,8 @@ fn fixture(name: &str) -> PathBuf {
 /// `mesh-apiserver` in the node namespace on 127.0.0.1; killed on drop.
 struct ApiServer {
     child: Child,
+    /// The bound address (a restart listens on the same one, so the kubeconfig stays valid).
+    addr: String,
     kubeconfig: PathBuf,
     topo_node: String,
 }
@@ -70,6 +72,7 @@ impl ApiServer {
         assert!(!line.trim().is_empty(), "mesh-apiserver printed no address");
         ApiServer {
             child,
+            addr: line.trim().to_string(),
             kubeconfig: kubeconfig.to_path_buf(),
             topo_node: t.node.name.clone(),
         }
@@ -78,6 +81,17 @@ impl ApiServer {
     /// `kubectl --kubeconfig ... ARGS` in the node namespace, with `stdin` piped in; panics on
     /// failure.
     fn kubectl(&self, args: &[&str], stdin: &str) -> String {
+        let out = self.kubectl_output(args, stdin);
+        assert!(
+            out.status.success(),
+            "kubectl {args:?} failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn kubectl_output(&self, args: &[&str], stdin: &str) -> std::process::Output {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &self.topo_node, "kubectl", "--kubeconfig"])
             .arg(&self.kubeconfig)
@@ -92,14 +106,7 @@ impl ApiServer {
             .expect("stdin")
             .write_all(stdin.as_bytes())
             .expect("write stdin");
-        let out = child.wait_with_output().expect("kubectl");
-        assert!(
-            out.status.success(),
-            "kubectl {args:?} failed:\n{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        child.wait_with_output().expect("kubectl")
     }
 
     fn apply(&self, yaml: &str) {
@@ -201,6 +208,14 @@ fn policies_applied(t: &Topology) -> u64 {
         .as_u64()
         .unwrap_or(0)
 }
+
+/// A GRPCRoute CRD that accepts any spec: what matters here is that the kind becomes served.
+const GRPCROUTE_CRD: &str = "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\n\
+metadata: {name: grpcroutes.gateway.networking.k8s.io}\n\
+spec:\n  group: gateway.networking.k8s.io\n  scope: Namespaced\n  \
+names: {kind: GRPCRoute, listKind: GRPCRouteList, plural: grpcroutes, singular: grpcroute}\n  \
+versions:\n  - name: v1\n    served: true\n    storage: true\n    subresources: {status: {}}\n    \
+schema:\n      openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}\n";
 
 /// CRDs (Gateway API fixtures and our MeshPolicy) and the test namespace.
 fn install_crds(api: &ApiServer) {
@@ -314,11 +329,65 @@ fn routes_from_the_api_server_steer_traffic_and_follow_edits() {
         .filter(|l| l["kind"] == "GRPCRoute" && l["level"] == "WARN")
         .count();
     assert_eq!(warnings, 1, "{}", agent.log());
+
+    // Installing the missing CRD later needs no restart: the agent sees the new
+    // CustomResourceDefinition, runs discovery again and watches the kind.
+    api.apply(GRPCROUTE_CRD);
+    let took = until(
+        Duration::from_secs(2),
+        "GRPCRoute watched once its CRD exists",
+        || {
+            let s = status(&t);
+            s["kubernetes"]["kinds"]["GRPCRoute"]["version"] == "gateway.networking.k8s.io/v1"
+                && s["kubernetes"]["kinds"]["GRPCRoute"]["synced"] == true
+        },
+    );
+    eprintln!("GRPCRoute CRD installed -> watched: {took:?}");
+    api.apply(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: rpc, namespace: mesh-test}\n\
+         spec:\n  parentRefs: [{group: \"\", kind: Service, name: svc-a, port: 80}]\n  \
+         rules: [{backendRefs: [{name: svc-b, port: 80}]}]\n",
+    );
+    until(
+        Duration::from_secs(1),
+        "GRPCRoute object in the store",
+        || status(&t)["kubernetes"]["kinds"]["GRPCRoute"]["objects"] == 1,
+    );
+    api.kubectl(&["delete", "grpcroute", "rpc", "-n", "mesh-test"], "");
+    until(Duration::from_secs(1), "GRPCRoute deletion seen", || {
+        status(&t)["kubernetes"]["kinds"]["GRPCRoute"]["objects"] == 0
+    });
+    // Past the debounce, so that the deletion's own policy rebuild is counted.
+    thread::sleep(Duration::from_millis(300));
     let metrics = t.node.http_get(ADMIN, "/metrics");
     assert!(
         metrics.contains("mesh_kubernetes_watch_events_total{kind=\"HTTPRoute\"}"),
         "{metrics}"
     );
+
+    // A MeshPolicy the CRD schema refuses never reaches the agent: kubectl reports the API
+    // server's 422 naming the field, and nothing changes.
+    let before = policies_applied(&t);
+    let out = api.kubectl_output(
+        &["apply", "-f", "-"],
+        "apiVersion: skiff.dev/v1alpha1\nkind: MeshPolicy\nmetadata: {name: bad, namespace: mesh-test}\n\
+         spec: {failMode: sometimes}\n",
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "invalid MeshPolicy accepted");
+    assert!(
+        stderr.contains("is invalid") && stderr.contains("spec.failMode"),
+        "{stderr}"
+    );
+    let none = api.kubectl_output(&["get", "meshpolicy", "bad", "-n", "mesh-test"], "");
+    assert!(!none.status.success(), "the refused MeshPolicy was stored");
+    thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        policies_applied(&t),
+        before,
+        "a refused object changed the policy"
+    );
+    assert_eq!(backend(&t, front), "fallback");
 }
 
 fn captured(t: &Topology, server: &str) -> bool {
@@ -337,7 +406,7 @@ fn namespace_label_enrols_this_nodes_pods_and_deletion_detaches() {
     if !privileged("namespace_label_enrols_this_nodes_pods_and_deletion_detaches") {
         return;
     }
-    let t = Topology::new(&["client", "server", "elsewhere"]);
+    let t = Topology::new(&["client", "server", "elsewhere", "spare"]);
     greeter(&t.pod("server").ns, sa(t.pod("server").ip4, 8080), "s");
     let state = std::env::temp_dir().join(format!("{}-state.json", t.id));
     let api = ApiServer::start(&t, &state);
@@ -421,5 +490,196 @@ fn namespace_label_enrols_this_nodes_pods_and_deletion_detaches() {
         .unwrap_or_default();
     assert!(left.is_empty(), "leftover pins: {left:?}");
     assert!(!pin("elsewhere").exists());
+
+    // The CNI hands the deleted pod's IP to a new pod behind another veth: the new pod is
+    // attached to its own veth, the old one stays detached.
+    let ip = t.pod("client").ip4;
+    let spare = t.pod("spare");
+    spare
+        .ns
+        .sh(&["ip", "addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
+    t.node.sh(&[
+        "ip",
+        "route",
+        "add",
+        &format!("{ip}/32"),
+        "dev",
+        &spare.host_if,
+    ]);
+    create_pod(
+        &api,
+        "shop",
+        "client-2",
+        NODE,
+        ip,
+        "skiff.dev/mesh: enabled",
+    );
+    let took = until(
+        Duration::from_secs(1),
+        "a new pod with a recycled IP captured",
+        || status(&t)["kubernetes"]["pods"]["shop/client-2"]["captured"] == true,
+    );
+    eprintln!("new pod with a recycled IP -> captured: {took:?}");
+    let s = status(&t);
+    assert_eq!(
+        s["kubernetes"]["pods"]["shop/client-2"]["interface"],
+        spare.host_if.as_str(),
+        "{s}"
+    );
+    assert!(pin("spare").exists(), "the new veth is not attached");
+    assert!(!pin("client").exists(), "the old veth is attached again");
+    let server = t.pod("server");
+    let g = greeting(&spare.ns, sa(server.ip4, 8080)).expect("greeting");
+    assert_eq!(g, format!("peer={} server=s", server.gw4), "not captured");
+    drop(agent);
+}
+
+/// `/metrics` from the agent.
+fn metric(t: &Topology, series: &str) -> Option<f64> {
+    let text = t.node.http_get(ADMIN, "/metrics");
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}
+
+#[test]
+fn api_server_outage_restart_and_compaction_keep_forwarding_and_resync() {
+    if !privileged("api_server_outage_restart_and_compaction_keep_forwarding_and_resync") {
+        return;
+    }
+    let t = Topology::new(&["client", "a", "b", "fallback"]);
+    for pod in ["a", "b", "fallback"] {
+        t.pod(pod).ns.echo(pod, 8080, &[]);
+    }
+    let state = std::env::temp_dir().join(format!("{}-state.json", t.id));
+    let api = ApiServer::start(&t, &state);
+    install_crds(&api);
+    let ep = |p: &str| IpAddr::V4(t.pod(p).ip4);
+    let vip: IpAddr = "10.96.0.50".parse().expect("ip");
+    api.apply(
+        &[
+            service("front", vip, 80, 8080, &[ep("fallback")]),
+            service(
+                "svc-a",
+                "10.96.0.51".parse().expect("ip"),
+                80,
+                8080,
+                &[ep("a")],
+            ),
+            service(
+                "svc-b",
+                "10.96.0.52".parse().expect("ip"),
+                80,
+                8080,
+                &[ep("b")],
+            ),
+        ]
+        .concat(),
+    );
+    create_pod(
+        &api,
+        "mesh-test",
+        "client",
+        NODE,
+        t.pod("client").ip4,
+        "skiff.dev/mesh: enabled",
+    );
+    api.apply(&route((100, 0)));
+    // A short backoff ceiling so that the test waits seconds, not the default 30 s, for the
+    // watches to come back.
+    let agent = start_agent(&t, &api, &["--kube-backoff-max", "2s"]);
+    let front = SocketAddr::new(vip, 80);
+    until(Duration::from_secs(1), "route in force", || {
+        backend(&t, front) == "a"
+    });
+    let synced_objects = status(&t)["kubernetes"]["kinds"].clone();
+    let stale_series = "mesh_kubernetes_watch_stale{kind=\"HTTPRoute\"}";
+    assert_eq!(metric(&t, stale_series), Some(0.0));
+
+    // Down for 30 s: forwarding goes on with the policy the agent has; `/status` and the
+    // metrics say the watches are stale.
+    let addr = api.addr.clone();
+    let kubeconfig = api.kubeconfig.clone();
+    drop(api);
+    let down = Instant::now();
+    until(
+        Duration::from_secs(10),
+        "/status shows the watches stale",
+        || status(&t)["kubernetes"]["stale"] == true,
+    );
+    assert_eq!(metric(&t, stale_series), Some(1.0), "{}", agent.log());
+    let mut answers = 0;
+    while down.elapsed() < Duration::from_secs(30) {
+        assert_eq!(backend(&t, front), "a", "while the API server is down");
+        answers += 1;
+        thread::sleep(Duration::from_millis(250));
+    }
+    assert!(answers > 50);
+    let s = status(&t);
+    assert_eq!(s["kubernetes"]["kinds"]["HTTPRoute"]["stale"], true, "{s}");
+    assert!(
+        s["kubernetes"]["kinds"]["HTTPRoute"]["last_error"].is_string(),
+        "{s}"
+    );
+
+    // Back, from the same state: its history starts anew, so every version the agent holds is
+    // expired (410) and the agent relists; it ends where it was.
+    let api = ApiServer::start_at(&t, &state, &kubeconfig, &addr);
+    let took = until(Duration::from_secs(10), "watches re-established", || {
+        status(&t)["kubernetes"]["stale"] == false
+    });
+    eprintln!("API server back -> watches re-established: {took:?}");
+    assert_eq!(metric(&t, stale_series), Some(0.0));
+    let s = status(&t);
+    for (kind, before) in synced_objects.as_object().expect("kinds") {
+        assert_eq!(
+            s["kubernetes"]["kinds"][kind]["objects"], before["objects"],
+            "{kind} after the restart: {s}"
+        );
+    }
+    assert_eq!(backend(&t, front), "a");
+    let edit = Instant::now();
+    api.apply(&route((0, 100)));
+    until(Duration::from_secs(1), "edit after the restart", || {
+        backend(&t, front) == "b"
+    });
+    eprintln!(
+        "edit after the restart -> traffic follows: {:?}",
+        edit.elapsed()
+    );
+
+    // Compaction: open watches are closed and their versions expire. A deletion made right
+    // after is seen through the relist.
+    let errors = |t: &Topology| {
+        status(t)["kubernetes"]["kinds"]["HTTPRoute"]["watch_errors"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let errors_before = errors(&t);
+    let out = t.node.sh(&[
+        "curl",
+        "-sf",
+        "-X",
+        "POST",
+        &format!("http://{addr}/_test/compact"),
+    ]);
+    assert!(out.status.success(), "compaction request failed");
+    api.kubectl(&["delete", "httproute", "split", "-n", "mesh-test"], "");
+    let took = until(
+        Duration::from_secs(10),
+        "deletion seen after compaction",
+        || backend(&t, front) == "fallback",
+    );
+    eprintln!("compaction + delete -> traffic follows: {took:?}");
+    until(
+        Duration::from_secs(10),
+        "watches fresh after compaction",
+        || status(&t)["kubernetes"]["stale"] == false,
+    );
+    assert!(
+        errors(&t) > errors_before || agent.log().contains("410"),
+        "no sign of an expired watch after compaction: {}",
+        agent.log()
+    );
+    assert_eq!(status(&t)["kubernetes"]["kinds"]["HTTPRoute"]["objects"], 0);
     drop(agent);
 }

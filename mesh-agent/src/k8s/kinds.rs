@@ -5,23 +5,30 @@ use std::{
     collections::BTreeMap,
     hash::Hash,
     sync::{Arc, Mutex},
-    time::{SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use futures::{Stream, StreamExt as _};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::{
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
 use kube::{
     Resource,
-    core::{ApiResource, DynamicObject},
+    core::{ApiResource, DynamicObject, PartialObjectMeta},
     discovery::Discovery,
     runtime::{
         WatchStreamExt as _,
         reflector::store::{Store, Writer},
+        utils::{Backoff, ResetTimerBackoff},
         watcher,
     },
 };
 use serde::Serialize;
-use tokio::{sync::Notify, task::JoinSet};
+use tokio::{
+    sync::Notify,
+    task::{AbortHandle, JoinSet},
+};
 use tracing::{info, warn};
 
 use super::Metrics;
@@ -50,6 +57,11 @@ pub struct KindStatus {
     pub watch_errors: u64,
     /// Unix time in milliseconds of the last event or error.
     pub last_event_unix_ms: Option<u64>,
+    /// Unix time in milliseconds of the last object, list or bookmark received.
+    pub last_success_unix_ms: Option<u64>,
+    /// The last attempt to list or watch failed: the store (and the policy built from it) may
+    /// be out of date until the watch is re-established.
+    pub stale: bool,
     pub last_error: Option<String>,
 }
 
@@ -76,8 +88,10 @@ impl Shared {
     /// A kind the cluster does not serve: synced (there is nothing to wait for), no version.
     pub fn absent(&self, kind: &'static str) {
         self.with(kind, |s| {
-            s.version = None;
-            s.synced = true;
+            *s = KindStatus {
+                synced: true,
+                ..KindStatus::default()
+            }
         });
     }
 
@@ -85,6 +99,12 @@ impl Shared {
     pub fn all_synced(&self) -> bool {
         let kinds = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
         !kinds.is_empty() && kinds.values().all(|k| k.synced)
+    }
+
+    /// Some watch is failing: what the agent enforces may be behind the API server.
+    pub fn any_stale(&self) -> bool {
+        let kinds = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
+        kinds.values().any(|k| k.stale)
     }
 
     pub fn snapshot(&self) -> BTreeMap<&'static str, KindStatus> {
@@ -114,7 +134,7 @@ pub fn spawn<K, S>(
     version: String,
     stream: S,
     writer: Writer<K>,
-) -> Store<K>
+) -> (Store<K>, AbortHandle)
 where
     K: Resource + Clone + Send + Sync + 'static,
     K::DynamicType: Eq + Hash + Clone + Send + Sync,
@@ -122,8 +142,13 @@ where
 {
     let reader = writer.as_reader();
     let store = reader.clone();
-    shared.with(kind, |s| s.version = Some(version));
-    tasks.spawn(async move {
+    shared.with(kind, |s| {
+        *s = KindStatus {
+            version: Some(version),
+            ..KindStatus::default()
+        }
+    });
+    let handle = tasks.spawn(async move {
         let stream = stream.reflect(writer);
         futures::pin_mut!(stream);
         while let Some(event) = stream.next().await {
@@ -131,15 +156,33 @@ where
             match event {
                 Ok(e) => {
                     metrics.watch_events.get_or_create(&labels).inc();
+                    // `Init` comes before the list request; anything else means the API
+                    // server answered.
+                    let answered = !matches!(e, watcher::Event::Init);
                     let (wake, synced) = match e {
                         watcher::Event::Apply(_) | watcher::Event::Delete(_) => (true, None),
                         watcher::Event::Init => (false, None),
                         watcher::Event::InitApply(_) => (false, None),
                         watcher::Event::InitDone => (true, Some(true)),
                     };
+                    let now = now_ms();
+                    if answered {
+                        metrics.watch_stale.get_or_create(&labels).set(0);
+                        metrics
+                            .watch_last_success
+                            .get_or_create(&labels)
+                            .set((now / 1000) as i64);
+                    }
                     shared.with(kind, |s| {
                         s.events += 1;
-                        s.last_event_unix_ms = Some(now_ms());
+                        s.last_event_unix_ms = Some(now);
+                        if answered {
+                            if s.stale {
+                                info!(kind, "watch re-established");
+                            }
+                            s.stale = false;
+                            s.last_success_unix_ms = Some(now);
+                        }
                         s.objects = reader.len();
                         if let Some(v) = synced {
                             if !s.synced {
@@ -155,8 +198,10 @@ where
                 }
                 Err(e) => {
                     metrics.watch_errors.get_or_create(&labels).inc();
+                    metrics.watch_stale.get_or_create(&labels).set(1);
                     warn!(kind, error = %e, "watch failed; retrying with backoff (forwarding continues with the last policy)");
                     shared.with(kind, |s| {
+                        s.stale = true;
                         s.watch_errors += 1;
                         s.last_event_unix_ms = Some(now_ms());
                         s.last_error = Some(e.to_string());
@@ -165,7 +210,58 @@ where
             }
         }
     });
-    store
+    (store, handle)
+}
+
+/// Reconnection delays for a failed watch: client-go's reflector schedule (800 ms, doubling, with
+/// jitter) up to `max`, starting over after two minutes without errors.
+pub fn backoff(max: Duration) -> ResetTimerBackoff<Doubling> {
+    ResetTimerBackoff::new(Doubling::new(max), Duration::from_secs(120))
+}
+
+/// Doubling delays from 800 ms to a ceiling, each stretched by up to half again at random so
+/// that the agents of every node do not reconnect in step.
+pub struct Doubling {
+    next: Duration,
+    max: Duration,
+    seed: u64,
+}
+
+impl Doubling {
+    const INITIAL: Duration = Duration::from_millis(800);
+
+    fn new(max: Duration) -> Self {
+        let seed = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+            ^ u64::from(std::process::id()).rotate_left(32);
+        Doubling {
+            next: Self::INITIAL.min(max),
+            max,
+            seed: seed | 1,
+        }
+    }
+}
+
+impl Iterator for Doubling {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        // xorshift64: jitter needs no cryptographic randomness.
+        self.seed ^= self.seed << 13;
+        self.seed ^= self.seed >> 7;
+        self.seed ^= self.seed << 17;
+        let base = self.next;
+        self.next = (self.next * 2).min(self.max);
+        let jitter = base.mul_f64((self.seed % 1000) as f64 / 2000.0);
+        Some((base + jitter).min(self.max))
+    }
+}
+
+impl Backoff for Doubling {
+    fn reset(&mut self) {
+        self.next = Self::INITIAL.min(self.max);
+    }
 }
 
 /// A custom kind found by discovery.
@@ -175,10 +271,16 @@ pub struct Served {
 }
 
 /// Which of [`CUSTOM_KINDS`] the cluster serves, in which version. A kind that is not served is
-/// marked absent in `shared` and logged once.
+/// marked absent in `shared` and logged once, when it is first found missing.
 pub fn served(discovery: &Discovery, shared: &Shared) -> Vec<Served> {
     let mut out = Vec::new();
     for (group, kind, versions) in CUSTOM_KINDS {
+        let was_absent = shared
+            .kinds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(kind)
+            .is_some_and(|k| k.version.is_none());
         let found = discovery.get(group).and_then(|g| {
             versions.iter().find_map(|v| {
                 g.versioned_resources(v)
@@ -188,16 +290,14 @@ pub fn served(discovery: &Discovery, shared: &Shared) -> Vec<Served> {
             })
         });
         match found {
-            Some(resource) => {
-                info!(kind, api_version = %resource.api_version, "watching");
-                out.push(Served { kind, resource });
-            }
+            Some(resource) => out.push(Served { kind, resource }),
+            None if was_absent => {}
             None => {
                 warn!(
                     kind,
                     group,
                     versions = ?versions,
-                    "not served by the API server (CRD not installed?); skipped until the agent restarts"
+                    "not served by the API server (CRD not installed?); watched once its CRD is installed"
                 );
                 shared.absent(kind);
             }
@@ -206,11 +306,76 @@ pub fn served(discovery: &Discovery, shared: &Shared) -> Vec<Served> {
     out
 }
 
+/// Names the CustomResourceDefinitions that may change which kinds are served: those of the
+/// groups in [`CUSTOM_KINDS`], with their resourceVersions. Discovery runs again when it
+/// changes.
+pub fn crd_fingerprint(crds: &[Arc<PartialObjectMeta<CustomResourceDefinition>>]) -> Vec<String> {
+    let mut names: Vec<String> = crds
+        .iter()
+        .filter_map(|c| {
+            let name = c.metadata.name.as_deref()?;
+            let group = name.split_once('.')?.1;
+            CUSTOM_KINDS.iter().any(|(g, _, _)| *g == group).then(|| {
+                format!(
+                    "{name}@{}",
+                    c.metadata.resource_version.as_deref().unwrap_or_default()
+                )
+            })
+        })
+        .collect();
+    names.sort();
+    names
+}
+
 /// Strips a dynamic object the same way as a typed one.
 pub fn strip_dynamic(o: &mut DynamicObject) {
     strip_meta(&mut o.metadata);
     if let Some(m) = o.data.as_object_mut() {
         // What a controller reports is not policy.
         m.remove("status");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnection_delays_double_with_jitter_up_to_the_ceiling_and_reset() {
+        let mut b = Doubling::new(Duration::from_secs(5));
+        let delays: Vec<Duration> = (0..8).map(|_| b.next().expect("endless")).collect();
+        // 0.8, 1.6, 3.2 s, each stretched by less than half again; then the ceiling.
+        for (d, base) in delays.iter().zip([800u64, 1600, 3200]) {
+            let base = Duration::from_millis(base);
+            assert!(*d >= base && *d < base + base / 2, "{delays:?}");
+        }
+        assert!(delays[4..].iter().all(|d| *d == Duration::from_secs(5)), "{delays:?}");
+        b.reset();
+        assert!(b.next().expect("endless") < Duration::from_millis(1200));
+    }
+
+    #[test]
+    fn only_crds_of_the_watched_groups_trigger_discovery() {
+        let crd = |name: &str, rv: &str| {
+            let mut m = PartialObjectMeta::<CustomResourceDefinition>::default();
+            m.metadata.name = Some(name.into());
+            m.metadata.resource_version = Some(rv.into());
+            Arc::new(m)
+        };
+        let before = crd_fingerprint(&[
+            crd("httproutes.gateway.networking.k8s.io", "5"),
+            crd("podmonitors.monitoring.coreos.com", "6"),
+        ]);
+        assert_eq!(before, vec!["httproutes.gateway.networking.k8s.io@5"]);
+        let other_group_changed = crd_fingerprint(&[
+            crd("httproutes.gateway.networking.k8s.io", "5"),
+            crd("podmonitors.monitoring.coreos.com", "9"),
+        ]);
+        assert_eq!(before, other_group_changed);
+        let added = crd_fingerprint(&[
+            crd("grpcroutes.gateway.networking.k8s.io", "7"),
+            crd("httproutes.gateway.networking.k8s.io", "5"),
+        ]);
+        assert_ne!(before, added);
     }
 }

@@ -18,9 +18,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use k8s_openapi::api::{
-    core::v1::{Namespace, Pod, Service},
-    discovery::v1::EndpointSlice,
+use k8s_openapi::{
+    api::{
+        core::v1::{Namespace, Pod, Service},
+        discovery::v1::EndpointSlice,
+    },
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 };
 use kube::{
     Api, Client,
@@ -39,7 +42,7 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 use serde::Serialize;
-use tokio::task::JoinSet;
+use tokio::task::{AbortHandle, JoinSet};
 use tracing::{error, info, warn};
 
 pub use enrol::LABEL;
@@ -78,6 +81,8 @@ pub struct KindLabels {
 pub struct Metrics {
     pub watch_events: Family<KindLabels, Counter>,
     pub watch_errors: Family<KindLabels, Counter>,
+    pub watch_stale: Family<KindLabels, Gauge>,
+    pub watch_last_success: Family<KindLabels, Gauge>,
     pub pod_ready_to_captured: Histogram,
     pub excluded_objects: Gauge,
 }
@@ -87,6 +92,8 @@ impl Metrics {
         let m = Arc::new(Metrics {
             watch_events: Family::default(),
             watch_errors: Family::default(),
+            watch_stale: Family::default(),
+            watch_last_success: Family::default(),
             // 1 ms .. ~16 s
             pod_ready_to_captured: Histogram::new(
                 prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 15),
@@ -102,6 +109,16 @@ impl Metrics {
             "kubernetes_watch_errors",
             "Watch errors (API server unreachable, 410 Gone, ...), by kind",
             m.watch_errors.clone(),
+        );
+        registry.register(
+            "kubernetes_watch_stale",
+            "1 while the watch of a kind is failing: the policy may be behind the API server",
+            m.watch_stale.clone(),
+        );
+        registry.register(
+            "kubernetes_watch_last_success_timestamp_seconds",
+            "Unix time of the last answer from the API server on the watch of a kind",
+            m.watch_last_success.clone(),
         );
         registry.register_with_unit(
             "pod_ready_to_captured",
@@ -160,6 +177,7 @@ impl Status {
         serde_json::json!({
             "node": self.node,
             "synced": self.shared.all_synced(),
+            "stale": self.shared.any_stale(),
             "kinds": self.shared.snapshot(),
             "pods": r.pods,
             "excluded_objects": r.excluded,
@@ -179,58 +197,144 @@ pub struct Targets {
     pub status: Arc<Status>,
 }
 
+/// A custom kind being watched, in the version discovery found.
+struct Custom {
+    served: kinds::Served,
+    store: Store<DynamicObject>,
+    watch: AbortHandle,
+}
+
 struct Stores {
     services: Store<Service>,
     slices: Store<EndpointSlice>,
-    custom: Vec<(kinds::Served, Store<DynamicObject>)>,
+    custom: Vec<Custom>,
     namespaces: Store<PartialObjectMeta<Namespace>>,
     pods: Store<Pod>,
+    crds: Store<PartialObjectMeta<CustomResourceDefinition>>,
 }
 
-/// Runs Kubernetes mode until dropped: discovery (retried until the API server answers), the
-/// reflectors, then the reconcile loop.
-pub async fn run(client: Client, node: String, t: Targets) {
-    let shared = t.status.shared.clone();
-    let discovery = loop {
+/// Finds which custom kinds the API server serves, retrying until it answers.
+async fn discover(client: &Client) -> Discovery {
+    loop {
         match Discovery::new(client.clone())
             .filter(&[kinds::GATEWAY_GROUP, kinds::SKIFF_GROUP])
             .run()
             .await
         {
-            Ok(d) => break d,
+            Ok(d) => return d,
             Err(e) => {
                 warn!(error = %e, "API discovery failed; retrying");
                 tokio::time::sleep(RETRY).await;
             }
         }
+    }
+}
+
+/// The watch tasks and what they need to start more.
+struct Watches {
+    client: Client,
+    tasks: JoinSet<()>,
+    shared: Arc<Shared>,
+    metrics: Arc<Metrics>,
+    backoff_max: Duration,
+}
+
+impl Watches {
+    fn config() -> watcher::Config {
+        watcher::Config::default()
+    }
+
+    /// Starts watching a custom kind.
+    fn custom(&mut self, served: kinds::Served) -> Custom {
+        info!(kind = served.kind, api_version = %served.resource.api_version, "watching");
+        let api = Api::<DynamicObject>::all_with(self.client.clone(), &served.resource);
+        let (store, watch) = kinds::spawn(
+            &mut self.tasks,
+            self.shared.clone(),
+            self.metrics.clone(),
+            served.kind,
+            served.resource.api_version.clone(),
+            watcher(api, Self::config())
+                .backoff(kinds::backoff(self.backoff_max))
+                .modify(kinds::strip_dynamic),
+            Writer::new(served.resource.clone()),
+        );
+        Custom {
+            served,
+            store,
+            watch,
+        }
+    }
+
+    /// Brings the custom watches in line with what discovery found: kinds that appeared are
+    /// watched, kinds whose CRD went away are dropped, a changed preferred version is rewatched.
+    fn rediscover(&mut self, discovery: &Discovery, custom: &mut Vec<Custom>) -> bool {
+        let mut served = kinds::served(discovery, &self.shared);
+        let mut changed = false;
+        custom.retain(|c| {
+            let keep = served.iter().any(|s| {
+                s.kind == c.served.kind && s.resource.api_version == c.served.resource.api_version
+            });
+            if !keep {
+                c.watch.abort();
+                changed = true;
+                if !served.iter().any(|s| s.kind == c.served.kind) {
+                    self.shared.absent(c.served.kind);
+                }
+            }
+            keep
+        });
+        served.retain(|s| !custom.iter().any(|c| c.served.kind == s.kind));
+        for s in served {
+            changed = true;
+            let c = self.custom(s);
+            custom.push(c);
+        }
+        changed
+    }
+}
+
+/// Runs Kubernetes mode until dropped: discovery (retried until the API server answers), the
+/// reflectors, then the reconcile loop. Discovery runs again whenever a CustomResourceDefinition
+/// of a watched group changes, so installing the Gateway API CRDs after the agent needs no
+/// restart.
+pub async fn run(client: Client, node: String, backoff_max: Duration, t: Targets) {
+    let shared = t.status.shared.clone();
+    let discovery = discover(&client).await;
+    let mut w = Watches {
+        client: client.clone(),
+        tasks: JoinSet::new(),
+        shared: shared.clone(),
+        metrics: t.metrics.clone(),
+        backoff_max,
     };
-    let mut tasks = JoinSet::new();
     let m = &t.metrics;
-    let cfg = || watcher::Config::default();
-    let services = kinds::spawn(
-        &mut tasks,
+    let cfg = Watches::config;
+    let backoff = || kinds::backoff(backoff_max);
+    let (services, _) = kinds::spawn(
+        &mut w.tasks,
         shared.clone(),
         m.clone(),
         "Service",
         "v1".into(),
         watcher(Api::<Service>::all(client.clone()), cfg())
-            .default_backoff()
+            .backoff(backoff())
             .modify(|o: &mut Service| kinds::strip_meta(&mut o.metadata)),
         Writer::new(()),
     );
-    let slices = kinds::spawn(
-        &mut tasks,
+    let (slices, _) = kinds::spawn(
+        &mut w.tasks,
         shared.clone(),
         m.clone(),
         "EndpointSlice",
         "discovery.k8s.io/v1".into(),
         watcher(Api::<EndpointSlice>::all(client.clone()), cfg())
-            .default_backoff()
+            .backoff(backoff())
             .modify(|o: &mut EndpointSlice| kinds::strip_meta(&mut o.metadata)),
         Writer::new(()),
     );
-    let namespaces = kinds::spawn(
-        &mut tasks,
+    let (namespaces, _) = kinds::spawn(
+        &mut w.tasks,
         shared.clone(),
         m.clone(),
         "Namespace",
@@ -239,15 +343,15 @@ pub async fn run(client: Client, node: String, t: Targets) {
             Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
             cfg(),
         )
-        .default_backoff()
+        .backoff(backoff())
         .modify(|o: &mut PartialObjectMeta<Namespace>| {
             kinds::strip_meta(&mut o.metadata);
             o.metadata.annotations = None;
         }),
         Writer::new(()),
     );
-    let pods = kinds::spawn(
-        &mut tasks,
+    let (pods, _) = kinds::spawn(
+        &mut w.tasks,
         shared.clone(),
         m.clone(),
         "Pod",
@@ -256,32 +360,37 @@ pub async fn run(client: Client, node: String, t: Targets) {
             Api::<Pod>::all(client.clone()),
             cfg().fields(&format!("spec.nodeName={node}")),
         )
-        .default_backoff()
+        .backoff(backoff())
         .modify(enrol::strip_pod),
         Writer::new(()),
     );
+    let (crds, _) = kinds::spawn(
+        &mut w.tasks,
+        shared.clone(),
+        m.clone(),
+        "CustomResourceDefinition",
+        "apiextensions.k8s.io/v1".into(),
+        watcher(
+            Api::<PartialObjectMeta<CustomResourceDefinition>>::all(client.clone()),
+            cfg(),
+        )
+        .backoff(backoff())
+        .modify(|o: &mut PartialObjectMeta<CustomResourceDefinition>| {
+            kinds::strip_meta(&mut o.metadata);
+            o.metadata.annotations = None;
+            o.metadata.labels = None;
+        }),
+        Writer::new(()),
+    );
     let mut custom = Vec::new();
-    for served in kinds::served(&discovery, &shared) {
-        let api = Api::<DynamicObject>::all_with(client.clone(), &served.resource);
-        let store = kinds::spawn(
-            &mut tasks,
-            shared.clone(),
-            m.clone(),
-            served.kind,
-            served.resource.api_version.clone(),
-            watcher(api, cfg())
-                .default_backoff()
-                .modify(kinds::strip_dynamic),
-            Writer::new(served.resource.clone()),
-        );
-        custom.push((served, store));
-    }
+    w.rediscover(&discovery, &mut custom);
     let stores = Stores {
         services,
         slices,
         custom,
         namespaces,
         pods,
+        crds,
     };
     let mut r = Reconciler {
         node,
@@ -291,6 +400,7 @@ pub async fn run(client: Client, node: String, t: Targets) {
         seen: HashMap::new(),
         captured: BTreeSet::new(),
     };
+    let mut crd_fingerprint = None;
     let mut retry = false;
     loop {
         tokio::select! {
@@ -301,7 +411,24 @@ pub async fn run(client: Client, node: String, t: Targets) {
         if !shared.all_synced() {
             continue;
         }
-        retry = !r.reconcile();
+        let fingerprint = kinds::crd_fingerprint(&r.stores.crds.state());
+        if crd_fingerprint.as_ref() != Some(&fingerprint) {
+            // The first time round this confirms the start-up discovery; after that a CRD of a
+            // watched group was added, changed or removed.
+            if crd_fingerprint.is_some() {
+                let discovery = discover(&client).await;
+                if w.rediscover(&discovery, &mut r.stores.custom) {
+                    // New watches must sync before the policy is rebuilt.
+                    crd_fingerprint = Some(fingerprint);
+                    shared.changed.notify_one();
+                    continue;
+                }
+            }
+            crd_fingerprint = Some(fingerprint);
+        }
+        // Compiling and writing maps is synchronous work: let this worker's other tasks (the
+        // proxy's accepts among them) move to another thread meanwhile.
+        retry = !tokio::task::block_in_place(|| r.reconcile());
     }
 }
 
@@ -403,7 +530,7 @@ impl Reconciler {
                 resource: Resource::EndpointSlice(Box::new((*slice).clone())),
             });
         }
-        for (served, store) in &s.custom {
+        for Custom { served, store, .. } in &s.custom {
             for o in store.state() {
                 let mut value = serde_json::to_value(&*o).unwrap_or_default();
                 value["apiVersion"] = served.resource.api_version.clone().into();

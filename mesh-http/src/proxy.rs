@@ -388,6 +388,15 @@ impl ConnCtx {
         let own_endpoint = [self.dst];
         let (endpoints, backend_filters): (&[SocketAddr], &[HttpFilter]) = match rule {
             Some(rule) => match pick_weighted(&rule.backends, random_u32()) {
+                // Gateway API: requests that would go to an unresolved backendRef get 500; the
+                // rule's other backends keep their share.
+                Some(backend) if backend.unresolved => {
+                    return self.local(
+                        exchange,
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "backendRef not resolved",
+                    );
+                }
                 Some(backend) => (&backend.endpoints, &backend.filters),
                 None => {
                     return self.local(

@@ -23,13 +23,18 @@ pub struct Backend {
     /// Filters that apply only when this backend is chosen (HTTPRoute/GRPCRoute
     /// `backendRefs[].filters`).
     pub filters: Vec<HttpFilter>,
+    /// The backendRef names nothing the data plane can send to (see
+    /// [`crate::Options::unresolved_backends`]): requests that pick it get 500, as the Gateway
+    /// API requires, while the rule's other backends keep their share.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub unresolved: bool,
 }
 
 impl Backend {
-    /// Whether traffic can actually be delivered here: non-zero weight and at least one ready
-    /// endpoint.
+    /// Whether traffic can actually be delivered here: non-zero weight, resolved, and at least
+    /// one ready endpoint.
     pub fn is_routable(&self) -> bool {
-        self.weight > 0 && !self.endpoints.is_empty()
+        self.weight > 0 && !self.unresolved && !self.endpoints.is_empty()
     }
 }
 

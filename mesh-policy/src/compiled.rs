@@ -14,10 +14,11 @@ use crate::grpc::{GrpcCandidate, GrpcDecision, GrpcOutcome, GrpcRequest, GrpcTab
 use crate::http::{HttpCandidate, HttpDecision, HttpOutcome, HttpTable, RequestParts};
 use crate::l4::{Decision, TlsTable};
 use crate::load::{load_path_partial, parse_documents_partial};
-use crate::lower::{Lowered, lower};
+use crate::lower::{Lowered, lower, lower_with};
 use crate::model::{Object, RouteKind, ServiceRef};
 use crate::net::{PortRange, Prefix, merge_ranges};
 use crate::settings::MeshSettings;
+use crate::status::{KindConflict, Options, UnresolvedRef, precedence};
 
 /// One Service port as the data plane sees it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -45,6 +46,7 @@ impl ServicePort {
             endpoints: self.endpoints.clone(),
             weight: 1,
             filters: Vec::new(),
+            unresolved: false,
         }
     }
 
@@ -141,6 +143,8 @@ pub struct Compiled {
     capture: Vec<CaptureRule>,
     settings: MeshSettings,
     summary: Summary,
+    unresolved: Vec<UnresolvedRef>,
+    conflicts: Vec<KindConflict>,
 }
 
 const _: () = {
@@ -157,12 +161,25 @@ impl Compiled {
             capture: Vec::new(),
             settings: MeshSettings::default(),
             summary: Summary::default(),
+            unresolved: Vec::new(),
+            conflicts: Vec::new(),
         }
     }
 
     /// Validates and compiles objects; on failure every problem found is returned.
     pub fn compile(objects: &[Object]) -> Result<Self, Vec<ValidationError>> {
         Ok(Self::build(lower(objects)?))
+    }
+
+    /// [`Compiled::compile`] with options. The backendRefs left unresolved are returned also
+    /// when the objects are invalid, so that a route left out for another reason can still
+    /// report them.
+    pub fn compile_with(
+        objects: &[Object],
+        options: Options,
+    ) -> (Result<Self, Vec<ValidationError>>, Vec<UnresolvedRef>) {
+        let (lowered, unresolved) = lower_with(objects, options);
+        (lowered.map(Self::build), unresolved)
     }
 
     /// Parses, validates and compiles YAML text. When some documents do not parse, the others
@@ -201,6 +218,7 @@ impl Compiled {
             settings,
             capture: policy_capture,
             mesh_policies,
+            unresolved,
         } = lowered;
 
         // Routes per (Service, port), in precedence (rank) order.
@@ -224,6 +242,34 @@ impl Compiled {
                 }
             }
         }
+
+        // GEP-1426: one route kind per Service port; the others are not applied there.
+        let mut conflicts = Vec::new();
+        for ((service, port), list) in &mut attached {
+            let Some(best) = list.iter().map(|&r| precedence(routes[r].id.kind)).min() else {
+                continue;
+            };
+            let winner = routes[list[0]].id.kind;
+            let winner = list
+                .iter()
+                .map(|&r| routes[r].id.kind)
+                .find(|&k| precedence(k) == best)
+                .unwrap_or(winner);
+            list.retain(|&r| {
+                let keep = routes[r].id.kind == winner;
+                if !keep {
+                    conflicts.push(KindConflict {
+                        route: (*routes[r].id).clone(),
+                        service: services[*service].id.clone(),
+                        port: *port,
+                        winner,
+                    });
+                }
+                keep
+            });
+        }
+        conflicts
+            .sort_by(|a, b| (&a.route, &a.service, a.port).cmp(&(&b.route, &b.service, b.port)));
 
         let mut summary = Summary {
             mesh_policies,
@@ -365,7 +411,19 @@ impl Compiled {
             capture,
             settings,
             summary,
+            unresolved,
+            conflicts,
         }
+    }
+
+    /// backendRefs compiled as unresolved backends (see [`Options::unresolved_backends`]).
+    pub fn unresolved_refs(&self) -> &[UnresolvedRef] {
+        &self.unresolved
+    }
+
+    /// Routes not applied on a Service port because a route of another kind is (GEP-1426).
+    pub fn conflicts(&self) -> &[KindConflict] {
+        &self.conflicts
     }
 
     fn entry(&self, dst: SocketAddr) -> Option<&PortEntry> {
@@ -500,6 +558,8 @@ impl Compiled {
             "settings": self.settings,
             "capture": self.capture,
             "services": services,
+            "conflicts": self.conflicts.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "unresolvedRefs": self.unresolved,
         })
     }
 }

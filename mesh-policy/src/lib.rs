@@ -47,6 +47,7 @@ mod names;
 mod net;
 mod plan;
 mod settings;
+mod status;
 mod store;
 mod views;
 
@@ -75,6 +76,7 @@ pub use settings::{
     Authorization, AuthzRule, DEFAULT_FAIL_MODE, DEFAULT_PROTOCOL_DETECTION_TIMEOUT,
     HeaderDefaults, HttpDeny, MeshSettings,
 };
+pub use status::{KindConflict, Options, RefProblem, UnresolvedRef};
 pub use store::PolicyStore;
 
 #[cfg(test)]

@@ -230,6 +230,8 @@ pub(super) fn lower_filter(
             &m.backend,
             namespace,
             services,
+            // A mirror to nowhere would be a silent no-op: still an error in both modes.
+            false,
         );
         let fraction = match (m.percent, m.fraction) {
             (Some(_), Some(_)) => {
@@ -409,30 +411,9 @@ pub(super) fn lower_backend_ref(
     reference: &RefView<'_>,
     namespace: &str,
     services: &Services<'_>,
+    may_be_unresolved: bool,
 ) -> Option<Backend> {
     let errors_before = cx.errors.len();
-    let group = reference.group.unwrap_or("");
-    let kind = reference.kind.unwrap_or("Service");
-    if !matches!(group, "" | "core") || kind != "Service" {
-        cx.error(
-            at,
-            format!("{field}.kind"),
-            format!("backendRef is {kind} (group {group:?}); only core Services are supported"),
-        );
-        return None;
-    }
-    if let Some(ns) = reference.namespace
-        && ns != namespace
-    {
-        cx.error(
-            at,
-            format!("{field}.namespace"),
-            format!(
-                "backendRef to namespace {ns:?} needs a ReferenceGrant, which is not supported"
-            ),
-        );
-        return None;
-    }
     let weight = match reference.weight {
         None => 1,
         Some(w) if (0..=MAX_WEIGHT).contains(&w) => w.unsigned_abs(),
@@ -445,13 +426,68 @@ pub(super) fn lower_backend_ref(
             0
         }
     };
+    let group = reference.group.unwrap_or("");
+    let kind = reference.kind.unwrap_or("Service");
+    let unresolved = |cx: &mut Cx, suffix: &str, problem: RefProblem, message: String| {
+        let field = format!("{field}.{suffix}");
+        (may_be_unresolved && cx.unresolved(at, field.clone(), problem, message.clone()))
+            .then(|| Backend {
+                service: ServiceRef {
+                    namespace: reference.namespace.unwrap_or(namespace).to_owned(),
+                    name: reference.name.to_owned(),
+                },
+                port: reference
+                    .port
+                    .and_then(|p| u16::try_from(p).ok())
+                    .unwrap_or(0),
+                endpoints: Vec::new(),
+                weight,
+                filters: Vec::new(),
+                unresolved: true,
+            })
+            .or_else(|| {
+                if !may_be_unresolved {
+                    cx.error(at, field, message);
+                }
+                None
+            })
+    };
+    if !matches!(group, "" | "core") || kind != "Service" {
+        return unresolved(
+            cx,
+            "kind",
+            RefProblem::InvalidKind,
+            format!("backendRef is {kind} (group {group:?}); only core Services are supported"),
+        );
+    }
+    if let Some(ns) = reference.namespace
+        && ns != namespace
+    {
+        return unresolved(
+            cx,
+            "namespace",
+            RefProblem::RefNotPermitted,
+            format!(
+                "backendRef to namespace {ns:?} needs a ReferenceGrant, which is not supported"
+            ),
+        );
+    }
     let Some((_, service)) = services.get(namespace, reference.name) else {
-        cx.error(
-            at,
-            format!("{field}.name"),
+        // The CRD requires a port for a Service reference: checked before going on without it.
+        if reference.port.is_none() {
+            cx.error(
+                at,
+                format!("{field}.port"),
+                "port is required when referring to a Service",
+            );
+            return None;
+        }
+        return unresolved(
+            cx,
+            "name",
+            RefProblem::BackendNotFound,
             format!("Service {namespace}/{} does not exist", reference.name),
         );
-        return None;
     };
     let port = match reference.port {
         None => {
@@ -495,5 +531,6 @@ pub(super) fn lower_backend_ref(
         endpoints: service_port.endpoints.clone(),
         weight,
         filters: Vec::new(),
+        unresolved: false,
     })
 }

@@ -35,6 +35,7 @@ use crate::http::{
 use crate::model::{CaptureSpec, MeshPolicySpec, Object, Resource, RouteId, RouteKind, ServiceRef};
 use crate::names;
 use crate::settings::{MeshSettings, PolicyInput};
+use crate::status::{Options, RefProblem, UnresolvedRef};
 use crate::views::{self, FilterView, ModView, PathModView, RefView, RouteView, wire_name};
 
 mod filter;
@@ -78,6 +79,8 @@ pub(crate) struct Lowered {
     /// MeshPolicy capture entries.
     pub capture: Vec<CaptureRule>,
     pub mesh_policies: usize,
+    /// backendRefs left unresolved under [`Options::unresolved_backends`].
+    pub unresolved: Vec<UnresolvedRef>,
 }
 
 #[derive(Debug)]
@@ -153,9 +156,35 @@ impl<'a> At<'a> {
 #[derive(Default)]
 struct Cx {
     errors: Vec<ValidationError>,
+    options: Options,
+    unresolved: Vec<UnresolvedRef>,
 }
 
 impl Cx {
+    /// A backendRef that cannot be resolved: an error, or with
+    /// [`Options::unresolved_backends`] a note for the route's status (`true`: go on with an
+    /// unresolved backend).
+    fn unresolved(
+        &mut self,
+        at: &At<'_>,
+        field: String,
+        problem: RefProblem,
+        message: String,
+    ) -> bool {
+        if self.options.unresolved_backends {
+            self.unresolved.push(UnresolvedRef {
+                object: at.object.clone(),
+                field,
+                problem,
+                message,
+            });
+            true
+        } else {
+            self.error(at, field, message);
+            false
+        }
+    }
+
     fn error(&mut self, at: &At<'_>, field: impl Into<String>, reason: impl Into<String>) {
         self.errors.push(ValidationError::new(
             at.object.clone(),
@@ -189,7 +218,19 @@ fn port_list(service: &ServiceIr) -> String {
 }
 
 pub(crate) fn lower(objects: &[Object]) -> Result<Lowered, Vec<ValidationError>> {
-    let mut cx = Cx::default();
+    lower_with(objects, Options::default()).0
+}
+
+/// [`lower`] with options; the unresolved backendRefs are returned whether or not the objects
+/// are valid, so that a route left out for another reason still reports them.
+pub(crate) fn lower_with(
+    objects: &[Object],
+    options: Options,
+) -> (Result<Lowered, Vec<ValidationError>>, Vec<UnresolvedRef>) {
+    let mut cx = Cx {
+        options,
+        ..Cx::default()
+    };
 
     // Metadata and duplicates. Later duplicates are reported and then ignored, so that one
     // mistake does not cascade into reference errors.
@@ -346,15 +387,20 @@ pub(crate) fn lower(objects: &[Object]) -> Result<Lowered, Vec<ValidationError>>
     let settings = MeshSettings::merge(&inputs);
 
     if !cx.errors.is_empty() {
-        return Err(cx.errors);
+        return (Err(cx.errors), cx.unresolved);
     }
-    Ok(Lowered {
-        services,
-        routes,
-        settings,
-        capture,
-        mesh_policies: inputs.len(),
-    })
+    let unresolved = cx.unresolved.clone();
+    (
+        Ok(Lowered {
+            services,
+            routes,
+            settings,
+            capture,
+            mesh_policies: inputs.len(),
+            unresolved: cx.unresolved,
+        }),
+        unresolved,
+    )
 }
 
 /// Sort key for "oldest first": objects without a timestamp count as newest.

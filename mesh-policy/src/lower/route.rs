@@ -379,6 +379,7 @@ pub(super) fn lower_rule(
             &reference.reference,
             namespace,
             services,
+            true,
         ) else {
             continue;
         };

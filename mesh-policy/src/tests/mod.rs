@@ -7,6 +7,7 @@ mod http;
 mod l4;
 mod loading;
 mod services;
+mod status;
 mod validation;
 
 use std::net::SocketAddr;

@@ -497,9 +497,14 @@ pub fn update(
         return Err(ApiError::stale(subject(rt, name)));
     }
     if part == Part::Status {
-        // Only status changes through /status; the rest stays as stored.
+        // Only status changes through /status; the rest stays as stored, except the field
+        // managers' record, which a status write updates too (`subresource: status`).
         let status = obj.get("status").cloned();
+        let managed = obj.pointer("/metadata/managedFields").cloned();
         obj = old.clone();
+        if let Some(m) = managed {
+            obj["metadata"]["managedFields"] = m;
+        }
         match status {
             Some(s) => obj["status"] = s,
             None => {

@@ -6,11 +6,11 @@
 use serde_json::{Value, json};
 
 use crate::api::{self, Part, WriteOptions, content_without, not_found};
-use crate::error::Result;
+use crate::error::{ApiError, Result};
 use crate::patch::{self, ListStrategy};
 use crate::resources::ResourceType;
 use crate::store::Store;
-use crate::util::{now_secs, rfc3339};
+use crate::util::{now_secs, rfc3339, str_at};
 
 /// Lists in custom objects merge by their `x-kubernetes-list-map-keys` (`x-kubernetes-list-type:
 /// map`) or as sets (`set`); all others are atomic.
@@ -147,6 +147,16 @@ pub fn apply(
     manager: &str,
     opts: &WriteOptions,
 ) -> Result<(Value, bool)> {
+    // As on the real server, a resourceVersion in the applied object is a precondition: a
+    // controller that read the object first (a read-modify-write of an atomic list) gets 409
+    // if anyone wrote since.
+    let want_rv = str_at(&applied, "metadata.resourceVersion");
+    if let Some(cur) = &current
+        && !want_rv.is_empty()
+        && want_rv != str_at(cur, "metadata.resourceVersion")
+    {
+        return Err(ApiError::stale(api::subject(rt, name)));
+    }
     let Some(current) = current else {
         if part == Part::Status {
             return Err(not_found(rt, name));
@@ -201,6 +211,14 @@ pub fn apply(
         patch::strategic_merge(&mut obj, &patch_doc, &patch::list_strategy)?;
     }
     record_manager(&mut obj, manager, "Apply", rt, Some(&applied));
+    if part == Part::Status
+        && let Some(last) = obj
+            .pointer_mut("/metadata/managedFields")
+            .and_then(Value::as_array_mut)
+            .and_then(|entries| entries.last_mut())
+    {
+        last["subresource"] = json!("status");
+    }
     let mut o = opts.clone();
     o.field_manager = None;
     let r = api::update(store, rt, ns, name, obj, part, &o)?;

@@ -68,6 +68,7 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
     let kube_status = kube
         .as_ref()
         .map(|(_, k)| crate::k8s::Status::new(&k.node_name));
+    let kube_status_handle = kube_status.clone();
     let metrics = Arc::new(metrics);
     let status: admin::StatusFn = {
         let cell = capture_cell.clone();
@@ -188,6 +189,11 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
         w.abort();
         // Wait until the task (and its handle on the capture) is gone.
         let _ = w.await;
+    }
+    // Status writing has stopped with that task: hand the status Lease to another agent now
+    // rather than after it expires (a rolling update then changes writers at once).
+    if let Some(s) = &kube_status_handle {
+        s.release().await;
     }
     // Stop accepting: listeners close and leave the SockMap; new SYNs follow the fail mode.
     capture

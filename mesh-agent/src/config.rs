@@ -28,6 +28,10 @@ pub const ENV_KUBE_PROXY_NOTRACK: &str = "MESH_KUBE_PROXY_NOTRACK";
 pub const ENV_KUBERNETES: &str = "MESH_KUBERNETES";
 pub const ENV_NODE_NAME: &str = "MESH_NODE_NAME";
 pub const ENV_KUBE_BACKOFF_MAX: &str = "MESH_KUBE_BACKOFF_MAX";
+pub const ENV_POD_NAME: &str = "MESH_POD_NAME";
+pub const ENV_LEASE_NAMESPACE: &str = "MESH_LEASE_NAMESPACE";
+pub const ENV_LEASE_NAME: &str = "MESH_LEASE_NAME";
+pub const ENV_LEASE_DURATION: &str = "MESH_LEASE_DURATION";
 
 pub const DEFAULT_LISTEN_PORT: u16 = 15001;
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -42,6 +46,11 @@ pub const DEFAULT_MARK: u32 = 0x1;
 pub const DEFAULT_ROUTE_TABLE: u32 = 100;
 /// Loopback only unless configured otherwise (like ztunnel's 15020/15021).
 pub const DEFAULT_ADMIN_ADDRESS: &str = "127.0.0.1:15020";
+/// Where the status writers' Lease lives: the agent's own namespace.
+pub const DEFAULT_LEASE_NAMESPACE: &str = "skiff-system";
+pub const DEFAULT_LEASE_NAME: &str = "skiff-mesh-status";
+/// As client-go's leader election: a dead leader is replaced within about this long.
+pub const DEFAULT_LEASE_DURATION: Duration = Duration::from_secs(15);
 
 /// Parses `10s`, `500ms`, `2m`, `1h`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -174,6 +183,19 @@ pub struct Overrides {
     /// API server outage.
     #[arg(long, env = ENV_KUBE_BACKOFF_MAX)]
     pub kube_backoff_max: Option<String>,
+    /// This agent's pod name (downward API `metadata.name`): its identity in the status Lease;
+    /// the node name when unset.
+    #[arg(long, env = ENV_POD_NAME)]
+    pub pod_name: Option<String>,
+    /// Namespace of the Lease that elects the one agent writing route and MeshPolicy status.
+    #[arg(long, env = ENV_LEASE_NAMESPACE)]
+    pub lease_namespace: Option<String>,
+    /// Name of that Lease.
+    #[arg(long, env = ENV_LEASE_NAME)]
+    pub lease_name: Option<String>,
+    /// How long a leader that stopped renewing keeps the Lease (`15s`); renewed every fifth of it.
+    #[arg(long, env = ENV_LEASE_DURATION)]
+    pub lease_duration: Option<String>,
 }
 
 /// The validated configuration the agent runs with.
@@ -210,6 +232,19 @@ pub struct Kubernetes {
     pub node_name: String,
     /// Ceiling of the watch reconnection backoff.
     pub backoff_max: Duration,
+    /// The status Lease: exactly one agent of the cluster writes status.
+    pub lease: Lease,
+}
+
+/// The `coordination.k8s.io/v1` Lease that elects the status writer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    pub namespace: String,
+    pub name: String,
+    /// `holderIdentity`: the pod name, else the node name.
+    pub identity: String,
+    /// `leaseDurationSeconds` (whole seconds, at least 1).
+    pub duration: Duration,
 }
 
 /// Every problem found, each naming its field.
@@ -259,7 +294,15 @@ impl Config {
             "access_log": self.access_log,
             "ebpf_log": self.ebpf_log,
             "kube_proxy_notrack": self.kube_proxy_notrack,
-            "kubernetes": self.kubernetes.as_ref().map(|k| serde_json::json!({"node_name": k.node_name})),
+            "kubernetes": self.kubernetes.as_ref().map(|k| serde_json::json!({
+                "node_name": k.node_name,
+                "lease": {
+                    "namespace": k.lease.namespace,
+                    "name": k.lease.name,
+                    "identity": k.lease.identity,
+                    "duration_s": k.lease.duration.as_secs(),
+                },
+            })),
         })
     }
 
@@ -457,10 +500,69 @@ impl Config {
                     "--policy and --kubernetes exclude each other: in Kubernetes mode the policy comes from the API server".into(),
                 );
             }
+            let lease_duration = match ov.lease_duration.as_deref().map(parse_duration) {
+                None => DEFAULT_LEASE_DURATION,
+                Some(Ok(d)) if d >= Duration::from_secs(1) && d.subsec_nanos() == 0 => d,
+                Some(Ok(d)) => {
+                    err(
+                        "lease_duration".into(),
+                        format!(
+                            "{d:?} must be a whole number of seconds, at least 1s (leaseDurationSeconds)"
+                        ),
+                    );
+                    DEFAULT_LEASE_DURATION
+                }
+                Some(Err(e)) => {
+                    err("lease_duration".into(), e);
+                    DEFAULT_LEASE_DURATION
+                }
+            };
+            let name_field = |field: &str, value: Option<&String>, default: &str| {
+                let v = value.map_or(default, |v| v.trim()).to_string();
+                let ok = !v.is_empty()
+                    && v.len() <= 253
+                    && v.bytes().all(|b| {
+                        b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.'
+                    });
+                (ok, field.to_string(), v)
+            };
+            let mut lease_names = Vec::new();
+            for (ok, field, v) in [
+                name_field(
+                    "lease_namespace",
+                    ov.lease_namespace.as_ref(),
+                    DEFAULT_LEASE_NAMESPACE,
+                ),
+                name_field("lease_name", ov.lease_name.as_ref(), DEFAULT_LEASE_NAME),
+            ] {
+                if !ok {
+                    err(
+                        field,
+                        format!(
+                            "{v:?} is not a Kubernetes object name (lower-case letters, digits, '-', '.')"
+                        ),
+                    );
+                }
+                lease_names.push(v);
+            }
+            let [lease_namespace, lease_name] = <[String; 2]>::try_from(lease_names)
+                .unwrap_or_else(|_| [DEFAULT_LEASE_NAMESPACE.into(), DEFAULT_LEASE_NAME.into()]);
             match ov.node_name.as_deref().map(str::trim) {
                 Some(n) if !n.is_empty() => Some(Kubernetes {
                     node_name: n.to_string(),
                     backoff_max: kube_backoff_max,
+                    lease: Lease {
+                        namespace: lease_namespace,
+                        name: lease_name,
+                        identity: ov
+                            .pod_name
+                            .as_deref()
+                            .map(str::trim)
+                            .filter(|p| !p.is_empty())
+                            .unwrap_or(n)
+                            .to_string(),
+                        duration: lease_duration,
+                    },
                 }),
                 _ => {
                     err(

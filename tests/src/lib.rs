@@ -6,6 +6,7 @@
 //! Sockets are opened inside a namespace with [`Netns::run`], so tests use real TCP from std.
 #![forbid(unsafe_code)]
 
+pub mod kube;
 pub mod policy;
 pub mod servers;
 pub mod tls;
@@ -141,6 +142,12 @@ impl Topology {
     /// Builds the node namespace and one pod per name. Pod `i` (from 1) gets 10.201.i.2/24 and
     /// fd00:201:i::2/64, default routes via the node, whose side has .1 and ::1.
     pub fn new(pods: &[&str]) -> Self {
+        Self::with_net(pods, 201)
+    }
+
+    /// [`Topology::new`] with pods in 10.`net`.i.0/24 and fd00:`net`:i::/64, so that the pods
+    /// of two nodes joined by an underlay have distinct addresses.
+    pub fn with_net(pods: &[&str], net: u8) -> Self {
         let id = format!(
             "mesh-test-{}-{}",
             std::process::id(),
@@ -172,10 +179,10 @@ impl Topology {
             let pod = Pod {
                 name: name.to_string(),
                 ns: ns.clone(),
-                ip4: Ipv4Addr::new(10, 201, i as u8, 2),
-                ip6: format!("fd00:201:{i}::2").parse().expect("v6"),
-                gw4: Ipv4Addr::new(10, 201, i as u8, 1),
-                gw6: format!("fd00:201:{i}::1").parse().expect("v6"),
+                ip4: Ipv4Addr::new(10, net, i as u8, 2),
+                ip6: format!("fd00:{net}:{i}::2").parse().expect("v6"),
+                gw4: Ipv4Addr::new(10, net, i as u8, 1),
+                gw6: format!("fd00:{net}:{i}::1").parse().expect("v6"),
                 host_if: host_if.clone(),
             };
             topo.pods.push(pod.clone());

@@ -349,7 +349,10 @@ mod tests {
             let base = Duration::from_millis(base);
             assert!(*d >= base && *d < base + base / 2, "{delays:?}");
         }
-        assert!(delays[4..].iter().all(|d| *d == Duration::from_secs(5)), "{delays:?}");
+        assert!(
+            delays[4..].iter().all(|d| *d == Duration::from_secs(5)),
+            "{delays:?}"
+        );
         b.reset();
         assert!(b.next().expect("endless") < Duration::from_millis(1200));
     }

@@ -4,15 +4,18 @@
 //! (debounced) rebuilds the policy objects from the stores and runs the same step as a file
 //! reload ([`crate::policy::apply`]), with the enrolled pods' veths as the plan's interfaces.
 //! While the API server is unreachable the watches retry with backoff and forwarding continues
-//! with the last policy.
+//! with the last policy. One agent of the cluster, elected by a Lease ([`lease`]), writes route
+//! and MeshPolicy status ([`report`]).
 mod enrol;
 mod kinds;
+pub mod lease;
+pub mod report;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::IpAddr,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, OnceLock,
         atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant},
@@ -35,14 +38,19 @@ use kube::{
         watcher,
     },
 };
-use mesh_policy::{Compiled, InterfaceName, Object, PolicyStore, Resource};
+use mesh_policy::{
+    Compiled, InterfaceName, Object, Options, PolicyStore, Resource, UnresolvedRef, ValidationError,
+};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::{Registry, Unit},
 };
 use serde::Serialize;
-use tokio::task::{AbortHandle, JoinSet};
+use tokio::{
+    sync::watch,
+    task::{AbortHandle, JoinSet},
+};
 use tracing::{error, info, warn};
 
 pub use enrol::LABEL;
@@ -85,6 +93,8 @@ pub struct Metrics {
     pub watch_last_success: Family<KindLabels, Gauge>,
     pub pod_ready_to_captured: Histogram,
     pub excluded_objects: Gauge,
+    /// The status Lease and status writes.
+    pub status: Arc<report::Metrics>,
 }
 
 impl Metrics {
@@ -99,6 +109,7 @@ impl Metrics {
                 prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 15),
             ),
             excluded_objects: Gauge::default(),
+            status: report::Metrics::register(registry),
         });
         registry.register(
             "kubernetes_watch_events",
@@ -158,6 +169,8 @@ pub struct Status {
     node: String,
     shared: Arc<Shared>,
     reconciled: Mutex<Reconciled>,
+    /// Set once the reconciler runs.
+    elector: OnceLock<Arc<lease::Elector>>,
 }
 
 impl Status {
@@ -182,7 +195,16 @@ impl Status {
             "pods": r.pods,
             "excluded_objects": r.excluded,
             "policies_applied": r.applied,
+            "leader": self.elector.get().is_some_and(|e| e.is_leader()),
+            "lease": self.elector.get().map(|e| e.view()),
         })
+    }
+
+    /// On a clean stop, after the Kubernetes task has stopped: hands the status Lease over.
+    pub async fn release(&self) {
+        if let Some(e) = self.elector.get() {
+            e.release().await;
+        }
     }
 }
 
@@ -384,6 +406,20 @@ pub async fn run(client: Client, node: String, backoff_max: Duration, t: Targets
     );
     let mut custom = Vec::new();
     w.rediscover(&discovery, &mut custom);
+    // Status: the Lease decides which agent writes; the writer follows the reconciler's view.
+    let (report, desired) = watch::channel(Arc::new(report::Desired::default()));
+    if let Some(k) = &t.cfg.kubernetes {
+        let elector = lease::Elector::new(client.clone(), k.lease.clone(), m.status.leader.clone());
+        let _ = t.status.elector.set(elector.clone());
+        w.tasks.spawn(elector.clone().run());
+        let writer = report::Writer {
+            client: client.clone(),
+            elector,
+            metrics: m.status.clone(),
+            desired,
+        };
+        w.tasks.spawn(writer.run());
+    }
     let stores = Stores {
         services,
         slices,
@@ -399,6 +435,7 @@ pub async fn run(client: Client, node: String, backoff_max: Duration, t: Targets
         logged: HashSet::new(),
         seen: HashMap::new(),
         captured: BTreeSet::new(),
+        report,
     };
     let mut crd_fingerprint = None;
     let mut retry = false;
@@ -442,6 +479,8 @@ struct Reconciler {
     seen: HashMap<String, Instant>,
     /// Pods whose capture is attached.
     captured: BTreeSet<String>,
+    /// The status the policy calls for, to the status writer.
+    report: watch::Sender<Arc<report::Desired>>,
 }
 
 impl Reconciler {
@@ -450,15 +489,47 @@ impl Reconciler {
         let mut errors_now = HashSet::new();
         let mut ok = true;
         let objects = self.objects(&mut errors_now);
-        let (compiled, excluded) = compile_valid(objects, &mut errors_now);
+        let outcome = compile_valid(&objects, &mut errors_now);
+        let desired = report::desired(
+            &objects,
+            &report::Outcome {
+                errors: &outcome.errors,
+                excluded: &outcome.excluded,
+                conflicts: outcome.compiled.conflicts(),
+                unresolved: &outcome.unresolved,
+            },
+        );
+        let desired = report::Desired {
+            objects: desired,
+            kinds: self
+                .stores
+                .custom
+                .iter()
+                .map(|c| (c.served.kind, c.served.resource.clone()))
+                .collect(),
+        };
+        self.report.send_if_modified(|d| {
+            let changed = **d != desired;
+            if changed {
+                *d = Arc::new(desired);
+            }
+            changed
+        });
         let (interfaces, mut pods) = self.enrolled(&mut errors_now);
         ok &= pods.values().all(|p| p.error.is_none());
         for e in &errors_now {
-            if !self.logged.contains(e) {
+            if self.logged.contains(e) {
+                continue;
+            }
+            if outcome.unresolved_lines.contains(e) {
+                warn!(error = %e, "backendRef unresolved; the route stays in force");
+            } else {
                 error!(error = %e, "Kubernetes object left out");
             }
         }
         self.logged = errors_now;
+        let compiled = outcome.compiled;
+        let excluded: Vec<String> = outcome.excluded.into_iter().collect();
         self.t.metrics.excluded_objects.set(excluded.len() as i64);
 
         let mut node = self.t.cfg.node_settings();
@@ -595,18 +666,67 @@ impl Reconciler {
     }
 }
 
+/// What [`compile_valid`] made of the objects.
+struct Compile {
+    compiled: Compiled,
+    /// Display names of the objects left out.
+    excluded: BTreeSet<String>,
+    /// Every validation error found on the way.
+    errors: Vec<ValidationError>,
+    /// backendRefs compiled as a 500 share (Gateway API `ResolvedRefs=False`), also of the
+    /// routes left out for another reason.
+    unresolved: Vec<UnresolvedRef>,
+    /// How they are logged (each once while it lasts, as the errors).
+    unresolved_lines: HashSet<String>,
+}
+
 /// Compiles the objects, leaving out every object a validation error names (and logging the
-/// error once): one bad object never blocks the others.
-fn compile_valid(objects: Vec<Object>, errors: &mut HashSet<String>) -> (Compiled, Vec<String>) {
+/// error once): one bad object never blocks the others. A backendRef that names no Service of
+/// the route's namespace does not leave the route out: it becomes a backend that answers 500,
+/// as the Gateway API asks, and the route's status says so.
+fn compile_valid(objects: &[Object], errors: &mut HashSet<String>) -> Compile {
+    let options = Options {
+        unresolved_backends: true,
+    };
     let mut excluded: BTreeSet<String> = BTreeSet::new();
+    let mut found_all: Vec<ValidationError> = Vec::new();
+    let mut unresolved: BTreeMap<String, Vec<UnresolvedRef>> = BTreeMap::new();
     loop {
         let kept: Vec<Object> = objects
             .iter()
             .filter(|o| !excluded.contains(&o.display_name()))
             .cloned()
             .collect();
-        match Compiled::compile(&kept) {
-            Ok(c) => return (c, excluded.into_iter().collect()),
+        let (result, refs) = Compiled::compile_with(&kept, options);
+        // The latest compile that still held a route says what it refers to.
+        for o in &kept {
+            unresolved.remove(&o.display_name());
+        }
+        for r in refs {
+            unresolved.entry(r.object.clone()).or_default().push(r);
+        }
+        match result {
+            Ok(compiled) => {
+                let unresolved: Vec<UnresolvedRef> = unresolved.into_values().flatten().collect();
+                let unresolved_lines: HashSet<String> = unresolved
+                    .iter()
+                    .map(|u| {
+                        format!(
+                            "{} {u}: requests to this backend get 500 (ResolvedRefs=False, {})",
+                            u.object,
+                            u.problem.reason()
+                        )
+                    })
+                    .collect();
+                errors.extend(unresolved_lines.iter().cloned());
+                return Compile {
+                    compiled,
+                    excluded,
+                    errors: found_all,
+                    unresolved,
+                    unresolved_lines,
+                };
+            }
             Err(found) => {
                 let before = excluded.len();
                 for e in found {
@@ -614,12 +734,18 @@ fn compile_valid(objects: Vec<Object>, errors: &mut HashSet<String>) -> (Compile
                     if kept.iter().any(|o| o.display_name() == e.object) {
                         excluded.insert(e.object.clone());
                     }
+                    found_all.push(e);
                 }
                 if excluded.len() == before {
                     // An error that names no object we hold: nothing left to leave out.
                     errors.insert("policy could not be compiled; using an empty policy".into());
-                    let all = objects.iter().map(|o| o.display_name()).collect();
-                    return (Compiled::empty(), all);
+                    return Compile {
+                        compiled: Compiled::empty(),
+                        excluded: objects.iter().map(|o| o.display_name()).collect(),
+                        errors: found_all,
+                        unresolved: unresolved.into_values().flatten().collect(),
+                        unresolved_lines: HashSet::new(),
+                    };
                 }
             }
         }
@@ -631,7 +757,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_invalid_route_is_left_out_and_the_rest_compiles() {
+    fn an_invalid_route_is_left_out_and_a_missing_backend_is_not() {
         let text = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\n\
                     spec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}\n---\n\
                     apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
@@ -640,9 +766,32 @@ mod tests {
                     rules: [{backendRefs: [{name: missing, port: 80}]}]\n";
         let objects = mesh_policy::parse_documents(text, "t").expect("parse");
         let mut errors = HashSet::new();
-        let (compiled, excluded) = compile_valid(objects, &mut errors);
-        assert_eq!(excluded, vec!["HTTPRoute shop/bad".to_string()]);
+        let outcome = compile_valid(&objects, &mut errors);
+        assert!(outcome.excluded.is_empty(), "{:?}", outcome.excluded);
+        assert_eq!(
+            outcome.unresolved.len(),
+            1,
+            "a missing backend is a 500 share"
+        );
+        assert!(
+            errors.iter().any(|e| e.contains("get 500")),
+            "logged: {errors:?}"
+        );
+        assert_eq!(outcome.compiled.summary().http_routes, 1);
+        assert_eq!(outcome.compiled.summary().services, 1);
+
+        let text = text.replace(
+            "rules: [{backendRefs",
+            "rules: [{matches: [{path: {value: x}}], backendRefs",
+        );
+        let objects = mesh_policy::parse_documents(&text, "t").expect("parse");
+        let mut errors = HashSet::new();
+        let outcome = compile_valid(&objects, &mut errors);
+        assert_eq!(
+            outcome.excluded.into_iter().collect::<Vec<_>>(),
+            ["HTTPRoute shop/bad"]
+        );
         assert!(!errors.is_empty());
-        assert_eq!(compiled.summary().services, 1);
+        assert_eq!(outcome.compiled.summary().services, 1);
     }
 }

@@ -84,10 +84,18 @@ fn one_agent_holds_the_lease_writes_status_once_and_another_takes_over() {
         ]
         .concat(),
     );
-    let lease = ["--lease-duration", LEASE_FLAG];
+    let lease_flags = ["--lease-duration", LEASE_FLAG];
     let mut agents = [
-        (start_agent(&t1, &api, "node-1", &lease), &t1, "node-1"),
-        (start_agent(&t2, &api, "node-2", &lease), &t2, "node-2"),
+        (
+            start_agent(&t1, &api, "node-1", &lease_flags),
+            &t1,
+            "node-1",
+        ),
+        (
+            start_agent(&t2, &api, "node-2", &lease_flags),
+            &t2,
+            "node-2",
+        ),
     ];
 
     // Exactly one holds the Lease, and both agents agree on which.
@@ -202,6 +210,27 @@ fn one_agent_holds_the_lease_writes_status_once_and_another_takes_over() {
         killed.elapsed()
     );
     assert_eq!(writes(agents[fi].1), 1.0);
+
+    // A clean stop hands over at once: the leader releases the Lease on SIGTERM, so the
+    // restarted agent takes it at its next try instead of after a whole lease duration.
+    let (t_old, node_old) = (agents[li].1, agents[li].2);
+    agents[li].0 = start_agent(t_old, &api, node_old, &lease_flags);
+    until(LEASE, "restarted agent is a follower", || {
+        status(t_old)["kubernetes"]["lease"]["holder"] == follower
+    });
+    let stopping = Instant::now();
+    assert!(agents[fi].0.terminate(Duration::from_secs(20)).success());
+    let stopped = stopping.elapsed();
+    let took = until(LEASE * 2, "handover after SIGTERM", || {
+        holder(&api).as_deref() == Some(node_old)
+    });
+    eprintln!(
+        "leader stopped (SIGTERM, exit in {stopped:?}) -> other agent holds the Lease {took:?} later"
+    );
+    assert!(
+        took < LEASE,
+        "a released Lease is taken before it would expire: {took:?}"
+    );
 }
 
 #[test]

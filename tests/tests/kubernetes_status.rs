@@ -451,4 +451,25 @@ fn an_invalid_mesh_policy_is_not_accepted_naming_the_field_and_the_valid_one_sta
     for _ in 0..5 {
         assert!(header(), "the valid policy stays in force");
     }
+
+    // An edit that breaks the policy in force is refused the same way: its status says why,
+    // and its last valid version (the header) stays in force, as a bad file reload does.
+    api.apply(&mesh_policy(
+        "base",
+        "  headers: {set: {x-mesh-policy: edited}}\n  protocolDetectionTimeout: 0s\n",
+    ));
+    until(Duration::from_secs(5), "broken edit reported", || {
+        policy_accepted(&api, "base").is_some_and(|c| c.0 == "False")
+    });
+    let raw = t.node.http_get(mesh_tests::ADMIN, "/status");
+    let s: serde_json::Value =
+        serde_json::from_str(raw.split("\r\n\r\n").nth(1).unwrap_or_default()).expect("json");
+    assert_eq!(
+        s["kubernetes"]["kept_at_last_good_version"],
+        serde_json::json!(["MeshPolicy mesh-test/base"]),
+        "{s}"
+    );
+    for _ in 0..5 {
+        assert!(header(), "the last good version stays in force");
+    }
 }

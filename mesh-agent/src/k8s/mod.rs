@@ -160,6 +160,8 @@ pub struct PodStatus {
 struct Reconciled {
     pods: BTreeMap<String, PodStatus>,
     excluded: Vec<String>,
+    /// Objects whose latest edit is invalid, in force at their last good version.
+    last_good: Vec<String>,
     applied: u64,
 }
 
@@ -194,6 +196,7 @@ impl Status {
             "kinds": self.shared.snapshot(),
             "pods": r.pods,
             "excluded_objects": r.excluded,
+            "kept_at_last_good_version": r.last_good,
             "policies_applied": r.applied,
             "leader": self.elector.get().is_some_and(|e| e.is_leader()),
             "lease": self.elector.get().map(|e| e.view()),
@@ -436,6 +439,7 @@ pub async fn run(client: Client, node: String, backoff_max: Duration, t: Targets
         seen: HashMap::new(),
         captured: BTreeSet::new(),
         report,
+        last_good: HashMap::new(),
     };
     let mut crd_fingerprint = None;
     let mut retry = false;
@@ -481,6 +485,9 @@ struct Reconciler {
     captured: BTreeSet<String>,
     /// The status the policy calls for, to the status writer.
     report: watch::Sender<Arc<report::Desired>>,
+    /// Every object of the policy in force, by display name: an edit that breaks one is
+    /// replaced by this version (the last good one stays in force).
+    last_good: HashMap<String, Object>,
 }
 
 impl Reconciler {
@@ -489,7 +496,7 @@ impl Reconciler {
         let mut errors_now = HashSet::new();
         let mut ok = true;
         let objects = self.objects(&mut errors_now);
-        let outcome = compile_valid(&objects, &mut errors_now);
+        let outcome = compile_keeping_last_good(&objects, &self.last_good, &mut errors_now);
         let desired = report::desired(
             &objects,
             &report::Outcome {
@@ -523,12 +530,20 @@ impl Reconciler {
             }
             if outcome.unresolved_lines.contains(e) {
                 warn!(error = %e, "backendRef unresolved; the route stays in force");
+            } else if outcome
+                .stand_ins
+                .iter()
+                .any(|name| e.starts_with(name.as_str()))
+            {
+                error!(error = %e, "invalid edit refused; the object's last valid version stays in force");
             } else {
                 error!(error = %e, "Kubernetes object left out");
             }
         }
         self.logged = errors_now;
         let compiled = outcome.compiled;
+        let in_force = outcome.in_force;
+        let stand_ins: Vec<String> = outcome.stand_ins.into_iter().collect();
         let excluded: Vec<String> = outcome.excluded.into_iter().collect();
         self.t.metrics.excluded_objects.set(excluded.len() as i64);
 
@@ -549,10 +564,15 @@ impl Reconciler {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         status.excluded = excluded;
+        status.last_good = stand_ins;
         if applied.is_err() {
             ok = false;
         } else {
             status.applied += 1;
+            self.last_good = in_force
+                .into_iter()
+                .map(|o| (o.display_name(), o))
+                .collect();
             let previous = std::mem::take(&mut self.captured);
             for (key, iface) in &interfaces {
                 let Some(p) = pods.get_mut(key) else { continue };
@@ -669,6 +689,10 @@ impl Reconciler {
 /// What [`compile_valid`] made of the objects.
 struct Compile {
     compiled: Compiled,
+    /// The objects compiled (what `compiled` was made from).
+    in_force: Vec<Object>,
+    /// Objects whose current version is invalid, compiled at their last good version instead.
+    stand_ins: BTreeSet<String>,
     /// Display names of the objects left out.
     excluded: BTreeSet<String>,
     /// Every validation error found on the way.
@@ -721,6 +745,8 @@ fn compile_valid(objects: &[Object], errors: &mut HashSet<String>) -> Compile {
                 errors.extend(unresolved_lines.iter().cloned());
                 return Compile {
                     compiled,
+                    in_force: kept,
+                    stand_ins: BTreeSet::new(),
                     excluded,
                     errors: found_all,
                     unresolved,
@@ -741,6 +767,8 @@ fn compile_valid(objects: &[Object], errors: &mut HashSet<String>) -> Compile {
                     errors.insert("policy could not be compiled; using an empty policy".into());
                     return Compile {
                         compiled: Compiled::empty(),
+                        in_force: Vec::new(),
+                        stand_ins: BTreeSet::new(),
                         excluded: objects.iter().map(|o| o.display_name()).collect(),
                         errors: found_all,
                         unresolved: unresolved.into_values().flatten().collect(),
@@ -752,9 +780,99 @@ fn compile_valid(objects: &[Object], errors: &mut HashSet<String>) -> Compile {
     }
 }
 
+/// [`compile_valid`], then once more with every object that was left out but has a last good
+/// version put back at that version: as in file mode, an invalid edit is refused and what was in
+/// force stays. Its errors (and the object's status, `Accepted=False` for the new generation)
+/// still say what is wrong with the edit.
+fn compile_keeping_last_good(
+    objects: &[Object],
+    last_good: &HashMap<String, Object>,
+    errors: &mut HashSet<String>,
+) -> Compile {
+    let first = compile_valid(objects, errors);
+    let stand_ins: BTreeSet<String> = first
+        .excluded
+        .iter()
+        .filter(|name| last_good.contains_key(*name))
+        .cloned()
+        .collect();
+    if stand_ins.is_empty() {
+        return first;
+    }
+    let mut with: Vec<Object> = objects
+        .iter()
+        .filter(|o| !stand_ins.contains(&o.display_name()))
+        .cloned()
+        .chain(stand_ins.iter().filter_map(|n| last_good.get(n).cloned()))
+        .collect();
+    with.sort_by_key(|o| o.display_name());
+    let mut second = compile_valid(&with, errors);
+    // A last good version that no longer fits (say its Service is gone) is left out for good.
+    second.stand_ins = stand_ins
+        .into_iter()
+        .filter(|n| !second.excluded.contains(n))
+        .collect();
+    let still_out = first
+        .excluded
+        .into_iter()
+        .filter(|n| !second.stand_ins.contains(n));
+    second.excluded.extend(still_out);
+    let mut errs = first.errors;
+    errs.extend(second.errors);
+    second.errors = errs;
+    second
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_invalid_edit_leaves_the_last_good_version_in_force() {
+        let service = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\n\
+                       spec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}\n---\n";
+        let route = |path: &str| {
+            format!(
+                "{service}apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+                 metadata: {{name: r, namespace: shop}}\n\
+                 spec:\n  parentRefs: [{{group: \"\", kind: Service, name: web, port: 80}}]\n  \
+                 rules: [{{matches: [{{path: {{value: {path}}}}}], backendRefs: [{{name: web, port: 80}}]}}]\n"
+            )
+        };
+        let good = mesh_policy::parse_documents(&route("/v1"), "t").expect("parse");
+        let first = compile_keeping_last_good(&good, &HashMap::new(), &mut HashSet::new());
+        assert!(first.excluded.is_empty());
+        let last_good: HashMap<String, Object> = first
+            .in_force
+            .into_iter()
+            .map(|o| (o.display_name(), o))
+            .collect();
+
+        // The edit breaks the route: it is refused, the /v1 version stays.
+        let bad = mesh_policy::parse_documents(&route("no-slash"), "t").expect("parse");
+        let mut errors = HashSet::new();
+        let out = compile_keeping_last_good(&bad, &last_good, &mut errors);
+        assert!(out.excluded.is_empty(), "{:?}", out.excluded);
+        assert_eq!(
+            out.stand_ins.iter().collect::<Vec<_>>(),
+            ["HTTPRoute shop/r"]
+        );
+        assert_eq!(out.compiled.summary().http_routes, 1);
+        assert!(
+            out.errors.iter().any(|e| e.object == "HTTPRoute shop/r"),
+            "the edit's error is still reported: {:?}",
+            out.errors
+        );
+        assert!(errors.iter().any(|e| e.contains("path")), "{errors:?}");
+
+        // A new object that is invalid from the start has no last good version: left out.
+        let fresh = compile_keeping_last_good(&bad, &HashMap::new(), &mut HashSet::new());
+        assert_eq!(
+            fresh.excluded.iter().collect::<Vec<_>>(),
+            ["HTTPRoute shop/r"]
+        );
+        assert_eq!(fresh.compiled.summary().http_routes, 0);
+    }
 
     #[test]
     fn an_invalid_route_is_left_out_and_a_missing_backend_is_not() {

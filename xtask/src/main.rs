@@ -3,7 +3,9 @@
 mod bench;
 mod crds;
 mod demo;
+mod k8s_agent;
 mod kernels;
+mod kube;
 mod manifests;
 mod setup;
 mod test;
@@ -49,11 +51,16 @@ enum Command {
     /// Check `manifests/`: kustomize renders, every object validates against the Kubernetes
     /// schemas, the example MeshPolicies against the CRD and `mesh-agent check`.
     Manifests,
+    /// The agent command of the conformance run in Kubernetes mode (run by `run.py` in the node
+    /// namespace): `mesh-apiserver`, the CRDs, the case's policy applied with kubectl, a Pod
+    /// object for the client, then `mesh-agent run --kubernetes`.
+    K8sAgent(k8s_agent::Options),
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<std::process::ExitCode> {
     let cli = Cli::parse();
-    match cli.command {
+    let done = match cli.command {
+        Command::K8sAgent(opts) => return k8s_agent::run(&opts),
         Command::Setup => setup::run(),
         Command::Demo => {
             setup::run()?;
@@ -79,5 +86,6 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             manifests::run(&util::build_agent(false)?)
         }
-    }
+    };
+    done.map(|()| std::process::ExitCode::SUCCESS)
 }

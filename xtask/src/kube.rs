@@ -113,6 +113,11 @@ impl ApiServer {
         self.kubectl_stdin(args, "")
     }
 
+    /// `kubectl apply -f -` of these manifests.
+    pub fn apply(&self, yaml: &str) -> anyhow::Result<String> {
+        self.kubectl_stdin(&["apply", "-f", "-"], yaml)
+    }
+
     /// The CRDs a cluster running Skiff has, created in this fresh API server: Gateway API's
     /// HTTPRoute and our MeshPolicy. `create` rather than `apply`: nothing is there to merge
     /// with, and server-side apply's field bookkeeping over the 430 KB HTTPRoute schema costs

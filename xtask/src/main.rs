@@ -25,8 +25,13 @@ enum Command {
     /// Install what building and testing need (idempotent): nightly rust-src, bpf-linker built
     /// against rustc's LLVM, and the Debian packages the tests use.
     Setup,
-    /// Build a topology in network namespaces, run the agent, make requests, show what happened.
-    Demo,
+    /// Build a topology in network namespaces, run the agent, make requests, show what happened;
+    /// then the same with the agent in Kubernetes mode against the test API server.
+    Demo {
+        /// Only the Kubernetes part.
+        #[arg(long)]
+        kubernetes: bool,
+    },
     /// Lints, unit tests, privileged integration tests (as root), the conformance suite, and the
     /// privileged tests on Debian's 6.1 kernel in a VM.
     Test {
@@ -62,9 +67,9 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
     let done = match cli.command {
         Command::K8sAgent(opts) => return k8s_agent::run(&opts),
         Command::Setup => setup::run(),
-        Command::Demo => {
+        Command::Demo { kubernetes } => {
             setup::run()?;
-            demo::run()
+            demo::run(kubernetes)
         }
         Command::Test {
             no_lint,

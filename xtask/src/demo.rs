@@ -1,6 +1,9 @@
-//! `cargo xtask demo`: one node namespace, a client pod and two server pods, the agent started
-//! from `manifests/examples/agent.yaml`, a few real connections, and what the agent saw.
-use std::{net::Ipv4Addr, thread, time::Duration};
+//! `cargo xtask demo`: one node namespace, a client pod and server pods, the agent started from
+//! `manifests/examples/agent.yaml`, a few real connections, and what the agent saw; then the
+//! Kubernetes part ([`kubernetes`]): the same agent fed by an API server.
+mod kubernetes;
+
+use std::{net::Ipv4Addr, path::Path, thread, time::Duration};
 
 use mesh_tests::{
     Topology,
@@ -9,18 +12,95 @@ use mesh_tests::{
     tls::Ca,
 };
 
-use crate::util::{build_agent, clean_leftovers, root};
+use crate::util::{build_agent, build_apiserver, clean_leftovers, root};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 
-pub fn run() -> anyhow::Result<()> {
+/// Both parts, or with `kubernetes_only` the Kubernetes part alone.
+pub fn run(kubernetes_only: bool) -> anyhow::Result<()> {
     if !mesh_tests::privileged("demo") {
         anyhow::bail!("the demo needs root (BPF, network namespaces)");
     }
     clean_leftovers();
     // Built where the harness looks for it (target/debug/mesh-agent).
     build_agent(false)?;
+    let apiserver = build_apiserver()?;
+    remove_namespaces_on_signal()?;
+    if !kubernetes_only {
+        file_mode()?;
+    }
+    kubernetes::run(&apiserver)?;
+    println!("demo done");
+    Ok(())
+}
 
+/// On Ctrl-C (or SIGTERM, SIGHUP) the demo ends without unwinding, so the topologies' drop
+/// never runs: this thread removes what they made instead (this process's `mesh-test-<pid>-*`
+/// network namespaces with every process in them, which includes the agent and the API server,
+/// and their bpffs folders and scratch files), then exits.
+fn remove_namespaces_on_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    // Registered here, before the demo starts anything, so no signal is missed.
+    let (mut int, mut term, mut hup) = rt.block_on(async {
+        Ok::<_, std::io::Error>((
+            signal(SignalKind::interrupt())?,
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::hangup())?,
+        ))
+    })?;
+    thread::spawn(move || {
+        let name = rt.block_on(async {
+            tokio::select! {
+                _ = int.recv() => "SIGINT",
+                _ = term.recv() => "SIGTERM",
+                _ = hup.recv() => "SIGHUP",
+            }
+        });
+        println!("\n== {name}: removing the demo's namespaces");
+        let prefix = format!("mesh-test-{}-", std::process::id());
+        remove_own(&prefix);
+        std::process::exit(130);
+    });
+    Ok(())
+}
+
+/// Kills the processes in, and deletes, the network namespaces named `prefix*`; removes the
+/// bpffs folders and temp files of the same names.
+fn remove_own(prefix: &str) {
+    let list = crate::util::output("ip", &["netns", "list"]).unwrap_or_default();
+    let names: Vec<&str> = list
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(prefix))
+        .collect();
+    for name in &names {
+        let pids = crate::util::output("ip", &["netns", "pids", name]).unwrap_or_default();
+        for pid in pids.split_whitespace() {
+            let _ = std::process::Command::new("kill")
+                .args(["-9", pid])
+                .status();
+        }
+    }
+    for name in &names {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", name])
+            .status();
+    }
+    for dir in [Path::new("/sys/fs/bpf").to_path_buf(), std::env::temp_dir()] {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if e.file_name().to_string_lossy().starts_with(prefix) {
+                let _ = std::fs::remove_dir_all(e.path());
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
+/// The file-mode part: policy from `manifests/examples/policy.yaml`.
+fn file_mode() -> anyhow::Result<()> {
     println!("== topology: node namespace with the agent; pods behind veths h1..h11");
     let t = Topology::new(&[
         "client", "web", "api", "tls-a", "tls-b", "tcp-x", "tcp-y", "shop-v1", "shop-v2", "grpc-a",
@@ -314,7 +394,6 @@ pub fn run() -> anyhow::Result<()> {
     println!("== tearing down the namespaces");
     drop(t);
     let _ = std::fs::remove_dir_all(&scratch);
-    println!("demo done");
     Ok(())
 }
 

@@ -3,7 +3,9 @@
 mod bench;
 mod crds;
 mod demo;
+mod k8s_agent;
 mod kernels;
+mod kube;
 mod manifests;
 mod setup;
 mod test;
@@ -23,8 +25,13 @@ enum Command {
     /// Install what building and testing need (idempotent): nightly rust-src, bpf-linker built
     /// against rustc's LLVM, and the Debian packages the tests use.
     Setup,
-    /// Build a topology in network namespaces, run the agent, make requests, show what happened.
-    Demo,
+    /// Build a topology in network namespaces, run the agent, make requests, show what happened;
+    /// then the same with the agent in Kubernetes mode against the test API server.
+    Demo {
+        /// Only the Kubernetes part.
+        #[arg(long)]
+        kubernetes: bool,
+    },
     /// Lints, unit tests, privileged integration tests (as root), the conformance suite, and the
     /// privileged tests on Debian's 6.1 kernel in a VM.
     Test {
@@ -49,15 +56,20 @@ enum Command {
     /// Check `manifests/`: kustomize renders, every object validates against the Kubernetes
     /// schemas, the example MeshPolicies against the CRD and `mesh-agent check`.
     Manifests,
+    /// The agent command of the conformance run in Kubernetes mode (run by `run.py` in the node
+    /// namespace): `mesh-apiserver`, the CRDs, the case's policy applied with kubectl, a Pod
+    /// object for the client, then `mesh-agent run --kubernetes`.
+    K8sAgent(k8s_agent::Options),
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<std::process::ExitCode> {
     let cli = Cli::parse();
-    match cli.command {
+    let done = match cli.command {
+        Command::K8sAgent(opts) => return k8s_agent::run(&opts),
         Command::Setup => setup::run(),
-        Command::Demo => {
+        Command::Demo { kubernetes } => {
             setup::run()?;
-            demo::run()
+            demo::run(kubernetes)
         }
         Command::Test {
             no_lint,
@@ -79,5 +91,6 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             manifests::run(&util::build_agent(false)?)
         }
-    }
+    };
+    done.map(|()| std::process::ExitCode::SUCCESS)
 }

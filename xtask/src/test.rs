@@ -1,9 +1,14 @@
 //! `cargo xtask test`: the whole suite, as CI runs it. Privileged tests are required here: one that
 //! cannot run fails instead of skipping (`MESH_REQUIRE_PRIVILEGED`). Then the Gateway API
-//! conformance requests in `../shared/conformance` drive the agent from the outside. Last, the
+//! conformance requests in `../shared/conformance` drive the agent from the outside, in file mode
+//! and in Kubernetes mode (`xtask k8s-agent` as the runner's agent command). Last, the
 //! privileged tests again on Debian bookworm's 6.1 kernel in a VM (`cargo xtask kernels --kernel
 //! 6.1`), the oldest kernel the agent is meant to run on.
-use std::process::Command;
+use std::{
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, bail};
 
@@ -35,7 +40,7 @@ pub fn run(lint: bool, kernels: bool) -> anyhow::Result<()> {
     );
     clean_leftovers();
     result?;
-    conformance(&agent)?;
+    conformance(&agent, &apiserver)?;
     if kernels {
         crate::kernels::run(&crate::kernels::Options::ci()).context(
             "the privileged tests on Debian's 6.1 kernel (cargo xtask kernels --kernel 6.1)",
@@ -48,8 +53,36 @@ pub fn run(lint: bool, kernels: bool) -> anyhow::Result<()> {
 }
 
 /// Runs every conformance request with the shared runner as it is (`run.py` exits non-zero
-/// unless all pass).
-fn conformance(agent: &std::path::Path) -> anyhow::Result<()> {
+/// unless all pass): with the agent in file mode, then in Kubernetes mode, where this binary's
+/// `k8s-agent` subcommand turns the runner's policy file and client interface into API objects
+/// (see `k8s_agent.rs`).
+fn conformance(agent: &Path, apiserver: &Path) -> anyhow::Result<()> {
+    let file = format!(
+        "{} run --policy {{policy}} --interface {{iface}}",
+        agent.display()
+    );
+    // This binary, already built: `cargo xtask` would pay cargo's start-up on every case.
+    let xtask = std::env::current_exe().context("locating the xtask binary")?;
+    let kubernetes = format!(
+        "{} k8s-agent --agent {} --apiserver {} --policy {{policy}} --interface {{iface}} --dir {{dir}}",
+        xtask.display(),
+        agent.display(),
+        apiserver.display()
+    );
+    let mut took = Vec::new();
+    for (mode, cmd) in [("file mode", file), ("Kubernetes mode", kubernetes)] {
+        println!("== conformance, {mode}: run.py --agent-cmd '{cmd}'");
+        let start = Instant::now();
+        run_conformance(&cmd).with_context(|| format!("the conformance requests in {mode}"))?;
+        took.push((mode, start.elapsed()));
+    }
+    for (mode, t) in took {
+        println!("== conformance, {mode}: all passed in {}", secs(t));
+    }
+    Ok(())
+}
+
+fn run_conformance(agent_cmd: &str) -> anyhow::Result<()> {
     let suite = root().join("../shared/conformance");
     let runner = suite.join("run.py");
     if !runner.exists() {
@@ -64,9 +97,10 @@ fn conformance(agent: &std::path::Path) -> anyhow::Result<()> {
             .arg("--cases")
             .arg(suite.join("cases"))
             .arg("--agent-cmd")
-            .arg(format!(
-                "{} run --policy {{policy}} --interface {{iface}}",
-                agent.display()
-            )),
+            .arg(agent_cmd),
     )
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.0} s", d.as_secs_f64())
 }

@@ -2,8 +2,8 @@
 //! server (`mesh-apiserver`) on loopback, the real `kubectl` against it, and Pod objects as a
 //! kubelet would have reported them (status written through `/status`).
 use std::{
-    io::{BufRead as _, BufReader, Write as _},
-    net::Ipv4Addr,
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
 };
@@ -27,6 +27,8 @@ pub fn meshpolicy_crd() -> PathBuf {
 /// A running `mesh-apiserver` on 127.0.0.1 and the kubeconfig that reaches it; stopped on drop.
 pub struct ApiServer {
     child: Child,
+    /// Where it listens (127.0.0.1 in its network namespace).
+    addr: SocketAddr,
     pub kubeconfig: PathBuf,
     /// The network namespace it runs in (`None`: this process's own).
     netns: Option<String>,
@@ -61,16 +63,21 @@ impl ApiServer {
             .stdout
             .take()
             .map(|out| BufReader::new(out).read_line(&mut line));
-        if !matches!(read, Some(Ok(n)) if n > 0) {
+        let addr = match read {
+            Some(Ok(n)) if n > 0 => line.trim().parse(),
+            _ => "".parse(),
+        };
+        let Ok(addr) = addr else {
             let _ = child.kill();
             let status = child.wait()?;
             bail!(
-                "{} exited ({status}) without printing its address",
+                "{} exited ({status}) without printing its address: {line:?}",
                 bin.display()
             );
-        }
+        };
         Ok(ApiServer {
             child,
+            addr,
             kubeconfig: kubeconfig.to_path_buf(),
             netns: netns.map(str::to_string),
         })
@@ -118,15 +125,81 @@ impl ApiServer {
         self.kubectl_stdin(&["apply", "-f", "-"], yaml)
     }
 
-    /// The CRDs a cluster running Skiff has, created in this fresh API server: Gateway API's
-    /// HTTPRoute and our MeshPolicy. `create` rather than `apply`: nothing is there to merge
-    /// with, and server-side apply's field bookkeeping over the 430 KB HTTPRoute schema costs
-    /// the debug-built API server 300 ms (client-side apply is no option: the CRD is larger than
-    /// the `last-applied-configuration` annotation may be). The test API server establishes a
-    /// CRD as it creates it, so its kinds are served when this returns.
-    pub fn create_crds(&self) -> anyhow::Result<()> {
-        let (gateway, mesh) = (httproute_crd(), meshpolicy_crd());
-        self.kubectl(&["create", "-f", path_str(&gateway)?, "-f", path_str(&mesh)?])?;
+    /// One request straight to the API server, without kubectl, for set-up steps that must be
+    /// quick; it must run in the server's network namespace. `body` is sent as JSON with
+    /// `content_type`. The answer's status code and JSON.
+    fn call(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: &str,
+        body: &serde_json::Value,
+    ) -> anyhow::Result<(u16, serde_json::Value)> {
+        let body = body.to_string();
+        let mut s = TcpStream::connect(self.addr)
+            .with_context(|| format!("connecting to the API server at {}", self.addr))?;
+        // HTTP/1.0: the answer ends when the server closes, never chunked.
+        write!(
+            s,
+            "{method} {path} HTTP/1.0\r\nHost: {}\r\nAccept: application/json\r\n\
+             Content-Type: {content_type}\r\nContent-Length: {}\r\n\r\n{body}",
+            self.addr,
+            body.len()
+        )?;
+        let mut raw = String::new();
+        s.read_to_string(&mut raw)?;
+        let (head, answer) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+        let code = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .with_context(|| format!("{method} {path}: not an HTTP answer: {head:?}"))?;
+        Ok((code, serde_json::from_str(answer).unwrap_or_default()))
+    }
+
+    /// [`call`](Self::call) that fails unless the answer is a success.
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: &str,
+        body: &serde_json::Value,
+    ) -> anyhow::Result<serde_json::Value> {
+        let (code, answer) = self.call(method, path, content_type, body)?;
+        if !(200..300).contains(&code) {
+            bail!(
+                "{method} {path}: {code} {}",
+                answer["message"].as_str().unwrap_or_default()
+            );
+        }
+        Ok(answer)
+    }
+
+    /// POSTs `object` to `collection`; one that already exists (409) is left as it is.
+    pub fn create(&self, collection: &str, object: &serde_json::Value) -> anyhow::Result<()> {
+        let (code, answer) = self.call("POST", collection, "application/json", object)?;
+        if code != 409 && !(200..300).contains(&code) {
+            bail!(
+                "POST {collection}: {code} {}",
+                answer["message"].as_str().unwrap_or_default()
+            );
+        }
+        Ok(())
+    }
+
+    /// [`create`](Self::create)s every object in these manifest files in `collection`.
+    pub fn create_all(&self, collection: &str, files: &[PathBuf]) -> anyhow::Result<()> {
+        for file in files {
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            for doc in serde_yaml::Deserializer::from_str(&text) {
+                let object = <serde_json::Value as serde::Deserialize>::deserialize(doc)
+                    .with_context(|| format!("parsing {}", file.display()))?;
+                if !object.is_null() {
+                    self.create(collection, &object)?;
+                }
+            }
+        }
         Ok(())
     }
 }
@@ -166,20 +239,24 @@ pub fn pod_manifest(namespace: &str, name: &str, node: &str, labels: &[(&str, &s
 }
 
 /// What the kubelet reports once the pod's sandbox has `ip` and its container is ready:
-/// Running, Ready, `podIP`. The API server drops status on create, so it goes through
-/// `/status`, as a kubelet writes it.
+/// Running, Ready, `podIP`. The API server drops status on create, so it is written through
+/// `/status` afterwards, as a kubelet writes it.
+pub fn running_status(ip: Ipv4Addr) -> serde_json::Value {
+    serde_json::json!({"status": {
+        "phase": "Running",
+        "podIP": ip.to_string(),
+        "podIPs": [{"ip": ip.to_string()}],
+        "conditions": [{"type": "Ready", "status": "True"}],
+    }})
+}
+
+/// [`running_status`] written with `kubectl patch --subresource=status`.
 pub fn set_pod_running(
     api: &ApiServer,
     namespace: &str,
     name: &str,
     ip: Ipv4Addr,
 ) -> anyhow::Result<()> {
-    let status = serde_json::json!({"status": {
-        "phase": "Running",
-        "podIP": ip.to_string(),
-        "podIPs": [{"ip": ip.to_string()}],
-        "conditions": [{"type": "Ready", "status": "True"}],
-    }});
     api.kubectl(&[
         "patch",
         "pod",
@@ -189,7 +266,7 @@ pub fn set_pod_running(
         "--subresource=status",
         "--type=merge",
         "-p",
-        &status.to_string(),
+        &running_status(ip).to_string(),
     ])?;
     Ok(())
 }

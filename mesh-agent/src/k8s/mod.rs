@@ -7,6 +7,7 @@
 //! with the last policy.
 mod enrol;
 mod kinds;
+mod objects;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
@@ -32,7 +33,7 @@ use kube::{
         watcher,
     },
 };
-use mesh_policy::{Compiled, InterfaceName, Object, PolicyStore, Resource};
+use mesh_policy::{Compiled, InterfaceName, Object, PolicyStore};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
@@ -215,7 +216,7 @@ pub async fn run(client: Client, node: String, t: Targets) {
         "v1".into(),
         watcher(Api::<Service>::all(client.clone()), cfg())
             .default_backoff()
-            .modify(|o: &mut Service| kinds::strip_meta(&mut o.metadata)),
+            .modify(objects::strip_service),
         Writer::new(()),
     );
     let slices = kinds::spawn(
@@ -226,7 +227,7 @@ pub async fn run(client: Client, node: String, t: Targets) {
         "discovery.k8s.io/v1".into(),
         watcher(Api::<EndpointSlice>::all(client.clone()), cfg())
             .default_backoff()
-            .modify(|o: &mut EndpointSlice| kinds::strip_meta(&mut o.metadata)),
+            .modify(objects::strip_slice),
         Writer::new(()),
     );
     let namespaces = kinds::spawn(
@@ -288,6 +289,7 @@ pub async fn run(client: Client, node: String, t: Targets) {
         stores,
         t,
         logged: HashSet::new(),
+        parsed: objects::Cache::default(),
         seen: HashMap::new(),
         captured: BTreeSet::new(),
     };
@@ -311,6 +313,8 @@ struct Reconciler {
     t: Targets,
     /// Errors already logged (each is logged once while it lasts).
     logged: HashSet<String>,
+    /// The routes and MeshPolicies parsed so far, by resourceVersion.
+    parsed: objects::Cache,
     /// When each enrolled pod was first seen running with an IP.
     seen: HashMap<String, Instant>,
     /// Pods whose capture is attached.
@@ -322,7 +326,10 @@ impl Reconciler {
     fn reconcile(&mut self) -> bool {
         let mut errors_now = HashSet::new();
         let mut ok = true;
-        let objects = self.objects(&mut errors_now);
+        let s = &self.stores;
+        let objects = self
+            .parsed
+            .objects(&s.services, &s.slices, &s.custom, &mut errors_now);
         let (compiled, excluded) = compile_valid(objects, &mut errors_now);
         let (interfaces, mut pods) = self.enrolled(&mut errors_now);
         ok &= pods.values().all(|p| p.error.is_none());
@@ -386,41 +393,6 @@ impl Reconciler {
         ok
     }
 
-    /// The policy objects in the stores, in a stable order.
-    fn objects(&self, errors: &mut HashSet<String>) -> Vec<Object> {
-        let s = &self.stores;
-        let mut objects = Vec::new();
-        let source = "kubernetes";
-        for svc in s.services.state() {
-            objects.push(Object {
-                source: source.into(),
-                resource: Resource::Service(Box::new((*svc).clone())),
-            });
-        }
-        for slice in s.slices.state() {
-            objects.push(Object {
-                source: source.into(),
-                resource: Resource::EndpointSlice(Box::new((*slice).clone())),
-            });
-        }
-        for (served, store) in &s.custom {
-            for o in store.state() {
-                let mut value = serde_json::to_value(&*o).unwrap_or_default();
-                value["apiVersion"] = served.resource.api_version.clone().into();
-                value["kind"] = served.resource.kind.clone().into();
-                // JSON is YAML: the file loader's parser checks versions and fields the same way.
-                let (parsed, found) = mesh_policy::parse_documents_partial(
-                    &value.to_string(),
-                    &format!("{source}:{}", served.kind),
-                );
-                objects.extend(parsed);
-                errors.extend(found.iter().map(|e| e.to_string()));
-            }
-        }
-        objects.sort_by_key(|o| o.display_name());
-        objects
-    }
-
     /// Enrolled, running pods of this node: their interfaces, and each pod's status.
     fn enrolled(
         &mut self,
@@ -471,28 +443,42 @@ impl Reconciler {
 /// Compiles the objects, leaving out every object a validation error names (and logging the
 /// error once): one bad object never blocks the others.
 fn compile_valid(objects: Vec<Object>, errors: &mut HashSet<String>) -> (Compiled, Vec<String>) {
+    // Names are compared on every pass; built once.
+    let names: Vec<String> = objects.iter().map(Object::display_name).collect();
     let mut excluded: BTreeSet<String> = BTreeSet::new();
     loop {
-        let kept: Vec<Object> = objects
-            .iter()
-            .filter(|o| !excluded.contains(&o.display_name()))
-            .cloned()
-            .collect();
-        match Compiled::compile(&kept) {
+        // The first pass (all that is needed when every object is valid) copies nothing.
+        let kept: Vec<Object>;
+        let kept = if excluded.is_empty() {
+            &objects
+        } else {
+            kept = objects
+                .iter()
+                .zip(&names)
+                .filter(|(_, n)| !excluded.contains(*n))
+                .map(|(o, _)| o.clone())
+                .collect();
+            &kept
+        };
+        match Compiled::compile(kept) {
             Ok(c) => return (c, excluded.into_iter().collect()),
             Err(found) => {
                 let before = excluded.len();
+                let held: HashSet<&str> = names
+                    .iter()
+                    .filter(|n| !excluded.contains(*n))
+                    .map(String::as_str)
+                    .collect();
                 for e in found {
                     errors.insert(e.to_string());
-                    if kept.iter().any(|o| o.display_name() == e.object) {
+                    if held.contains(e.object.as_str()) {
                         excluded.insert(e.object.clone());
                     }
                 }
                 if excluded.len() == before {
                     // An error that names no object we hold: nothing left to leave out.
                     errors.insert("policy could not be compiled; using an empty policy".into());
-                    let all = objects.iter().map(|o| o.display_name()).collect();
-                    return (Compiled::empty(), all);
+                    return (Compiled::empty(), names);
                 }
             }
         }

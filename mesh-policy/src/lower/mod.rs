@@ -137,16 +137,14 @@ pub fn validate(objects: &[Object]) -> Vec<ValidationError> {
 
 /// Where errors are reported.
 struct At<'a> {
-    object: String,
-    source: &'a str,
+    /// Named only when an error is reported: formatting the name of each of 60,000 valid
+    /// objects was a fifth of a large compile.
+    object: &'a Object,
 }
 
 impl<'a> At<'a> {
     fn of(object: &'a Object) -> Self {
-        At {
-            object: object.display_name(),
-            source: &object.source,
-        }
+        At { object }
     }
 }
 
@@ -158,8 +156,8 @@ struct Cx {
 impl Cx {
     fn error(&mut self, at: &At<'_>, field: impl Into<String>, reason: impl Into<String>) {
         self.errors.push(ValidationError::new(
-            at.object.clone(),
-            at.source,
+            at.object.display_name(),
+            &at.object.source,
             field,
             reason,
         ));

@@ -6,6 +6,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -166,25 +167,25 @@ fn parse_value(mut value: Value, source: &str) -> Result<Option<Resource>, Box<V
             if api_version != "v1" {
                 return unsupported("v1");
             }
-            Resource::Service(Box::new(typed(value, &label, source)?))
+            Resource::Service(Arc::new(typed(value, &label, source)?))
         }
         "EndpointSlice" => {
             if api_version != "discovery.k8s.io/v1" {
                 return unsupported("discovery.k8s.io/v1");
             }
-            Resource::EndpointSlice(Box::new(typed(value, &label, source)?))
+            Resource::EndpointSlice(Arc::new(typed(value, &label, source)?))
         }
         "HTTPRoute" => {
             if group != GATEWAY_GROUP || !matches!(version, "v1" | "v1beta1") {
                 return unsupported("gateway.networking.k8s.io/v1");
             }
-            Resource::HttpRoute(Box::new(typed(value, &label, source)?))
+            Resource::HttpRoute(Arc::new(typed(value, &label, source)?))
         }
         "GRPCRoute" => {
             if group != GATEWAY_GROUP || !matches!(version, "v1" | "v1alpha2") {
                 return unsupported("gateway.networking.k8s.io/v1");
             }
-            Resource::GrpcRoute(Box::new(typed(value, &label, source)?))
+            Resource::GrpcRoute(Arc::new(typed(value, &label, source)?))
         }
         "TLSRoute" => {
             if group != GATEWAY_GROUP || !matches!(version, "v1alpha2" | "v1alpha3" | "v1") {
@@ -198,19 +199,19 @@ fn parse_value(mut value: Value, source: &str) -> Result<Option<Resource>, Box<V
                         .or_insert_with(|| Value::Sequence(Vec::new()));
                 }
             }
-            Resource::TlsRoute(Box::new(typed(value, &label, source)?))
+            Resource::TlsRoute(Arc::new(typed(value, &label, source)?))
         }
         "TCPRoute" => {
             if group != GATEWAY_GROUP || version != "v1alpha2" {
                 return unsupported("gateway.networking.k8s.io/v1alpha2");
             }
-            Resource::TcpRoute(Box::new(typed(value, &label, source)?))
+            Resource::TcpRoute(Arc::new(typed(value, &label, source)?))
         }
         "MeshPolicy" => {
             if api_version != MESH_POLICY_API_VERSION {
                 return unsupported(MESH_POLICY_API_VERSION);
             }
-            Resource::MeshPolicy(Box::new(typed(value, &label, source)?))
+            Resource::MeshPolicy(Arc::new(typed(value, &label, source)?))
         }
         other => {
             return Err(error(

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 use gateway_api::experimental::grpcroutes::GrpcRoute;
 use gateway_api::experimental::httproutes::HttpRoute;
@@ -29,23 +30,25 @@ pub struct Object {
     pub resource: Resource,
 }
 
-/// The kinds of object the engine understands.
+/// The kinds of object the engine understands. Shared, not owned: the Kubernetes source hands
+/// over the objects its watch caches hold, and a policy rebuilt after one edit copies none of the
+/// others.
 #[derive(Debug, Clone)]
 pub enum Resource {
     /// `v1/Service`.
-    Service(Box<Service>),
+    Service(Arc<Service>),
     /// `discovery.k8s.io/v1/EndpointSlice`.
-    EndpointSlice(Box<EndpointSlice>),
+    EndpointSlice(Arc<EndpointSlice>),
     /// `gateway.networking.k8s.io/v1 HTTPRoute` (also accepted as v1beta1).
-    HttpRoute(Box<HttpRoute>),
+    HttpRoute(Arc<HttpRoute>),
     /// `gateway.networking.k8s.io/v1 GRPCRoute` (also accepted as v1alpha2).
-    GrpcRoute(Box<GrpcRoute>),
+    GrpcRoute(Arc<GrpcRoute>),
     /// `gateway.networking.k8s.io/v1alpha2|v1alpha3|v1 TLSRoute`.
-    TlsRoute(Box<TlsRoute>),
+    TlsRoute(Arc<TlsRoute>),
     /// `gateway.networking.k8s.io/v1alpha2 TCPRoute`.
-    TcpRoute(Box<TcpRoute>),
+    TcpRoute(Arc<TcpRoute>),
     /// `skiff.dev/v1alpha1 MeshPolicy`.
-    MeshPolicy(Box<MeshPolicy>),
+    MeshPolicy(Arc<MeshPolicy>),
 }
 
 impl Resource {

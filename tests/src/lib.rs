@@ -375,6 +375,11 @@ impl Topology {
     pub fn start_agent_bin(&self, bin: &Path, args: &[&str]) -> Agent {
         Agent::start(self, bin, args, &[])
     }
+
+    /// [`start_agent_bin`](Self::start_agent_bin) with extra environment variables.
+    pub fn start_agent_bin_env(&self, bin: &Path, args: &[&str], env: &[(&str, &str)]) -> Agent {
+        Agent::start(self, bin, args, env)
+    }
 }
 
 impl Drop for Topology {

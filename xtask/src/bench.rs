@@ -1,6 +1,10 @@
 //! `cargo xtask bench`: end-to-end figures through the agent against the same traffic direct, in
 //! one run, on one topology: bulk throughput (iperf3), connection setup plus one round trip
-//! (p50/p99 over many connections), and agent memory idle and with 500 open connections.
+//! (p50/p99 over many connections), and agent memory idle and with 500 open connections. Then
+//! Kubernetes mode at scale ([`kubernetes`]).
+mod cluster;
+mod kubernetes;
+
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
@@ -10,15 +14,36 @@ use std::{
 
 use mesh_tests::{Netns, Topology, policy::service, servers::sa};
 
-use crate::util::build_agent;
+use crate::util::build_release;
 
 const ROUND_TRIPS: usize = 2000;
 
-pub fn run() -> anyhow::Result<()> {
+/// The parts of the benchmark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Section {
+    /// Throughput, latency and memory through the agent against direct.
+    DataPath,
+    /// Kubernetes mode with 10,000 Services: time to ready, memory, route edit latency.
+    Kubernetes,
+}
+
+/// Runs `only` the given section, or every section.
+pub fn run(only: Option<Section>) -> anyhow::Result<()> {
     if !mesh_tests::privileged("bench") {
         anyhow::bail!("the benchmark needs root (BPF, network namespaces)");
     }
-    let bin = build_agent(true)?;
+    if only.is_none_or(|s| s == Section::DataPath) {
+        data_path()?;
+    }
+    if only.is_none_or(|s| s == Section::Kubernetes) {
+        println!();
+        kubernetes::run()?;
+    }
+    Ok(())
+}
+
+fn data_path() -> anyhow::Result<()> {
+    let (bin, _) = build_release()?;
     let t = Topology::new(&["client", "server"]);
     let (client, server) = (t.pod("client"), t.pod("server"));
     // Captured ports 7000 (echo) and 5201 (iperf3); 7001 and 5202 are the same servers, direct.

@@ -45,8 +45,13 @@ enum Command {
     /// The privileged integration tests on Debian's 6.1 and 6.12 kernels (qemu VMs) and on the
     /// host: a kernel x test table.
     Kernels(kernels::Options),
-    /// End-to-end figures: throughput, latency and memory through the agent against direct.
-    Bench,
+    /// End-to-end figures: throughput, latency and memory through the agent against direct;
+    /// Kubernetes mode at scale (10,000 Services: time to ready, memory, route edit latency).
+    Bench {
+        /// Run only this section.
+        #[arg(long, value_enum)]
+        only: Option<bench::Section>,
+    },
     /// Write the CRDs generated from the Rust types to `manifests/crds/`.
     Crds {
         /// Write nothing; fail with a diff if a committed CRD differs.
@@ -82,9 +87,9 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
             setup::run()?;
             kernels::run(&opts)
         }
-        Command::Bench => {
+        Command::Bench { only } => {
             setup::run()?;
-            bench::run()
+            bench::run(only)
         }
         Command::Crds { check } => crds::run(check),
         Command::Manifests => {

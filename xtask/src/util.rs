@@ -58,12 +58,26 @@ pub fn build_agent(release: bool) -> anyhow::Result<PathBuf> {
         .join("mesh-agent"))
 }
 
+/// Release builds of the agent and the test API server, in one cargo run (built apart, their
+/// shared dependencies get different feature sets and each build undoes the other's); the
+/// binaries' paths.
+pub fn build_release() -> anyhow::Result<(PathBuf, PathBuf)> {
+    exec(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "mesh-agent",
+        "-p",
+        "mesh-apiserver",
+    ]))?;
+    let dir = target_dir().join("release");
+    Ok((dir.join("mesh-agent"), dir.join("mesh-apiserver")))
+}
+
 /// Builds the test API server (debug) and returns the binary's path.
 pub fn build_apiserver() -> anyhow::Result<PathBuf> {
     exec(cargo().args(["build", "-p", "mesh-apiserver"]))?;
-    let target =
-        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from);
-    Ok(target.join("debug").join("mesh-apiserver"))
+    Ok(target_dir().join("debug").join("mesh-apiserver"))
 }
 
 /// Deletes network namespaces and bpffs folders that an interrupted test or demo left behind.

@@ -28,9 +28,40 @@ pub fn write_settings(bpf: &mut Ebpf, fail_mode: FailMode, mark: u32) -> Result<
 
 /// Makes the capture tries hold exactly `rules`: new and changed prefixes are written first,
 /// then prefixes that left are removed, so no destination that stays is ever uncaptured.
-pub fn write_rules(bpf: &mut Ebpf, rules: &[CaptureRule]) -> Result<(), Error> {
-    let mut v4: BTreeMap<(u32, [u8; 4]), PortSet> = BTreeMap::new();
-    let mut v6: BTreeMap<(u32, [u8; 16]), PortSet> = BTreeMap::new();
+/// `written` is what the tries are known to hold (the rules of the last successful write): only
+/// the difference is written then, so that a policy edit at 10,000 Services costs a few map
+/// updates rather than reading and rewriting every prefix. Without it the tries are read.
+pub fn write_rules(
+    bpf: &mut Ebpf,
+    rules: &[CaptureRule],
+    written: Option<&[CaptureRule]>,
+) -> Result<(), Error> {
+    let (v4, v6) = encode(rules)?;
+    let old = written.map(encode).transpose()?;
+    sync(
+        &mut maps::get_mut(bpf, redirect::MAP_CAPTURE_V4)?,
+        redirect::MAP_CAPTURE_V4,
+        &v4,
+        old.as_ref().map(|o| &o.0),
+        |addr_be| AddrV4 { addr_be },
+    )?;
+    sync(
+        &mut maps::get_mut(bpf, redirect::MAP_CAPTURE_V6)?,
+        redirect::MAP_CAPTURE_V6,
+        &v6,
+        old.as_ref().map(|o| &o.1),
+        |addr_be| AddrV6 { addr_be },
+    )
+}
+
+type Encoded<A> = BTreeMap<(u32, A), PortSet>;
+/// The IPv4 and the IPv6 trie entries.
+type ByFamily = (Encoded<[u8; 4]>, Encoded<[u8; 16]>);
+
+/// The trie entries of `rules`, by family.
+fn encode(rules: &[CaptureRule]) -> Result<ByFamily, Error> {
+    let mut v4 = BTreeMap::new();
+    let mut v6 = BTreeMap::new();
     for r in rules {
         let set = port_set(&r.ports).ok_or_else(|| Error::Rule {
             prefix: r.prefix,
@@ -46,34 +77,35 @@ pub fn write_rules(bpf: &mut Ebpf, rules: &[CaptureRule]) -> Result<(), Error> {
             IpAddr::V6(a) => v6.insert((len, a.octets()), set),
         };
     }
-    sync(
-        &mut maps::get_mut(bpf, redirect::MAP_CAPTURE_V4)?,
-        redirect::MAP_CAPTURE_V4,
-        &v4,
-        |addr_be| AddrV4 { addr_be },
-    )?;
-    sync(
-        &mut maps::get_mut(bpf, redirect::MAP_CAPTURE_V6)?,
-        redirect::MAP_CAPTURE_V6,
-        &v6,
-        |addr_be| AddrV6 { addr_be },
-    )
+    Ok((v4, v6))
 }
 
 fn sync<A: Copy + Ord, K: aya::Pod + HasAddr<A>>(
     trie: &mut LpmTrie<&mut MapData, K, PortSet>,
     name: &'static str,
-    want: &BTreeMap<(u32, A), PortSet>,
+    want: &Encoded<A>,
+    written: Option<&Encoded<A>>,
     key: impl Fn(A) -> K,
 ) -> Result<(), Error> {
-    let old: Vec<Key<K>> = trie.keys().filter_map(Result::ok).collect();
+    let old: Vec<(u32, A)> = match written {
+        Some(w) => w.keys().copied().collect(),
+        None => trie
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| (k.prefix_len(), k.data().addr()))
+            .collect(),
+    };
     for (&(len, addr), set) in want {
+        if written.is_some_and(|w| w.get(&(len, addr)) == Some(set)) {
+            continue;
+        }
         trie.insert(&Key::new(len, key(addr)), set, 0)
             .map_err(maps::err(name))?;
     }
-    for k in old {
-        if !want.contains_key(&(k.prefix_len(), k.data().addr())) {
-            trie.remove(&k).map_err(maps::err(name))?;
+    for (len, addr) in old {
+        if !want.contains_key(&(len, addr)) {
+            trie.remove(&Key::new(len, key(addr)))
+                .map_err(maps::err(name))?;
         }
     }
     Ok(())

@@ -32,7 +32,7 @@ use mesh_common::{
     counters,
     redirect::{self, AddrV4, AddrV6, PortSet},
 };
-use mesh_policy::{InterfaceName, KernelPlan, Prefix};
+use mesh_policy::{CaptureRule, InterfaceName, KernelPlan, Prefix};
 use tracing::{info, warn};
 
 use self::attach::Attached;
@@ -121,6 +121,9 @@ pub struct Programs {
     rule_ids: authz::RuleIds,
     /// The last plan applied, with the counter id of each authorization rule.
     plan: Option<(KernelPlan, Vec<u32>)>,
+    /// What the capture tries hold, when known (`None` after a failed write: then they are
+    /// read back before the next one).
+    capture_written: Option<Vec<CaptureRule>>,
 }
 
 impl Programs {
@@ -154,6 +157,7 @@ impl Programs {
             authz: BTreeMap::new(),
             rule_ids: authz::RuleIds::default(),
             plan: None,
+            capture_written: None,
         };
         programs.pin_counters()?;
         Ok(programs)
@@ -169,7 +173,9 @@ impl Programs {
     /// last good policy and applies again later.
     pub fn apply(&mut self, plan: &KernelPlan) -> Result<(), Error> {
         capture::write_settings(&mut self.bpf, plan.fail_mode, self.mark)?;
-        capture::write_rules(&mut self.bpf, &plan.capture)?;
+        let written = self.capture_written.take();
+        capture::write_rules(&mut self.bpf, &plan.capture, written.as_deref())?;
+        self.capture_written = Some(plan.capture.clone());
         let (ids, fresh) = self.rule_ids.assign(&plan.authz.rules);
         authz::write(&mut self.bpf, &plan.authz, &ids, &fresh)?;
         self.plan = Some((plan.clone(), ids));
@@ -228,12 +234,26 @@ impl Programs {
 
     /// What `/status` shows: attached interfaces and modes, map fill levels.
     pub fn status(&self) -> serde_json::Value {
-        let v4 =
-            maps::get::<LpmTrie<&MapData, AddrV4, PortSet>>(&self.bpf, redirect::MAP_CAPTURE_V4)
-                .map_or(0, |t| t.keys().count());
-        let v6 =
-            maps::get::<LpmTrie<&MapData, AddrV6, PortSet>>(&self.bpf, redirect::MAP_CAPTURE_V6)
-                .map_or(0, |t| t.keys().count());
+        // Counted from what was written when that is known: reading back 10,000 prefixes per
+        // `/status` would hold the lock that policy updates wait for.
+        let (v4, v6) = match &self.capture_written {
+            Some(rules) => {
+                let v4 = rules.iter().filter(|r| r.prefix.is_ipv4()).count();
+                (v4, rules.len() - v4)
+            }
+            None => (
+                maps::get::<LpmTrie<&MapData, AddrV4, PortSet>>(
+                    &self.bpf,
+                    redirect::MAP_CAPTURE_V4,
+                )
+                .map_or(0, |t| t.keys().count()),
+                maps::get::<LpmTrie<&MapData, AddrV6, PortSet>>(
+                    &self.bpf,
+                    redirect::MAP_CAPTURE_V6,
+                )
+                .map_or(0, |t| t.keys().count()),
+            ),
+        };
         let listeners = maps::get::<SockMap<&MapData>>(&self.bpf, redirect::MAP_LISTENERS)
             .map_or(0, |m| m.indices().filter(|i| i.is_ok()).count());
         let links = |m: &BTreeMap<InterfaceName, Attached>| {

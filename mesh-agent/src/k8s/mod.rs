@@ -9,6 +9,7 @@
 mod enrol;
 mod kinds;
 pub mod lease;
+mod objects;
 pub mod report;
 
 use std::{
@@ -39,7 +40,7 @@ use kube::{
     },
 };
 use mesh_policy::{
-    Compiled, InterfaceName, Object, Options, PolicyStore, Resource, UnresolvedRef, ValidationError,
+    Compiled, InterfaceName, Object, Options, PolicyStore, UnresolvedRef, ValidationError,
 };
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -344,7 +345,7 @@ pub async fn run(client: Client, node: String, backoff_max: Duration, t: Targets
         "v1".into(),
         watcher(Api::<Service>::all(client.clone()), cfg())
             .backoff(backoff())
-            .modify(|o: &mut Service| kinds::strip_meta(&mut o.metadata)),
+            .modify(objects::strip_service),
         Writer::new(()),
     );
     let (slices, _) = kinds::spawn(
@@ -355,7 +356,7 @@ pub async fn run(client: Client, node: String, backoff_max: Duration, t: Targets
         "discovery.k8s.io/v1".into(),
         watcher(Api::<EndpointSlice>::all(client.clone()), cfg())
             .backoff(backoff())
-            .modify(|o: &mut EndpointSlice| kinds::strip_meta(&mut o.metadata)),
+            .modify(objects::strip_slice),
         Writer::new(()),
     );
     let (namespaces, _) = kinds::spawn(
@@ -436,6 +437,7 @@ pub async fn run(client: Client, node: String, backoff_max: Duration, t: Targets
         stores,
         t,
         logged: HashSet::new(),
+        parsed: objects::Cache::default(),
         seen: HashMap::new(),
         captured: BTreeSet::new(),
         report,
@@ -479,6 +481,8 @@ struct Reconciler {
     t: Targets,
     /// Errors already logged (each is logged once while it lasts).
     logged: HashSet<String>,
+    /// The routes and MeshPolicies parsed so far, by resourceVersion.
+    parsed: objects::Cache,
     /// When each enrolled pod was first seen running with an IP.
     seen: HashMap<String, Instant>,
     /// Pods whose capture is attached.
@@ -495,7 +499,10 @@ impl Reconciler {
     fn reconcile(&mut self) -> bool {
         let mut errors_now = HashSet::new();
         let mut ok = true;
-        let objects = self.objects(&mut errors_now);
+        let s = &self.stores;
+        let objects = self
+            .parsed
+            .objects(&s.services, &s.slices, &s.custom, &mut errors_now);
         let outcome = compile_keeping_last_good(&objects, &self.last_good, &mut errors_now);
         let desired = report::desired(
             &objects,
@@ -604,41 +611,6 @@ impl Reconciler {
         ok
     }
 
-    /// The policy objects in the stores, in a stable order.
-    fn objects(&self, errors: &mut HashSet<String>) -> Vec<Object> {
-        let s = &self.stores;
-        let mut objects = Vec::new();
-        let source = "kubernetes";
-        for svc in s.services.state() {
-            objects.push(Object {
-                source: source.into(),
-                resource: Resource::Service(Box::new((*svc).clone())),
-            });
-        }
-        for slice in s.slices.state() {
-            objects.push(Object {
-                source: source.into(),
-                resource: Resource::EndpointSlice(Box::new((*slice).clone())),
-            });
-        }
-        for Custom { served, store, .. } in &s.custom {
-            for o in store.state() {
-                let mut value = serde_json::to_value(&*o).unwrap_or_default();
-                value["apiVersion"] = served.resource.api_version.clone().into();
-                value["kind"] = served.resource.kind.clone().into();
-                // JSON is YAML: the file loader's parser checks versions and fields the same way.
-                let (parsed, found) = mesh_policy::parse_documents_partial(
-                    &value.to_string(),
-                    &format!("{source}:{}", served.kind),
-                );
-                objects.extend(parsed);
-                errors.extend(found.iter().map(|e| e.to_string()));
-            }
-        }
-        objects.sort_by_key(|o| o.display_name());
-        objects
-    }
-
     /// Enrolled, running pods of this node: their interfaces, and each pod's status.
     fn enrolled(
         &mut self,
@@ -712,19 +684,29 @@ fn compile_valid(objects: &[Object], errors: &mut HashSet<String>) -> Compile {
     let options = Options {
         unresolved_backends: true,
     };
+    // Names are compared on every pass; built once.
+    let names: Vec<String> = objects.iter().map(Object::display_name).collect();
     let mut excluded: BTreeSet<String> = BTreeSet::new();
     let mut found_all: Vec<ValidationError> = Vec::new();
     let mut unresolved: BTreeMap<String, Vec<UnresolvedRef>> = BTreeMap::new();
     loop {
-        let kept: Vec<Object> = objects
-            .iter()
-            .filter(|o| !excluded.contains(&o.display_name()))
-            .cloned()
-            .collect();
-        let (result, refs) = Compiled::compile_with(&kept, options);
+        // The first pass (all that is needed when every object is valid) copies nothing.
+        let copy: Vec<Object>;
+        let kept = if excluded.is_empty() {
+            objects
+        } else {
+            copy = objects
+                .iter()
+                .zip(&names)
+                .filter(|(_, n)| !excluded.contains(*n))
+                .map(|(o, _)| o.clone())
+                .collect();
+            &copy
+        };
+        let (result, refs) = Compiled::compile_with(kept, options);
         // The latest compile that still held a route says what it refers to.
-        for o in &kept {
-            unresolved.remove(&o.display_name());
+        for n in names.iter().filter(|n| !excluded.contains(*n)) {
+            unresolved.remove(n);
         }
         for r in refs {
             unresolved.entry(r.object.clone()).or_default().push(r);
@@ -745,7 +727,7 @@ fn compile_valid(objects: &[Object], errors: &mut HashSet<String>) -> Compile {
                 errors.extend(unresolved_lines.iter().cloned());
                 return Compile {
                     compiled,
-                    in_force: kept,
+                    in_force: kept.to_vec(),
                     stand_ins: BTreeSet::new(),
                     excluded,
                     errors: found_all,
@@ -755,9 +737,14 @@ fn compile_valid(objects: &[Object], errors: &mut HashSet<String>) -> Compile {
             }
             Err(found) => {
                 let before = excluded.len();
+                let held: HashSet<&str> = names
+                    .iter()
+                    .filter(|n| !excluded.contains(*n))
+                    .map(String::as_str)
+                    .collect();
                 for e in found {
                     errors.insert(e.to_string());
-                    if kept.iter().any(|o| o.display_name() == e.object) {
+                    if held.contains(e.object.as_str()) {
                         excluded.insert(e.object.clone());
                     }
                     found_all.push(e);
@@ -769,7 +756,7 @@ fn compile_valid(objects: &[Object], errors: &mut HashSet<String>) -> Compile {
                         compiled: Compiled::empty(),
                         in_force: Vec::new(),
                         stand_ins: BTreeSet::new(),
-                        excluded: objects.iter().map(|o| o.display_name()).collect(),
+                        excluded: names.into_iter().collect(),
                         errors: found_all,
                         unresolved: unresolved.into_values().flatten().collect(),
                         unresolved_lines: HashSet::new(),

@@ -140,16 +140,14 @@ pub fn validate(objects: &[Object]) -> Vec<ValidationError> {
 
 /// Where errors are reported.
 struct At<'a> {
-    object: String,
-    source: &'a str,
+    /// Named only when an error is reported: formatting the name of each of 60,000 valid
+    /// objects was a fifth of a large compile.
+    object: &'a Object,
 }
 
 impl<'a> At<'a> {
     fn of(object: &'a Object) -> Self {
-        At {
-            object: object.display_name(),
-            source: &object.source,
-        }
+        At { object }
     }
 }
 
@@ -173,7 +171,7 @@ impl Cx {
     ) -> bool {
         if self.options.unresolved_backends {
             self.unresolved.push(UnresolvedRef {
-                object: at.object.clone(),
+                object: at.object.display_name(),
                 field,
                 problem,
                 message,
@@ -187,8 +185,8 @@ impl Cx {
 
     fn error(&mut self, at: &At<'_>, field: impl Into<String>, reason: impl Into<String>) {
         self.errors.push(ValidationError::new(
-            at.object.clone(),
-            at.source,
+            at.object.display_name(),
+            &at.object.source,
             field,
             reason,
         ));

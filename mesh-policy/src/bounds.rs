@@ -10,6 +10,8 @@
 //!
 //! * text larger than [`MAX_POLICY_BYTES`];
 //! * collections nested deeper than [`MAX_YAML_DEPTH`];
+//! * a flow collection of more than [`MAX_FLOW_COLLECTION_BYTES`] (found by a lexical pass
+//!   first: the event parser would buffer all of it);
 //! * more than [`MAX_YAML_NODES`] nodes, or more than [`MAX_YAML_SCALAR_BYTES`] of scalar text,
 //!   once every alias is replaced by what it stands for (aliases may therefore at most double
 //!   a policy's text);
@@ -35,6 +37,12 @@ pub const MAX_YAML_DEPTH: usize = 64;
 pub const MAX_YAML_NODES: u64 = 1_000_000;
 /// Most scalar bytes in one text after alias expansion.
 pub const MAX_YAML_SCALAR_BYTES: u64 = 2 * MAX_POLICY_BYTES as u64;
+/// Longest flow collection (`[...]`, `{...}`) that starts in block context. The event parser
+/// holds every token of such a collection until it ends (it might be a mapping key), at about
+/// 180 bytes of memory per byte of text: a 4 MiB one-line list would cost 700 MiB. Policy files
+/// use short flow collections; a Kubernetes object passed as one line of JSON is a flow mapping
+/// too, and stays far below this.
+pub const MAX_FLOW_COLLECTION_BYTES: usize = 256 * 1024;
 
 /// Why a text was refused, with its 1-based line where one applies.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,6 +86,15 @@ pub(crate) fn check(text: &str) -> Result<(), Refusal> {
             format!(
                 "the text is {} bytes, over the limit of {MAX_POLICY_BYTES} bytes",
                 text.len()
+            ),
+        ));
+    }
+    if let Some((line, len)) = longest_flow_collection(text, MAX_FLOW_COLLECTION_BYTES) {
+        return Err(refuse(
+            1,
+            format!(
+                "line {line}: a flow collection ([...] or {{...}}) of more than \
+                 {MAX_FLOW_COLLECTION_BYTES} bytes ({len} so far)"
             ),
         ));
     }
@@ -182,6 +199,153 @@ pub(crate) fn check(text: &str) -> Result<(), Refusal> {
     Ok(())
 }
 
+/// Finds a flow collection that starts in block context and runs past `limit` bytes: its
+/// 1-based line and length up to where the scan stopped. A lexical pass, deliberately simple:
+/// it follows quotes, comments and bracket depth, treats a bracket as a collection start only
+/// where a node can start (line start, after `- `, `: ` or `? `), and skips block scalars by
+/// indentation. Where it misreads (a quote inside a plain scalar), it can only make a collection
+/// look longer than it is, never let a long one through.
+fn longest_flow_collection(text: &str, limit: usize) -> Option<(usize, usize)> {
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    let mut line = 1;
+    // Indentation of the line that opened a block scalar, while inside it.
+    let mut block_scalar: Option<usize> = None;
+    while i < bytes.len() {
+        // At a line start: indentation, then what the line holds.
+        let start = i;
+        while bytes.get(i) == Some(&b' ') {
+            i += 1;
+        }
+        let indent = i - start;
+        let blank = matches!(bytes.get(i), None | Some(b'\n' | b'\r' | b'#'));
+        if let Some(parent) = block_scalar {
+            if blank || indent > parent {
+                i = next_line(bytes, i);
+                line += 1;
+                continue;
+            }
+            block_scalar = None;
+        }
+        // Walk the line's tokens in block context.
+        let mut at_node_start = true;
+        while let Some(&b) = bytes.get(i) {
+            match b {
+                b'\n' => break,
+                b'#' if i == start || matches!(bytes.get(i - 1), Some(b' ' | b'\t')) => {
+                    i = next_line(bytes, i) - 1;
+                }
+                b'[' | b'{' if at_node_start => {
+                    let (end, lines) = flow_end(bytes, i, limit);
+                    if end - i > limit {
+                        return Some((line, end - i));
+                    }
+                    line += lines;
+                    i = end;
+                    at_node_start = false;
+                    continue;
+                }
+                b'"' | b'\'' if at_node_start => {
+                    let (end, lines) = quoted_end(bytes, i);
+                    line += lines;
+                    i = end;
+                    at_node_start = false;
+                    continue;
+                }
+                b'|' | b'>' if at_node_start => {
+                    block_scalar = Some(indent);
+                    at_node_start = false;
+                }
+                b' ' | b'\t' => {}
+                b'-' | b':' | b'?'
+                    if matches!(bytes.get(i + 1), None | Some(b' ' | b'\n' | b'\r')) =>
+                {
+                    at_node_start = true;
+                }
+                _ => at_node_start = false,
+            }
+            i += 1;
+        }
+        i = next_line(bytes, i);
+        line += 1;
+    }
+    None
+}
+
+/// The index after the next line end.
+fn next_line(bytes: &[u8], from: usize) -> usize {
+    bytes
+        .get(from..)
+        .and_then(|rest| rest.iter().position(|&b| b == b'\n'))
+        .map_or(bytes.len(), |n| from + n + 1)
+}
+
+/// The end (exclusive) of the quoted scalar starting at `from`, and the line ends inside it.
+fn quoted_end(bytes: &[u8], from: usize) -> (usize, usize) {
+    let quote = bytes.get(from).copied().unwrap_or(b'"');
+    let mut i = from + 1;
+    let mut lines = 0;
+    while let Some(&b) = bytes.get(i) {
+        match b {
+            b'\\' if quote == b'"' => i += 1,
+            b'\'' if quote == b'\'' && bytes.get(i + 1) == Some(&b'\'') => i += 1,
+            b'\n' => lines += 1,
+            _ if b == quote => return (i + 1, lines),
+            _ => {}
+        }
+        i += 1;
+    }
+    (bytes.len(), lines)
+}
+
+/// The end (exclusive) of the flow collection starting at `from`, or where the scan passed
+/// `limit`; and the line ends inside.
+fn flow_end(bytes: &[u8], from: usize, limit: usize) -> (usize, usize) {
+    let mut depth = 0usize;
+    let mut i = from;
+    let mut lines = 0;
+    let mut token_start = true;
+    while let Some(&b) = bytes.get(i) {
+        if i - from > limit {
+            return (i, lines);
+        }
+        match b {
+            b'[' | b'{' => {
+                depth += 1;
+                token_start = true;
+            }
+            b']' | b'}' => {
+                depth = depth.saturating_sub(1);
+                if depth == 0 {
+                    return (i + 1, lines);
+                }
+                token_start = false;
+            }
+            b'"' | b'\'' if token_start => {
+                let (end, inside) = quoted_end(bytes, i);
+                lines += inside;
+                i = end;
+                token_start = false;
+                continue;
+            }
+            b'#' if matches!(bytes.get(i.wrapping_sub(1)), Some(b' ' | b'\t' | b'\n')) => {
+                i = next_line(bytes, i);
+                lines += 1;
+                token_start = true;
+                continue;
+            }
+            b'\n' => {
+                lines += 1;
+                token_start = true;
+            }
+            b',' | b':' | b'?' | b' ' | b'\t' | b'\r' => token_start = true,
+            _ => token_start = false,
+        }
+        i += 1;
+    }
+    (bytes.len(), lines)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, reason = "test code: a panic is a failed test")]
@@ -251,6 +415,44 @@ mod tests {
         let text = "#".repeat(MAX_POLICY_BYTES + 1);
         let reason = refused(&text);
         assert!(reason.contains("over the limit"), "{reason}");
+    }
+
+    #[test]
+    fn long_flow_collections_are_refused_without_parsing() {
+        let start = Instant::now();
+        let list = format!("[{}1]", "1,".repeat(MAX_FLOW_COLLECTION_BYTES));
+        let reason = refused(&list);
+        assert!(reason.contains("flow collection"), "{reason}");
+        let value = format!(
+            "a:\n  b: {{k: [{}1]}}\n",
+            "1, ".repeat(MAX_FLOW_COLLECTION_BYTES / 2)
+        );
+        let reason = refused(&value);
+        assert!(reason.starts_with("line 2: a flow collection"), "{reason}");
+        assert!(
+            start.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            start.elapsed()
+        );
+        // Brackets inside quotes, comments and block scalars are text, and long text is fine.
+        let long = "x".repeat(MAX_FLOW_COLLECTION_BYTES * 2);
+        for text in [
+            format!("a: \"[{long}\"\n"),
+            format!("a: '[{long}'\n"),
+            format!("# [{long}\na: 1\n"),
+            format!("a: |\n  [{long}\n  more\nb: [1, 2]\n"),
+            format!("a: [\"]\", '[', 2]\nb: {long}\n"),
+            format!("a: plain [ text {long}\n"),
+        ] {
+            assert_eq!(
+                longest_flow_collection(&text, MAX_FLOW_COLLECTION_BYTES),
+                None
+            );
+            check(&text).unwrap();
+        }
+        // A large policy in many small flow collections passes.
+        let many = "- {name: a, port: 80}\n".repeat(50_000);
+        check(&many).unwrap();
     }
 
     #[test]

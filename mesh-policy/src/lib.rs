@@ -54,7 +54,10 @@ mod store;
 mod views;
 
 pub use backend::{Backend, pick_weighted};
-pub use bounds::{MAX_POLICY_BYTES, MAX_YAML_DEPTH, MAX_YAML_NODES, MAX_YAML_SCALAR_BYTES};
+pub use bounds::{
+    MAX_FLOW_COLLECTION_BYTES, MAX_POLICY_BYTES, MAX_YAML_DEPTH, MAX_YAML_NODES,
+    MAX_YAML_SCALAR_BYTES,
+};
 pub use compiled::{CaptureRule, Compiled, ServicePort, Summary};
 pub use error::{LoadError, ValidationError};
 pub use filter::{

@@ -248,11 +248,12 @@ fn deep_nesting_and_alias_bombs_are_refused_naming_the_file() {
     }
     let cases = [
         ("laughs.yaml", bomb, "once aliases are expanded"),
-        // Just under the size limit, all nesting.
+        ("deep.yaml", "[".repeat(200), "nested deeper than 64"),
+        // Just under the size limit, all nesting: refused before the parser buffers it.
         (
-            "deep.yaml",
+            "wide.yaml",
             "[".repeat(crate::MAX_POLICY_BYTES - 16),
-            "nested deeper than 64",
+            "a flow collection",
         ),
         (
             "block.yaml",

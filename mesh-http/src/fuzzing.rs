@@ -4,7 +4,10 @@
 use crate::guard::{HeadScanner, Scan};
 use crate::rejection::Rejection;
 
-pub use crate::guard::is_valid_host;
+/// Whether `value` is a valid Host field value (see the scanner).
+pub fn is_valid_host(value: &[u8]) -> bool {
+    crate::guard::is_valid_host(value)
+}
 
 /// What the scanner found in a stream, offsets counted from the stream start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -36,6 +36,8 @@ pub fn run(lint: bool, kernels: bool) -> anyhow::Result<()> {
     clean_leftovers();
     result?;
     conformance(&agent)?;
+    crate::fuzz::run_each(crate::fuzz::CI_SECONDS_PER_TARGET)
+        .context("fuzzing (cargo xtask fuzz)")?;
     if kernels {
         crate::kernels::run(&crate::kernels::Options::ci()).context(
             "the privileged tests on Debian's 6.1 kernel (cargo xtask kernels --kernel 6.1)",

@@ -342,14 +342,21 @@ impl Collector for HttpCollector {
                 s.ejections,
             ),
             ("http_mirrors", "Requests mirrored", s.mirrors),
-            (
-                "http_rejected_requests",
-                "Requests refused with 400/431 before reaching a backend",
-                s.rejected_requests,
-            ),
         ] {
             let c = ConstCounter::new(v);
             c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)?;
+        }
+        // Every reason, zero included: the set is closed, and a dashboard sees the series
+        // before the first refusal.
+        let mut rejected = encoder.encode_descriptor(
+            "http_rejected_requests",
+            "HTTP/1 requests refused with 400 for malformed framing (RFC 9112), by reason",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (why, n) in s.rejections() {
+            let labels = [("reason", why.label())];
+            ConstCounter::new(n).encode(rejected.encode_family(&labels)?)?;
         }
         Ok(())
     }
@@ -443,6 +450,11 @@ mod tests {
             status_class: "2xx".into(),
         };
         m.http.requests.get_or_create(&labels).inc();
+        let text = m.encode();
+        assert!(
+            text.contains("mesh_http_rejected_requests_total{reason=\"duplicate_host\"} 0"),
+            "{text}"
+        );
         for text in [m.encode(), m.encode_prometheus()] {
             let mut types: Vec<&str> = text.lines().filter(|l| l.starts_with("# TYPE ")).collect();
             let n = types.len();

@@ -10,9 +10,9 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 
 use crate::guard::{HeadScanner, Scan};
+use crate::rejection::Rejection;
 use crate::stats::Stats;
 use std::sync::Arc;
 
@@ -35,8 +35,10 @@ pub(crate) struct ConnState {
     pub active: AtomicU64,
     /// Requests received.
     pub requests: AtomicU64,
-    /// Why the scanner rejected a head, if it did: an index into [`REJECT_REASONS`] + 1.
+    /// Why the scanner refused the stream, if it did: [`Rejection::index`] + 1.
     pub rejected: AtomicU64,
+    /// The request (numbered from 1) whose chunked body was refused; 0 if none was.
+    pub body_rejected: AtomicU64,
 }
 
 impl ConnState {
@@ -49,30 +51,49 @@ impl ConnState {
             active: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
+            body_rejected: AtomicU64::new(0),
         }
     }
 
     pub(crate) fn touch(&self) {
         self.last_activity.store(now_ms(), Ordering::Relaxed);
     }
+
+    /// Why the scanner refused the stream, if it did.
+    pub(crate) fn rejection(&self) -> Option<Rejection> {
+        let code = self.rejected.load(Ordering::Relaxed);
+        let index = usize::try_from(code.checked_sub(1)?).ok()?;
+        Rejection::ALL.get(index).copied()
+    }
+
+    /// Why the body of request `number` was refused, if it was.
+    pub(crate) fn body_rejection(&self, number: u64) -> Option<Rejection> {
+        if number == 0 || self.body_rejected.load(Ordering::Relaxed) != number {
+            return None;
+        }
+        self.rejection()
+    }
 }
 
-/// The client stream: replayed prefix, then the socket.
+/// The client stream: replayed prefix, then the socket (any byte stream: the fuzz targets drive
+/// the proxy over an in-memory pipe).
 #[derive(Debug)]
-pub(crate) struct ClientIo {
+pub(crate) struct ClientIo<S> {
     prefix: Vec<u8>,
     offset: usize,
-    inner: TcpStream,
+    inner: S,
     scanner: Option<HeadScanner>,
     state: Arc<ConnState>,
     stats: Arc<Stats>,
     /// A head was rejected: only the poison is read from now on.
     rejected: bool,
+    /// A chunked body was refused: every further read fails.
+    failed: Option<Rejection>,
 }
 
-impl ClientIo {
+impl<S> ClientIo<S> {
     pub(crate) fn new(
-        inner: TcpStream,
+        inner: S,
         prefix: Vec<u8>,
         scanner: Option<HeadScanner>,
         state: Arc<ConnState>,
@@ -86,33 +107,38 @@ impl ClientIo {
             state,
             stats,
             rejected: false,
+            failed: None,
         }
     }
 
-    /// Runs the scanner over freshly read bytes. On a rejected head, returns the offset (in
-    /// `fresh`) of the offending byte.
-    fn inspect(&mut self, fresh: &[u8]) -> io::Result<Option<usize>> {
-        let Some(scanner) = &mut self.scanner else {
-            return Ok(None);
-        };
+    /// Records a refusal: once per connection, since the scanner stops after one.
+    fn refuse(&mut self, why: Rejection) {
+        self.state
+            .rejected
+            .store(why.index() as u64 + 1, Ordering::Relaxed);
+        self.stats.rejected(why);
+        tracing::debug!(reason = why.reason(), "refusing malformed request");
+    }
+
+    /// Runs the scanner over freshly read bytes. Returns where `fresh` must be cut: at a
+    /// rejected head's offending byte (to be poisoned), or before a broken chunk.
+    fn inspect(&mut self, fresh: &[u8]) -> Option<Cut> {
+        let scanner = self.scanner.as_mut()?;
         let result = scanner.scan(fresh);
         let in_head = scanner.in_head();
-        let mut poison = None;
+        let mut cut = None;
         match result {
             Scan::Clean => {}
-            Scan::Reject { at, reason } => {
-                poison = Some(at);
+            Scan::Reject { at, why } => {
+                cut = Some(Cut::Poison(at));
                 self.rejected = true;
-                self.state
-                    .rejected
-                    .store(reject_code(reason), Ordering::Relaxed);
-                self.stats.rejected_requests.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(reason, "rejecting request head");
+                self.refuse(why);
             }
-            Scan::Fail(reason) => {
-                self.stats.rejected_requests.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(reason, "broken chunked framing from client");
-                return Err(io::Error::new(io::ErrorKind::InvalidData, reason));
+            Scan::Fail { at, why, request } => {
+                cut = Some(Cut::Fail(at));
+                self.failed = Some(why);
+                self.state.body_rejected.store(request, Ordering::Relaxed);
+                self.refuse(why);
             }
         }
         let started = self.state.head_started.load(Ordering::Relaxed);
@@ -123,8 +149,16 @@ impl ClientIo {
         } else if !in_head && started != 0 && !self.rejected {
             self.state.head_started.store(0, Ordering::Relaxed);
         }
-        Ok(poison)
+        cut
     }
+}
+
+/// Where a read buffer is cut after the scanner refused something in it.
+enum Cut {
+    /// Replace from this offset on with [`POISON`].
+    Poison(usize),
+    /// Deliver only the bytes before this offset, then fail.
+    Fail(usize),
 }
 
 /// What replaces a rejected head from the offending byte on: NUL, which httparse refuses
@@ -132,48 +166,20 @@ impl ClientIo {
 /// lets httparse run at once.
 const POISON: &[u8] = b"\0\n\n";
 
-/// Reasons the scanner gives, so the connection error can name them.
-pub(crate) const REJECT_REASONS: &[&str] = &[
-    "bare CR in request head",
-    "bare LF in request head",
-    "obsolete line folding",
-    "header line without colon",
-    "invalid header name",
-    "control character in header value",
-    "duplicate Content-Length",
-    "invalid Content-Length",
-    "duplicate Transfer-Encoding",
-    "Transfer-Encoding other than chunked",
-    "both Content-Length and Transfer-Encoding",
-];
-
-fn reject_code(reason: &str) -> u64 {
-    REJECT_REASONS
-        .iter()
-        .position(|r| *r == reason)
-        .map_or(u64::MAX, |i| i as u64 + 1)
+fn framing_error(why: Rejection) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, why.reason())
 }
 
-/// The reason stored by [`ConnState::rejected`], if any.
-pub(crate) fn reject_reason(code: u64) -> Option<&'static str> {
-    match code {
-        0 => None,
-        n => Some(
-            REJECT_REASONS
-                .get(usize::try_from(n - 1).unwrap_or(usize::MAX))
-                .copied()
-                .unwrap_or("malformed request head"),
-        ),
-    }
-}
-
-impl AsyncRead for ClientIo {
+impl<S: AsyncRead + Unpin> AsyncRead for ClientIo<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if let Some(why) = this.failed {
+            return Poll::Ready(Err(framing_error(why)));
+        }
         let before = buf.filled().len();
         let replaying = this.offset < this.prefix.len();
         if replaying {
@@ -202,20 +208,37 @@ impl AsyncRead for ClientIo {
             return Poll::Ready(Ok(()));
         }
         this.state.touch();
-        if let Some(at) = this.inspect(fresh)? {
-            let keep = before + at;
-            let room = buf.capacity() - keep;
-            let now = POISON.len().min(room);
-            buf.set_filled(keep);
-            buf.put_slice(&POISON[..now]);
-            this.prefix = POISON[now..].to_vec();
-            this.offset = 0;
+        match this.inspect(fresh) {
+            None => {}
+            Some(Cut::Poison(at)) => {
+                let keep = before + at;
+                let room = buf.capacity() - keep;
+                let now = POISON.len().min(room);
+                buf.set_filled(keep);
+                buf.put_slice(&POISON[..now]);
+                this.prefix = POISON[now..].to_vec();
+                this.offset = 0;
+            }
+            Some(Cut::Fail(at)) => {
+                // The bytes before the fault are delivered so that hyper reaches it through
+                // the body decoder (a body error the proxy can answer 400 to), not through the
+                // head parser (which would just close). Zero bytes would read as EOF, so a
+                // fault at the very start fails at once.
+                this.prefix = Vec::new();
+                this.offset = 0;
+                if at == 0 {
+                    buf.set_filled(before);
+                    let why = this.failed.unwrap_or(Rejection::InvalidChunkSize);
+                    return Poll::Ready(Err(framing_error(why)));
+                }
+                buf.set_filled(before + at);
+            }
         }
         Poll::Ready(Ok(()))
     }
 }
 
-impl AsyncWrite for ClientIo {
+impl<S: AsyncWrite + Unpin> AsyncWrite for ClientIo<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

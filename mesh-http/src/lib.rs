@@ -21,10 +21,13 @@
 //! 5. streams the response back (trailers, upgrades and `CONNECT` tunnels included) and writes
 //!    one access log line when it ends.
 //!
-//! HTTP/1 input passes a strict scanner first (see `guard`): ambiguous framing and malformed
-//! heads that hyper would tolerate are answered 400 before any routing.
+//! HTTP/1 input passes a strict scanner first (see `guard`): ambiguous framing, malformed
+//! heads and Host fields (RFC 9112) that hyper would tolerate are answered 400 with
+//! `Connection: close` before any routing, and a malformed chunked body is answered 400 unless
+//! a response has started. Each refusal is counted by [`Rejection`] in [`Stats`] and logged
+//! once, at debug level, with its reason; the connection then ends with [`Error::Rejected`].
 //!
-//! Answers the proxy gives itself: 400 malformed or ambiguous request head, 404 no matching
+//! Answers the proxy gives itself: 400 malformed or ambiguous request, 404 no matching
 //! route, 431 head too large or too many headers (HTTP/2: header list too large), 500 no usable
 //! backend, 502 the endpoint did not speak HTTP, 503 no endpoint or all ejected, connect
 //! failure or reset before response headers (after retries), 504 route or backend-request
@@ -38,10 +41,14 @@
 mod balance;
 mod body;
 mod config;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod guard;
 pub mod headers;
 mod io;
 mod proxy;
+mod rejection;
 mod stats;
 mod upstream;
 
@@ -64,6 +71,7 @@ pub use config::{
     DEFAULT_H2_MAX_HEADER_LIST_SIZE, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_HEADERS, Resilience,
 };
+pub use rejection::Rejection;
 pub use stats::{Stats, StatsSnapshot};
 
 /// Receives one call per finished request, when its access-log line is written (for metrics
@@ -91,7 +99,7 @@ use crate::config::{
     H2_MAX_LOCAL_ERROR_RESET_STREAMS, H2_MAX_PENDING_ACCEPT_RESET_STREAMS, MAX_MIRRORS_IN_FLIGHT,
 };
 use crate::guard::HeadScanner;
-use crate::io::{ClientIo, ConnState, now_ms, reject_reason};
+use crate::io::{ClientIo, ConnState, now_ms};
 use crate::proxy::{ConnCtx, Shared};
 use crate::upstream::Upstream;
 
@@ -99,14 +107,15 @@ use crate::upstream::Upstream;
 /// failures, timeouts) are answered with a status and are not errors of the connection.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The client sent a request head with ambiguous framing or malformed syntax; it was
-    /// answered 400 and the connection closed. Nothing reached a backend.
-    #[error("client {src} sent a malformed request head: {reason}")]
+    /// The client sent a request with ambiguous framing or malformed syntax; it was answered
+    /// 400 (if no response had started) and the connection closed. A refused head never
+    /// reached a backend; a refused chunked body was abandoned unfinished upstream.
+    #[error("client {src} sent a malformed request: {reason}")]
     Rejected {
         /// Client address.
         src: SocketAddr,
         /// What was wrong.
-        reason: &'static str,
+        reason: Rejection,
     },
     /// The client did not complete a request head in time; the connection was closed.
     #[error("client {src} did not complete a request head within {timeout:?}")]
@@ -255,12 +264,29 @@ impl Proxy {
         dst: SocketAddr,
         h2: bool,
     ) -> Result<ConnSummary, Error> {
+        let _ = client.set_nodelay(true);
+        self.serve_io(client, prefix, src, dst, h2).await
+    }
+
+    /// [`Proxy::serve`] over any byte stream: what the fuzz targets drive, over an in-memory
+    /// pipe.
+    #[doc(hidden)]
+    pub async fn serve_io<S>(
+        &self,
+        client: S,
+        prefix: Vec<u8>,
+        src: SocketAddr,
+        dst: SocketAddr,
+        h2: bool,
+    ) -> Result<ConnSummary, Error>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let shared = &self.shared;
         let config = &shared.config;
         shared.stats.connections.fetch_add(1, Ordering::Relaxed);
-        let _ = client.set_nodelay(true);
         let state = Arc::new(ConnState::new(!h2));
-        let scanner = (!h2).then(|| HeadScanner::new(config.max_header_bytes));
+        let scanner = (!h2).then(|| HeadScanner::new(config.max_header_bytes, config.max_headers));
         let io = TokioIo::new(ClientIo::new(
             client,
             prefix,
@@ -320,14 +346,14 @@ impl Proxy {
         let summary = ConnSummary {
             requests: state.requests.load(Ordering::Relaxed),
         };
-        match result {
-            Ok(()) => Ok(summary),
-            Err(Error::Downstream { .. })
-                if let Some(reason) = reject_reason(state.rejected.load(Ordering::Relaxed)) =>
-            {
+        // A refusal is what the connection ended with, whether hyper then reported an error
+        // (a poisoned head) or closed cleanly after the 400.
+        match (result, state.rejection()) {
+            (Ok(()) | Err(Error::Downstream { .. }), Some(reason)) => {
                 Err(Error::Rejected { src, reason })
             }
-            Err(error) => Err(error),
+            (Ok(()), None) => Ok(summary),
+            (Err(error), _) => Err(error),
         }
     }
 }

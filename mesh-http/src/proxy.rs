@@ -151,7 +151,9 @@ impl ConnCtx {
         let start = Instant::now();
         let shared = self.shared.clone();
         shared.stats.requests.fetch_add(1, Ordering::Relaxed);
-        self.state.requests.fetch_add(1, Ordering::Relaxed);
+        // hyper serves an HTTP/1 connection's requests one after the other, so this is the
+        // request's number on the connection, as the scanner counts heads.
+        let number = self.state.requests.fetch_add(1, Ordering::Relaxed) + 1;
         self.state.active.fetch_add(1, Ordering::Relaxed);
         let active = Active(self.state.clone());
         shared.budget.request();
@@ -208,13 +210,25 @@ impl ConnCtx {
                     .map(str::to_owned)
             })
         });
-        let mut response = if let Some(rule) = denied {
+        let mut response = if let Some(why) = self.state.body_rejection(number) {
+            // The broken body arrived with its head: nothing goes upstream.
+            self.local(&mut exchange, StatusCode::BAD_REQUEST, why.reason())
+        } else if let Some(rule) = denied {
             tracing::debug!(rule = %rule.name, "request denied by policy");
             self.local(&mut exchange, StatusCode::FORBIDDEN, "denied by policy")
         } else {
             self.forward(&policy, &mut exchange, parts, body, authority, pq)
                 .await
         };
+        if let Some(why) = self.state.body_rejection(number) {
+            // The chunked body turned out malformed before the response was handed to hyper:
+            // whatever the upstream attempt ended with, the client's request was at fault.
+            // hyper closes the connection after it (the body could not be read to its end).
+            response = self.local(&mut exchange, StatusCode::BAD_REQUEST, why.reason());
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         let tunneled = response.status() == StatusCode::SWITCHING_PROTOCOLS
             || (connect && response.status().is_success());
         if scanner_stopped && !tunneled {

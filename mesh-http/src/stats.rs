@@ -3,6 +3,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::rejection::Rejection;
+
 /// Monotonic counters since the [`crate::Proxy`] was built.
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -28,10 +30,21 @@ pub struct Stats {
     pub mirrors: AtomicU64,
     /// Mirrored copies dropped (body too large or unknown, too many in flight).
     pub mirrors_skipped: AtomicU64,
-    /// Requests refused before routing: ambiguous framing or malformed heads (400).
-    pub rejected_requests: AtomicU64,
+    /// Requests refused with 400 for malformed or ambiguous framing, in the order of
+    /// [`Rejection::ALL`] (see [`StatsSnapshot::rejections`]).
+    pub rejected_requests: [AtomicU64; Rejection::ALL.len()],
     /// HTTP/1 connections closed because a request head did not arrive in time.
     pub header_timeouts: AtomicU64,
+}
+
+impl StatsSnapshot {
+    /// Refused requests by reason, every reason listed (zero included).
+    pub fn rejections(&self) -> impl Iterator<Item = (Rejection, u64)> + '_ {
+        Rejection::ALL
+            .iter()
+            .copied()
+            .zip(self.rejected_by_reason.iter().copied())
+    }
 }
 
 /// A copy of [`Stats`] at one instant.
@@ -59,8 +72,10 @@ pub struct StatsSnapshot {
     pub mirrors: u64,
     /// See [`Stats::mirrors_skipped`].
     pub mirrors_skipped: u64,
-    /// See [`Stats::rejected_requests`].
+    /// Requests refused with 400 for malformed framing, all reasons together.
     pub rejected_requests: u64,
+    /// The same by reason, in the order of [`Rejection::ALL`].
+    pub rejected_by_reason: [u64; Rejection::ALL.len()],
     /// See [`Stats::header_timeouts`].
     pub header_timeouts: u64,
 }
@@ -70,6 +85,13 @@ impl Stats {
     pub(crate) fn response(&self, status: u16) {
         let class = usize::from(status / 100).clamp(1, 5) - 1;
         self.responses[class].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a refused request.
+    pub(crate) fn rejected(&self, why: Rejection) {
+        if let Some(counter) = self.rejected_requests.get(why.index()) {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Reads every counter.
@@ -93,7 +115,8 @@ impl Stats {
             ejections: get(&self.ejections),
             mirrors: get(&self.mirrors),
             mirrors_skipped: get(&self.mirrors_skipped),
-            rejected_requests: get(&self.rejected_requests),
+            rejected_requests: self.rejected_requests.iter().map(get).sum(),
+            rejected_by_reason: std::array::from_fn(|i| get(&self.rejected_requests[i])),
             header_timeouts: get(&self.header_timeouts),
         }
     }

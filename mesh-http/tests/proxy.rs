@@ -621,7 +621,7 @@ async fn smuggling_corpus_is_refused_before_any_backend() {
     assert!(
         results
             .iter()
-            .any(|r| matches!(r, Err(e) if e.contains("malformed request head")))
+            .any(|r| matches!(r, Err(e) if e.contains("sent a malformed request")))
     );
 }
 

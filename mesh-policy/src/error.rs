@@ -67,16 +67,34 @@ pub enum LoadError {
         #[source]
         error: std::io::Error,
     },
+    /// The policy is larger than [`crate::MAX_POLICY_BYTES`] (a file, or the files of a
+    /// directory together); it was not parsed.
+    #[error(
+        "policy {} is too large: {size} bytes{}, over the limit of {limit} bytes",
+        path.display(),
+        if *.total { " with the files before it" } else { "" }
+    )]
+    TooLarge {
+        /// The file that went over the limit.
+        path: PathBuf,
+        /// Its size, or the total of the directory up to it when `total`.
+        size: u64,
+        /// Whether `size` counts the files of the directory before this one too.
+        total: bool,
+        /// The limit.
+        limit: usize,
+    },
     /// The policy was read but is invalid; every problem found is listed.
     #[error("{}", summarize(.0))]
     Invalid(Vec<ValidationError>),
 }
 
 impl LoadError {
-    /// A short, stable label for metrics (`io`, `invalid`).
+    /// A short, stable label for metrics (`io`, `too_large`, `invalid`).
     pub fn label(&self) -> &'static str {
         match self {
             LoadError::Io { .. } => "io",
+            LoadError::TooLarge { .. } => "too_large",
             LoadError::Invalid(_) => "invalid",
         }
     }

@@ -10,7 +10,9 @@
 //!
 //! 1. [`parse_documents`] / [`load_path`] turn YAML into typed [`Object`]s; every document that
 //!    does not parse becomes a [`ValidationError`] naming the document and, where serde knows it,
-//!    the field.
+//!    the field. Hostile text is refused before it is deserialized: more than
+//!    [`MAX_POLICY_BYTES`], nesting deeper than [`MAX_YAML_DEPTH`], aliases that expand past
+//!    [`MAX_YAML_NODES`] nodes or [`MAX_YAML_SCALAR_BYTES`] of scalars.
 //! 2. [`validate`] checks the objects against each other and against the Gateway API rules (CRD
 //!    limits, CEL rules, reference resolution), collecting every error rather than stopping at
 //!    the first.
@@ -32,6 +34,7 @@
 #![warn(missing_docs)]
 
 mod backend;
+mod bounds;
 mod compiled;
 pub mod crd;
 mod error;
@@ -52,6 +55,10 @@ mod store;
 mod views;
 
 pub use backend::{Backend, pick_weighted};
+pub use bounds::{
+    MAX_FLOW_COLLECTION_BYTES, MAX_POLICY_BYTES, MAX_YAML_DEPTH, MAX_YAML_NODES,
+    MAX_YAML_SCALAR_BYTES,
+};
 pub use compiled::{CaptureRule, Compiled, ServicePort, Summary};
 pub use error::{LoadError, ValidationError};
 pub use filter::{

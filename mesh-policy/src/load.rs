@@ -3,8 +3,11 @@
 //! Each document is first read as a generic YAML value so that `apiVersion` and `kind` choose the
 //! type, then deserialized through `serde_path_to_error` so that a wrong type or an unknown enum
 //! value becomes a [`ValidationError`] with the field path (`spec.rules[0].matches[0].method`).
+//! Before any of that, [`crate::bounds`] refuses text too large, too deep or with aliases that
+//! expand too far, and files are read no further than the size limit.
 
 use std::fs;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -12,6 +15,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_yaml::Value;
 
+use crate::bounds::MAX_POLICY_BYTES;
 use crate::error::{LoadError, ValidationError};
 use crate::model::{DEFAULT_NAMESPACE, Object, Resource};
 
@@ -23,7 +27,8 @@ const MESH_POLICY_API_VERSION: &str = "skiff.dev/v1alpha1";
 ///
 /// Empty documents and documents holding only comments are skipped, and so are `v1 Namespace`
 /// objects. Every other document must be one of the supported kinds. All errors in the text are
-/// returned, not only the first.
+/// returned, not only the first, except that text over the limits of [`crate::bounds`] is
+/// refused whole with one error.
 pub fn parse_documents(text: &str, source_name: &str) -> Result<Vec<Object>, Vec<ValidationError>> {
     let (objects, errors) = parse_documents_partial(text, source_name);
     if errors.is_empty() {
@@ -41,6 +46,16 @@ pub fn parse_documents_partial(
 ) -> (Vec<Object>, Vec<ValidationError>) {
     let mut objects = Vec::new();
     let mut errors = Vec::new();
+    if let Err(refusal) = crate::bounds::check(text) {
+        let source = format!("{source_name}#{}", refusal.document);
+        errors.push(ValidationError::new(
+            "document",
+            &source,
+            "",
+            format!("refused: {}", refusal.reason),
+        ));
+        return (objects, errors);
+    }
     for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let source = format!("{source_name}#{}", index + 1);
         let value = match Value::deserialize(document) {
@@ -108,8 +123,10 @@ pub(crate) fn load_path_partial(
 
     let mut objects = Vec::new();
     let mut errors = Vec::new();
+    let mut total = 0usize;
     for file in &files {
-        let text = fs::read_to_string(file).map_err(io_error(file))?;
+        let text = read_bounded(file, MAX_POLICY_BYTES - total, total)?;
+        total += text.len();
         let name = file
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -119,6 +136,41 @@ pub(crate) fn load_path_partial(
         errors.extend(found);
     }
     Ok((objects, errors))
+}
+
+/// Reads a policy file as UTF-8, refusing it without reading further once it holds more than
+/// `room` bytes (`before` is what the files before it held). The length in the metadata is
+/// checked first but not trusted: a file may grow, and `/proc`-like files report 0.
+fn read_bounded(file: &Path, room: usize, before: usize) -> Result<String, LoadError> {
+    let too_large = |size: u64| LoadError::TooLarge {
+        path: file.to_path_buf(),
+        size: size + before as u64,
+        total: before > 0,
+        limit: MAX_POLICY_BYTES,
+    };
+    let io_error = |error| LoadError::Io {
+        path: file.to_path_buf(),
+        error,
+    };
+    let handle = fs::File::open(file).map_err(io_error)?;
+    let length = handle.metadata().map_err(io_error)?.len();
+    if length > room as u64 {
+        return Err(too_large(length));
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(length).unwrap_or(0));
+    handle
+        .take(room as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io_error)?;
+    if bytes.len() > room {
+        return Err(too_large(bytes.len() as u64));
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        io_error(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("not UTF-8: {e}"),
+        ))
+    })
 }
 
 /// Parses one document; `Ok(None)` for documents that are skipped.

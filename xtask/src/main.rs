@@ -1,8 +1,9 @@
-//! `cargo xtask <command>`: setup, demo, test, kernels, bench. Every command but `setup` first runs the
+//! `cargo xtask <command>`: setup, demo, test, kernels, bench, fuzz. Every command but `setup` first runs the
 //! setup steps that are missing, so a fresh machine needs nothing else.
 mod bench;
 mod crds;
 mod demo;
+mod fuzz;
 mod k8s_agent;
 mod kernels;
 mod kube;
@@ -52,6 +53,14 @@ enum Command {
         #[arg(long, value_enum)]
         only: Option<bench::Section>,
     },
+    /// Run every cargo-fuzz target (ClientHello, protocol detection, HTTP/1 scanner and
+    /// server path, policy loading, authorization compiler) for the given time split evenly;
+    /// prints executions per target and fails on a crash or hang.
+    Fuzz {
+        /// Total minutes for all targets together.
+        #[arg(long, default_value_t = 6)]
+        minutes: u64,
+    },
     /// Write the CRDs generated from the Rust types to `manifests/crds/`.
     Crds {
         /// Write nothing; fail with a diff if a committed CRD differs.
@@ -90,6 +99,10 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
         Command::Bench { only } => {
             setup::run()?;
             bench::run(only)
+        }
+        Command::Fuzz { minutes } => {
+            setup::run()?;
+            fuzz::run(std::time::Duration::from_secs(minutes * 60))
         }
         Command::Crds { check } => crds::run(check),
         Command::Manifests => {

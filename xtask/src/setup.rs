@@ -7,6 +7,8 @@ use crate::util::{exec, output};
 
 /// bpf-linker version known to work with aya 0.14 and rustc's LLVM 22.
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// cargo-fuzz version of `cargo xtask fuzz`.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 /// Commands the tests, demo and benchmarks use, and the Debian package of each.
 const PACKAGES: &[(&str, &str)] = &[
@@ -49,6 +51,7 @@ const PIP_PACKAGES: &[&str] = &["kubernetes-validate==1.37.0", "jsonschema==4.26
 pub fn run() -> anyhow::Result<()> {
     rust_src()?;
     bpf_linker()?;
+    cargo_fuzz()?;
     packages()?;
     python_venv()?;
     Ok(())
@@ -177,6 +180,22 @@ fn bpf_linker() -> anyhow::Result<()> {
             .env("LLVM_PREFIX", &prefix),
     )?;
     Ok(())
+}
+
+/// cargo-fuzz for `cargo xtask fuzz` (the fuzz targets build with the nightly toolchain that
+/// `rust_src` installs).
+fn cargo_fuzz() -> anyhow::Result<()> {
+    if output("cargo", &["fuzz", "--version"]).is_some_and(|v| v.contains(CARGO_FUZZ_VERSION)) {
+        return Ok(());
+    }
+    eprintln!("setup: installing cargo-fuzz {CARGO_FUZZ_VERSION}");
+    exec(Command::new("cargo").args([
+        "install",
+        "cargo-fuzz",
+        "--version",
+        CARGO_FUZZ_VERSION,
+        "--locked",
+    ]))
 }
 
 fn packages() -> anyhow::Result<()> {

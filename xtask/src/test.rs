@@ -15,48 +15,102 @@ use anyhow::{Context as _, bail};
 use crate::util::{build_agent, build_apiserver, cargo, clean_leftovers, exec, root};
 
 pub fn run(lint: bool, kernels: bool) -> anyhow::Result<()> {
+    let mut steps = Steps::default();
+    let result = run_steps(lint, kernels, &mut steps);
+    // Where CI's time goes, also when a step failed.
+    steps.print();
+    result
+}
+
+fn run_steps(lint: bool, kernels: bool, steps: &mut Steps) -> anyhow::Result<()> {
     clean_leftovers();
-    crate::crds::run(true)?;
+    steps.time("CRD check", || crate::crds::run(true))?;
     if lint {
-        exec(cargo().args(["fmt", "--all", "--", "--check"]))?;
-        exec(cargo().args([
-            "clippy",
-            "--workspace",
-            "--all-targets",
-            "--",
-            "-D",
-            "warnings",
-        ]))?;
+        steps.time("fmt", || {
+            exec(cargo().args(["fmt", "--all", "--", "--check"]))
+        })?;
+        steps.time("clippy", || {
+            exec(cargo().args([
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]))
+        })?;
     }
-    let agent = build_agent(false)?;
-    let apiserver = build_apiserver()?;
-    crate::manifests::run(&agent)?;
-    let result = exec(
-        cargo()
-            .args(["test", "--workspace"])
-            .env("MESH_REQUIRE_PRIVILEGED", "1")
-            .env("MESH_AGENT_BIN", &agent)
-            .env("MESH_APISERVER_BIN", &apiserver),
-    );
+    let agent = steps.time("build agent", || build_agent(false))?;
+    let apiserver = steps.time("build API server", build_apiserver)?;
+    steps.time("manifests", || crate::manifests::run(&agent))?;
+    let result = steps.time("cargo test --workspace", || {
+        exec(
+            cargo()
+                .args(["test", "--workspace"])
+                .env("MESH_REQUIRE_PRIVILEGED", "1")
+                .env("MESH_AGENT_BIN", &agent)
+                .env("MESH_APISERVER_BIN", &apiserver),
+        )
+    });
     clean_leftovers();
     result?;
-    conformance(&agent, &apiserver)?;
+    conformance(&agent, &apiserver, steps)?;
+    steps.time("fuzzing", || {
+        crate::fuzz::run_each(crate::fuzz::CI_SECONDS_PER_TARGET)
+            .context("fuzzing (cargo xtask fuzz)")
+    })?;
     if kernels {
-        crate::kernels::run(&crate::kernels::Options::ci()).context(
-            "the privileged tests on Debian's 6.1 kernel (cargo xtask kernels --kernel 6.1)",
-        )?;
-        crate::kernels::run(&crate::kernels::Options::ci_refusal()).context(
-            "the agent's refusal of Debian's 5.10 kernel (cargo xtask kernels --kernel 5.10 --suites kernel)",
-        )?;
+        steps.time("Debian 6.1 VM", || {
+            crate::kernels::run(&crate::kernels::Options::ci()).context(
+                "the privileged tests on Debian's 6.1 kernel (cargo xtask kernels --kernel 6.1)",
+            )
+        })?;
+        steps.time("Debian 5.10 refusal", || {
+            crate::kernels::run(&crate::kernels::Options::ci_refusal()).context(
+                "the agent's refusal of Debian's 5.10 kernel (cargo xtask kernels --kernel 5.10 --suites kernel)",
+            )
+        })?;
     }
     Ok(())
+}
+
+/// Wall time of each step of the run.
+#[derive(Default)]
+struct Steps {
+    done: Vec<(&'static str, Duration, bool)>,
+    start: Option<Instant>,
+}
+
+impl Steps {
+    fn time<T>(
+        &mut self,
+        name: &'static str,
+        f: impl FnOnce() -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
+        let start = Instant::now();
+        self.start.get_or_insert(start);
+        let r = f();
+        self.done.push((name, start.elapsed(), r.is_ok()));
+        r
+    }
+
+    fn print(&self) {
+        println!("\n== cargo xtask test: time per step");
+        for (name, took, ok) in &self.done {
+            let mark = if *ok { "" } else { "  (failed)" };
+            println!("  {name:<26} {:>7}{mark}", secs(*took));
+        }
+        if let Some(start) = self.start {
+            println!("  {:<26} {:>7}", "total", secs(start.elapsed()));
+        }
+    }
 }
 
 /// Runs every conformance request with the shared runner as it is (`run.py` exits non-zero
 /// unless all pass): with the agent in file mode, then in Kubernetes mode, where this binary's
 /// `k8s-agent` subcommand turns the runner's policy file and client interface into API objects
 /// (see `k8s_agent.rs`).
-fn conformance(agent: &Path, apiserver: &Path) -> anyhow::Result<()> {
+fn conformance(agent: &Path, apiserver: &Path, steps: &mut Steps) -> anyhow::Result<()> {
     let file = format!(
         "{} run --policy {{policy}} --interface {{iface}}",
         agent.display()
@@ -69,15 +123,14 @@ fn conformance(agent: &Path, apiserver: &Path) -> anyhow::Result<()> {
         agent.display(),
         apiserver.display()
     );
-    let mut took = Vec::new();
-    for (mode, cmd) in [("file mode", file), ("Kubernetes mode", kubernetes)] {
+    for (step, mode, cmd) in [
+        ("conformance, file mode", "file mode", file),
+        ("conformance, Kubernetes", "Kubernetes mode", kubernetes),
+    ] {
         println!("== conformance, {mode}: run.py --agent-cmd '{cmd}'");
-        let start = Instant::now();
-        run_conformance(&cmd).with_context(|| format!("the conformance requests in {mode}"))?;
-        took.push((mode, start.elapsed()));
-    }
-    for (mode, t) in took {
-        println!("== conformance, {mode}: all passed in {}", secs(t));
+        steps.time(step, || {
+            run_conformance(&cmd).with_context(|| format!("the conformance requests in {mode}"))
+        })?;
     }
     Ok(())
 }

@@ -81,10 +81,26 @@ pub fn build_apiserver() -> anyhow::Result<PathBuf> {
 }
 
 /// Deletes network namespaces and bpffs folders that an interrupted test or demo left behind.
+/// Whether a namespace or bpffs folder was left by a test or demo run that has ended. Test
+/// topologies are named `mesh-test-<pid of the test process>-<n>`: those of a test process that
+/// still runs (another `cargo test` on this machine) are not leftovers and stay.
+fn is_leftover(name: &str) -> bool {
+    if name.starts_with("mesh-demo-") {
+        return true;
+    }
+    let Some(rest) = name.strip_prefix("mesh-test-") else {
+        return false;
+    };
+    match rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) {
+        Some(pid) => !Path::new(&format!("/proc/{pid}")).exists(),
+        None => true,
+    }
+}
+
 pub fn clean_leftovers() {
     if let Some(list) = output("ip", &["netns", "list"]) {
         for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
-            if name.starts_with("mesh-test-") || name.starts_with("mesh-demo-") {
+            if is_leftover(name) {
                 if let Some(pids) = output("ip", &["netns", "pids", name]) {
                     for pid in pids.split_whitespace() {
                         let _ = Command::new("kill").args(["-9", pid]).status();
@@ -97,7 +113,7 @@ pub fn clean_leftovers() {
     if let Ok(dir) = std::fs::read_dir("/sys/fs/bpf") {
         for e in dir.flatten() {
             let n = e.file_name().to_string_lossy().to_string();
-            if n.starts_with("mesh-test-") || n.starts_with("mesh-demo-") {
+            if is_leftover(&n) {
                 let _ = std::fs::remove_dir_all(e.path());
             }
         }

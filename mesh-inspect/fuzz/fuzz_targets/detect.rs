@@ -1,6 +1,7 @@
 //! Feeds arbitrary bytes to `detect` and `parse_client_hello`, checking that they never panic and
-//! that their answers agree with each other and with the documented limits. Seed the corpus with
-//! the captures: `cp ../tests/data/*.bin corpus/detect/`.
+//! that their answers agree with each other and with the documented limits. Seeds
+//! (`seeds/detect`): the ClientHello captures of ../tests/data, HTTP/1 requests and the HTTP/2
+//! preface.
 
 #![no_main]
 

@@ -175,3 +175,108 @@ fn summary_json_and_store() {
     assert_eq!(old.summary().services, 0);
     assert_eq!(store.current().summary().http_routes, 1);
 }
+
+/// A fresh directory under the system temp dir, removed on drop.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("mesh-policy-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Loads `path`, checking that the refusal came quickly, and returns the error text.
+fn refused(path: &std::path::Path) -> (LoadError, String) {
+    let start = std::time::Instant::now();
+    let error = crate::Compiled::load(path).expect_err("hostile policy refused");
+    let elapsed = start.elapsed();
+    assert!(elapsed < Duration::from_secs(3), "took {elapsed:?}");
+    let text = error.to_string();
+    (error, text)
+}
+
+#[test]
+fn a_file_of_tens_of_mib_is_refused_before_it_is_read() {
+    let dir = TempDir::new("large");
+    let file = dir.0.join("policy.yaml");
+    // Sparse: 40 MiB that take no disk and would take 40 MiB of memory to read.
+    std::fs::File::create(&file)
+        .and_then(|f| f.set_len(40 << 20))
+        .expect("sparse file");
+    let (error, text) = refused(&file);
+    assert_eq!(error.label(), "too_large");
+    assert!(text.contains("policy.yaml"), "{text}");
+    assert!(text.contains("41943040 bytes"), "{text}");
+    assert!(
+        text.contains(&crate::MAX_POLICY_BYTES.to_string()),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_directory_is_limited_as_a_whole() {
+    let dir = TempDir::new("large-dir");
+    let third = crate::MAX_POLICY_BYTES / 3 + 1;
+    for name in ["a.yaml", "b.yaml", "c.yaml"] {
+        // Valid YAML (a comment), just large.
+        let text = format!("#{}\n", "x".repeat(third));
+        std::fs::write(dir.0.join(name), text).expect("write");
+    }
+    let (error, text) = refused(&dir.0);
+    assert_eq!(error.label(), "too_large");
+    assert!(text.contains("c.yaml"), "{text}");
+    assert!(text.contains("with the files before it"), "{text}");
+}
+
+#[test]
+fn deep_nesting_and_alias_bombs_are_refused_naming_the_file() {
+    let dir = TempDir::new("hostile");
+    let mut bomb = String::from("apiVersion: v1\nkind: Service\nmetadata: {name: lol}\n");
+    bomb.push_str("a0: &a0 [\"lol\"]\n");
+    for level in 1..10 {
+        let refs = vec![format!("*a{}", level - 1); 10].join(", ");
+        bomb.push_str(&format!("a{level}: &a{level} [{refs}]\n"));
+    }
+    let cases = [
+        ("laughs.yaml", bomb, "once aliases are expanded"),
+        ("deep.yaml", "[".repeat(200), "nested deeper than 64"),
+        // Just under the size limit, all nesting: refused before the parser buffers it.
+        (
+            "wide.yaml",
+            "[".repeat(crate::MAX_POLICY_BYTES - 16),
+            "a flow collection",
+        ),
+        (
+            "block.yaml",
+            (0..200)
+                .map(|d| format!("{}k{d}:\n", " ".repeat(d)))
+                .collect::<String>(),
+            "nested deeper than 64",
+        ),
+    ];
+    for (name, text, want) in cases {
+        let file = dir.0.join(name);
+        std::fs::write(&file, text).expect("write");
+        let (error, text) = refused(&file);
+        assert_eq!(error.label(), "invalid", "{text}");
+        assert!(text.contains(&format!("{name}#1")), "{text}");
+        assert!(text.contains(want), "{text}");
+        std::fs::remove_file(&file).expect("remove");
+    }
+}
+
+#[test]
+fn from_yaml_refuses_hostile_text_too() {
+    let errs = errors(&"{a: ".repeat(1000));
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert!(errs[0].reason.contains("nested deeper"), "{errs:#?}");
+}

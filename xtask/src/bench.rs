@@ -3,7 +3,7 @@
 //! (p50/p99 over many connections), and agent memory idle and with 500 open connections. Then
 //! Kubernetes mode at scale ([`kubernetes`]).
 mod cluster;
-mod kubernetes;
+pub mod kubernetes;
 
 use std::{
     io::{Read, Write},

@@ -52,6 +52,10 @@ enum Command {
         /// Run only this section.
         #[arg(long, value_enum)]
         only: Option<bench::Section>,
+        /// Only the Kubernetes section's smoke run, as `cargo xtask test` runs it: debug builds
+        /// at a twentieth of the scale (checks that the benchmark works; not figures to quote).
+        #[arg(long, conflicts_with = "only")]
+        smoke: bool,
     },
     /// Run every cargo-fuzz target (ClientHello, protocol detection, HTTP/1 scanner and
     /// server path, policy loading, authorization compiler) for the given time split evenly;
@@ -96,9 +100,14 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
             setup::run()?;
             kernels::run(&opts)
         }
-        Command::Bench { only } => {
+        Command::Bench { only, smoke } => {
             setup::run()?;
-            bench::run(only)
+            if smoke {
+                let agent = util::build_agent(false)?;
+                bench::kubernetes::smoke(&agent, &util::build_apiserver()?)
+            } else {
+                bench::run(only)
+            }
         }
         Command::Fuzz { minutes } => {
             setup::run()?;

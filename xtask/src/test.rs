@@ -55,6 +55,11 @@ fn run_steps(lint: bool, kernels: bool, steps: &mut Steps) -> anyhow::Result<()>
     clean_leftovers();
     result?;
     conformance(&agent, &apiserver, steps)?;
+    steps.time("Kubernetes scale smoke", || {
+        crate::bench::kubernetes::smoke(&agent, &apiserver).context(
+            "the Kubernetes scale benchmark's smoke run (cargo xtask bench --only kubernetes)",
+        )
+    })?;
     steps.time("fuzzing", || {
         crate::fuzz::run_each(crate::fuzz::CI_SECONDS_PER_TARGET)
             .context("fuzzing (cargo xtask fuzz)")

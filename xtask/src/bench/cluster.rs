@@ -25,6 +25,13 @@ impl Size {
         endpoints: 50_000,
         routes: 2_000,
     };
+    /// A twentieth of it, for CI's smoke run of the benchmark.
+    pub const SMOKE: Size = Size {
+        namespaces: 10,
+        services: 500,
+        endpoints: 2_500,
+        routes: 100,
+    };
 }
 
 /// The Services and route the benchmark edits, backed by real pods.

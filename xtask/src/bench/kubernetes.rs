@@ -21,15 +21,30 @@ use super::cluster::{self, Size};
 use crate::util::{build_release, root};
 
 const NODE: &str = "node-1";
+/// Route edits measured by the benchmark, and by the CI smoke run.
 const EDITS: usize = 10;
+const SMOKE_EDITS: usize = 3;
 /// The enrolment label (`mesh_agent::k8s::LABEL`; xtask does not link the agent).
 const MESH_LABEL: &str = "skiff.dev/mesh";
 /// Longer than any goal by far: past it something is broken, not slow.
 const READY_WITHIN: Duration = Duration::from_secs(120);
 const EDIT_WITHIN: Duration = Duration::from_secs(10);
 
+/// The benchmark: release builds at issue 9's scale.
 pub fn run() -> anyhow::Result<()> {
     let (agent_bin, api_bin) = build_release()?;
+    measure(&Size::ISSUE, EDITS, &agent_bin, &api_bin)
+}
+
+/// The same steps at a twentieth of the scale with the binaries `cargo xtask test` built (debug):
+/// CI runs it so that the benchmark keeps working. Its figures are printed but say little about
+/// the goals, which are for release builds at full scale.
+pub fn smoke(agent_bin: &Path, api_bin: &Path) -> anyhow::Result<()> {
+    println!("Kubernetes scale benchmark, smoke run (debug build, 1/20 of the scale):");
+    measure(&Size::SMOKE, SMOKE_EDITS, agent_bin, api_bin)
+}
+
+fn measure(size: &Size, edits: usize, agent_bin: &Path, api_bin: &Path) -> anyhow::Result<()> {
     let t = Topology::new(&["client", "a", "b"]);
     for pod in ["a", "b"] {
         t.pod(pod).ns.echo(pod, 8080, &[]);
@@ -43,7 +58,7 @@ pub fn run() -> anyhow::Result<()> {
     // The CRDs go in the way a user installs them, so the API server registers their APIs and
     // schemas itself; the bulk objects are then written into its state file.
     {
-        let api = ApiServer::start(&t.node, &api_bin, &state, &kubeconfig)?;
+        let api = ApiServer::start(&t.node, api_bin, &state, &kubeconfig)?;
         for f in [
             "tests/fixtures/gateway-api-crds.yaml",
             "manifests/crds/meshpolicy.yaml",
@@ -51,8 +66,7 @@ pub fn run() -> anyhow::Result<()> {
             api.kubectl(&["apply", "-f", &root().join(f).to_string_lossy()])?;
         }
     }
-    let size = Size::ISSUE;
-    let generated = cluster::generate(&size, [t.pod("a").ip4, t.pod("b").ip4]);
+    let generated = cluster::generate(size, [t.pod("a").ip4, t.pod("b").ip4]);
     let edited = generated.edited;
     let mut objects = generated.objects;
     objects.extend(client_pod(t.pod("client").ip4));
@@ -60,13 +74,13 @@ pub fn run() -> anyhow::Result<()> {
     cluster::add_to_state(&mut saved, objects);
     std::fs::write(&state, saved.to_string())?;
     let started = Instant::now();
-    let api = ApiServer::start(&t.node, &api_bin, &state, &kubeconfig)?;
+    let api = ApiServer::start(&t.node, api_bin, &state, &kubeconfig)?;
     let api_load = started.elapsed();
     eprintln!("API server loaded the generated cluster in {api_load:?}");
 
     let started = Instant::now();
     let agent = t.start_agent_bin_env(
-        &agent_bin,
+        agent_bin,
         &["--kubernetes", "--node-name", NODE],
         &[("KUBECONFIG", &kubeconfig.to_string_lossy())],
     );
@@ -98,7 +112,7 @@ pub fn run() -> anyhow::Result<()> {
     );
     let (mut applied, mut followed) = (Vec::new(), Vec::new());
     let (mut round_trips, mut delivered, mut cpu) = (Vec::new(), Vec::new(), Vec::new());
-    for k in 0..EDITS {
+    for k in 0..edits {
         let (weights, want) = if k % 2 == 0 {
             ((0, 100), "b")
         } else {
@@ -181,7 +195,7 @@ pub fn run() -> anyhow::Result<()> {
         mem_ready.1 / 1024
     );
     println!(
-        "| agent RSS after {EDITS} edits (VmRSS / VmHWM) | {} / {} MiB | < 100 MB |",
+        "| agent RSS after {edits} edits (VmRSS / VmHWM) | {} / {} MiB | < 100 MB |",
         mem_edited.0 / 1024,
         mem_edited.1 / 1024
     );
@@ -196,7 +210,7 @@ pub fn run() -> anyhow::Result<()> {
         ("agent CPU time (user + system) per edit", &cpu),
     ] {
         println!(
-            "| {what}, median / max of {EDITS} | {:.0} / {:.0} ms | {} |",
+            "| {what}, median / max of {edits} | {:.0} / {:.0} ms | {} |",
             median(v).as_secs_f64() * 1e3,
             v.iter().max().copied().unwrap_or_default().as_secs_f64() * 1e3,
             if what.contains("applied") || what.contains("traffic") {

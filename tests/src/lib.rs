@@ -554,6 +554,8 @@ pub struct Agent {
     child: Option<Child>,
     pub log_path: PathBuf,
     pub bpffs_dir: PathBuf,
+    /// The node namespace the agent runs in.
+    netns: PathBuf,
 }
 
 impl Agent {
@@ -584,6 +586,7 @@ impl Agent {
             child: Some(child),
             log_path,
             bpffs_dir: topo.bpffs_dir.clone(),
+            netns: topo.node.path(),
         };
         // An emulated CPU (`cargo xtask kernels` runs the suite under qemu TCG) needs longer.
         let ready_secs = std::env::var("MESH_AGENT_READY_SECS")
@@ -678,6 +681,9 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.print_socket_state();
+        }
         self.kill();
         // A failing test unwinds through here: the agent's log is what explains it.
         if std::thread::panicking() {
@@ -687,6 +693,53 @@ impl Drop for Agent {
             for line in tail.iter().rev() {
                 eprintln!("{line}");
             }
+        }
+    }
+}
+
+impl Agent {
+    /// For a failing test, while the agent still runs: the node's TCP drop counters, its
+    /// sockets in SYN-RECV and the agent's listeners, and the program's counters. A connection
+    /// that timed out leaves its trace here (a full accept queue, a SYN the program passed on)
+    /// and nowhere in the agent's log.
+    fn print_socket_state(&self) {
+        let net = format!("--net={}", self.netns.display());
+        let run = |args: &[&str]| {
+            Command::new("nsenter")
+                .arg(&net)
+                .args(args)
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_else(|e| format!("{args:?}: {e}\n"))
+        };
+        eprintln!("--- node namespace: TCP drop counters (nstat) ---");
+        eprint!(
+            "{}",
+            run(&[
+                "nstat",
+                "-az",
+                "TcpExtListenDrops",
+                "TcpExtListenOverflows",
+                "TcpExtTCPReqQFullDrop",
+                "TcpExtTCPBacklogDrop",
+                "TcpExtTCPTimeWaitOverflow",
+                "TcpExtTW*",
+                "TcpExtPAWS*",
+                "TcpAttemptFails",
+                "TcpOutRsts",
+                "IpInNoRoutes",
+            ])
+        );
+        eprintln!("--- node namespace: listeners and SYN-RECV sockets (ss) ---");
+        eprint!("{}", run(&["ss", "-tanl"]));
+        eprint!("{}", run(&["ss", "-tan", "state", "syn-recv"]));
+        eprintln!("--- program counters ---");
+        let out = Command::new(agent_bin())
+            .args(["counters", "--bpffs-dir"])
+            .arg(&self.bpffs_dir)
+            .output();
+        if let Ok(o) = out {
+            eprintln!("{}", String::from_utf8_lossy(&o.stdout));
         }
     }
 }

@@ -376,6 +376,12 @@ impl Topology {
         Agent::start(self, bin, args, &[])
     }
 
+    /// Starts `mesh-agent run` like [`start_agent`](Self::start_agent) but returns at once,
+    /// without waiting for it to be ready ([`Agent::wait_ready`]).
+    pub fn spawn_agent(&self, args: &[&str]) -> Agent {
+        Agent::spawn(self, &agent_bin(), args, &[])
+    }
+
     /// [`start_agent_bin`](Self::start_agent_bin) with extra environment variables.
     pub fn start_agent_bin_env(&self, bin: &Path, args: &[&str], env: &[(&str, &str)]) -> Agent {
         Agent::start(self, bin, args, env)
@@ -560,6 +566,13 @@ pub struct Agent {
 
 impl Agent {
     fn start(topo: &Topology, bin: &Path, args: &[&str], env: &[(&str, &str)]) -> Agent {
+        let mut agent = Agent::spawn(topo, bin, args, env);
+        agent.wait_ready();
+        agent
+    }
+
+    /// Starts the agent without waiting for it to be ready: for measuring how soon it serves.
+    fn spawn(topo: &Topology, bin: &Path, args: &[&str], env: &[(&str, &str)]) -> Agent {
         let log_path = std::env::temp_dir().join(format!(
             "{}-agent-{}.log",
             topo.id,
@@ -582,12 +595,17 @@ impl Agent {
             .stderr(log)
             .spawn()
             .expect("spawn agent");
-        let mut agent = Agent {
+        Agent {
             child: Some(child),
             log_path,
             bpffs_dir: topo.bpffs_dir.clone(),
             netns: topo.node.path(),
-        };
+        }
+    }
+
+    /// Waits until the agent logs `agent ready`; panics with its log if it exits or takes
+    /// longer than `MESH_AGENT_READY_SECS` (20 s by default).
+    pub fn wait_ready(&mut self) {
         // An emulated CPU (`cargo xtask kernels` runs the suite under qemu TCG) needs longer.
         let ready_secs = std::env::var("MESH_AGENT_READY_SECS")
             .ok()
@@ -595,20 +613,20 @@ impl Agent {
             .unwrap_or(20);
         let deadline = Instant::now() + Duration::from_secs(ready_secs);
         loop {
-            if agent.log().contains("agent ready") {
-                return agent;
+            if self.log().contains("agent ready") {
+                return;
             }
-            if let Some(status) = agent
+            if let Some(status) = self
                 .child
                 .as_mut()
                 .and_then(|c| c.try_wait().ok().flatten())
             {
-                panic!("agent exited ({status}) before ready:\n{}", agent.log());
+                panic!("agent exited ({status}) before ready:\n{}", self.log());
             }
             assert!(
                 Instant::now() < deadline,
                 "agent not ready after {ready_secs} s:\n{}",
-                agent.log()
+                self.log()
             );
             std::thread::sleep(Duration::from_millis(50));
         }

@@ -1,4 +1,4 @@
-//! `cargo xtask <command>`: setup, demo, test, kernels, bench, fuzz. Every command but `setup` first runs the
+//! `cargo xtask <command>`: setup, demo, test, kernels, bench, fuzz, soak. Every command but `setup` first runs the
 //! setup steps that are missing, so a fresh machine needs nothing else.
 mod bench;
 mod crds;
@@ -9,6 +9,7 @@ mod kernels;
 mod kube;
 mod manifests;
 mod setup;
+mod soak;
 mod test;
 mod util;
 
@@ -65,6 +66,14 @@ enum Command {
         #[arg(long, default_value_t = 6)]
         minutes: u64,
     },
+    /// The agent for N minutes under HTTP and L4 load, policy reloads and restarts, in network
+    /// namespaces of its own; samples its RSS and open fds every second into a CSV and a PNG
+    /// chart, and fails if they are not back at their idle baseline once the load stops.
+    Soak {
+        /// Minutes of load (after a warm-up of a sixth of that, 10-60 s).
+        #[arg(long, default_value_t = 10.0)]
+        minutes: f64,
+    },
     /// Write the CRDs generated from the Rust types to `manifests/crds/`.
     Crds {
         /// Write nothing; fail with a diff if a committed CRD differs.
@@ -112,6 +121,10 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
         Command::Fuzz { minutes } => {
             setup::run()?;
             fuzz::run(std::time::Duration::from_secs(minutes * 60))
+        }
+        Command::Soak { minutes } => {
+            setup::run()?;
+            soak::run(minutes, &util::build_agent(false)?)
         }
         Command::Crds { check } => crds::run(check),
         Command::Manifests => {

@@ -1,7 +1,8 @@
 //! `cargo xtask test`: the whole suite, as CI runs it. Privileged tests are required here: one that
 //! cannot run fails instead of skipping (`MESH_REQUIRE_PRIVILEGED`). Then the Gateway API
 //! conformance requests in `../shared/conformance` drive the agent from the outside, in file mode
-//! and in Kubernetes mode (`xtask k8s-agent` as the runner's agent command). Last, the
+//! and in Kubernetes mode (`xtask k8s-agent` as the runner's agent command), then a one-minute
+//! soak (`cargo xtask soak`: RSS and fds back to their baseline after load). Last, the
 //! privileged tests again on Debian bookworm's 6.1 kernel in a VM (`cargo xtask kernels --kernel
 //! 6.1`), the oldest kernel the agent is meant to run on.
 use std::{
@@ -13,6 +14,9 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use crate::util::{build_agent, build_apiserver, cargo, clean_leftovers, exec, root};
+
+/// CI's soak: short, but long enough for restarts and reloads to happen under load.
+const SOAK_MINUTES: f64 = 1.0;
 
 pub fn run(lint: bool, kernels: bool) -> anyhow::Result<()> {
     let mut steps = Steps::default();
@@ -59,6 +63,10 @@ fn run_steps(lint: bool, kernels: bool, steps: &mut Steps) -> anyhow::Result<()>
         crate::bench::kubernetes::smoke(&agent, &apiserver).context(
             "the Kubernetes scale benchmark's smoke run (cargo xtask bench --only kubernetes)",
         )
+    })?;
+    steps.time("soak", || {
+        crate::soak::run(SOAK_MINUTES, &agent)
+            .context("the soak (cargo xtask soak --minutes 1): RSS and fds after load")
     })?;
     steps.time("fuzzing", || {
         crate::fuzz::run_each(crate::fuzz::CI_SECONDS_PER_TARGET)

@@ -5,6 +5,11 @@
 //! direction owns one fixed 16 KiB buffer that never grows. Either way an EOF from one side becomes
 //! a write shutdown on the other (half-close), and the connection ends when both directions have
 //! ended, on the first error, or after `idle` without a byte in either direction.
+//!
+//! While bytes flow, both sockets are armed to reset on close ([`arm_reset`]): if the agent dies
+//! (kill -9, OOM) the kernel closes them with a RST, so the client and the server see the
+//! connection fail instead of a clean end the other peer never sent. A clean end disarms them
+//! first, so a normal close is still a FIN.
 use std::{
     io,
     net::Shutdown,
@@ -45,14 +50,28 @@ enum Side {
     Upstream,
 }
 
-/// Forwards until both directions end. On error both sockets are reset, so each peer learns the
-/// connection failed instead of seeing a clean end.
+/// Makes the kernel close `s` with a RST instead of a FIN (SO_LINGER 0), including when the
+/// process dies without closing it: a half-forwarded stream must not look finished.
+pub fn arm_reset(s: &TcpStream) {
+    let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
+}
+
+/// Undoes [`arm_reset`]: the next close is an orderly one (FIN after the queued bytes).
+pub fn disarm_reset(s: &TcpStream) {
+    let _ = socket2::SockRef::from(s).set_linger(None);
+}
+
+/// Forwards until both directions end. Both sockets stay armed to reset while forwarding (see
+/// the module docs); on error they are left armed, so each peer learns the connection failed
+/// instead of seeing a clean end; on a clean end they are disarmed.
 pub async fn forward(
     client: &TcpStream,
     upstream: &TcpStream,
     idle: Duration,
     use_splice: bool,
 ) -> Result<Transferred, Error> {
+    arm_reset(client);
+    arm_reset(upstream);
     let last = AtomicU64::new(0);
     let start = Instant::now();
     let touch = || last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
@@ -93,10 +112,9 @@ pub async fn forward(
         }),
         () = watch => Err(Error::Idle(idle)),
     };
-    if result.is_err() {
-        for s in [client, upstream] {
-            let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
-        }
+    if result.is_ok() {
+        disarm_reset(client);
+        disarm_reset(upstream);
     }
     result
 }

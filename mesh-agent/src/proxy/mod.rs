@@ -286,8 +286,9 @@ async fn serve_http(
     }
 }
 
+/// Resets the client when it is closed (it was armed at accept; this says why it is closed).
 fn reset(client: &TcpStream) {
-    let _ = socket2::SockRef::from(client).set_linger(Some(Duration::ZERO));
+    forward::arm_reset(client);
 }
 
 async fn handle(client: TcpStream, src: ClientAddr, settings: &Settings, stats: &Stats) {
@@ -309,6 +310,10 @@ async fn handle(client: TcpStream, src: ClientAddr, settings: &Settings, stats: 
         }
         let started = Instant::now();
         let _ = client.set_nodelay(true);
+        // Until the connection ends cleanly, the agent dying resets it (forward.rs). It is
+        // disarmed before the HTTP proxy takes it: that closes connections on purpose
+        // (keep-alive limits, `Connection: close`) and a reset would drop the queued response.
+        forward::arm_reset(&client);
 
         // The first bytes are read unless a TCPRoute decides without them (its protocol may be
         // server-speaks-first) or the Service port declares a protocol that is neither HTTP nor
@@ -333,6 +338,7 @@ async fn handle(client: TcpStream, src: ClientAddr, settings: &Settings, stats: 
         let span = Span::current();
         span.record("proto", protocol_name(&inspected.detection));
         if let Detection::Http1(_) | Detection::H2PriorKnowledge = inspected.detection {
+            forward::disarm_reset(&client);
             serve_http(client, inspected, src, dst, settings, service).await;
             return;
         }

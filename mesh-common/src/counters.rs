@@ -23,10 +23,14 @@ pub mod index {
     pub const FAIL_CLOSED: u32 = 6;
     /// Targeted packets of a connection the agent does not own (opened before capture): passed.
     pub const PASSED_UNOWNED: u32 = 7;
+    /// Targeted connection openings (SYN) whose 4-tuple still had a socket on the node (most
+    /// often the TIME_WAIT of a closed connection the agent ended): handed to that socket, so
+    /// the kernel handles the reuse as it does without the mesh.
+    pub const SYN_TO_EXISTING: u32 = 8;
 }
 
 /// Number of slots in the counter array.
-pub const MAX_ENTRIES: u32 = 8;
+pub const MAX_ENTRIES: u32 = 9;
 
 /// Human names of the slots, in index order, for logs and metrics.
 pub const NAMES: [&str; MAX_ENTRIES as usize] = [
@@ -38,4 +42,5 @@ pub const NAMES: [&str; MAX_ENTRIES as usize] = [
     "fail_open",
     "fail_closed",
     "passed_unowned",
+    "syn_to_existing",
 ];

@@ -14,6 +14,10 @@ pub const MAP_CAPTURE_V6: &str = "CAPTURE_V6";
 pub const MAP_LISTENERS: &str = "LISTENERS";
 /// One-slot array of [`Settings`].
 pub const MAP_SETTINGS: &str = "CAPTURE_SETTINGS";
+/// LRU hash of the targeted flows whose SYN met a TIME_WAIT socket of the node ([`FlowKey`]).
+pub const MAP_TW_SYNS: &str = "TW_SYNS";
+/// Entries of `TW_SYNS`: SYNs in flight at once that reuse a closed connection's 4-tuple.
+pub const MAX_TW_SYNS: u32 = 4096;
 
 /// Prefixes per address family.
 pub const MAX_PREFIXES: u32 = 16_384;
@@ -124,5 +128,25 @@ mod user {
                 addr_be: a.octets(),
             }
         }
+    }
+}
+
+/// A TCP flow as `capture` (TC) and `steer` (sk_lookup) both see it: the words of the kernel's
+/// `struct bpf_sock_tuple` (IPv4: source, destination, then both ports in one word; IPv6: four
+/// words each, then the ports; the rest zero), and the tuple's size, which tells the family.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowKey {
+    /// 12 (IPv4) or 36 (IPv6): the tuple size the lookup helpers take.
+    pub size: u32,
+    pub words: [u32; 9],
+}
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
+
+impl FlowKey {
+    /// The ports word: source then destination port, each in network byte order, as laid
+    /// out in memory on a little-endian CPU (the bpfel target).
+    pub const fn ports(sport_be: u16, dport_be: u16) -> u32 {
+        sport_be as u32 | (dport_be as u32) << 16
     }
 }

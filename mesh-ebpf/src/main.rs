@@ -18,18 +18,18 @@ mod reset;
 use aya_ebpf::{
     bindings::{BPF_F_CURRENT_NETNS, TC_ACT_UNSPEC, bpf_sock, bpf_sock_tuple},
     helpers::{bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp},
-    macros::classifier,
+    macros::{classifier, sk_lookup},
     maps::lpm_trie::Key,
-    programs::TcContext,
+    programs::{SkLookupContext, TcContext},
 };
 use aya_log_ebpf::debug;
 use mesh_common::{
     counters::index as ctr,
-    redirect::{self, AddrV4, AddrV6, FAIL_CLOSED},
+    redirect::{self, AddrV4, AddrV6, FAIL_CLOSED, FlowKey},
 };
 
 use crate::{
-    maps::{CAPTURE_V4, CAPTURE_V6, LISTENERS, SETTINGS, count},
+    maps::{CAPTURE_V4, CAPTURE_V6, LISTENERS, SETTINGS, TW_SYNS, count},
     parse::{Addrs, Segment, TCP_ACK, TCP_SYN},
 };
 
@@ -44,6 +44,8 @@ pub mod verdict {
 
 /// `state` of a listening socket in `struct bpf_sock`.
 const TCP_LISTEN: u32 = 10;
+/// `state` of a TIME_WAIT socket.
+const TCP_TIME_WAIT: u32 = 6;
 
 /// Why a packet could not be handled; counted, then the packet passes untouched.
 enum Error {
@@ -86,6 +88,32 @@ fn try_capture(ctx: &TcContext) -> Result<i32, Error> {
         return match listener(slot) {
             Some(sk) => {
                 ctx.set_mark(mark);
+                // A socket that still holds this 4-tuple takes the SYN, as it would without the
+                // mesh: assigned to the listener instead, the SYN's new request socket would
+                // clash with it in the kernel's connection table and be dropped, again on every
+                // retransmission, so a client that reuses its port within the 60 s TIME_WAIT of
+                // a connection the agent closed could not connect at all. A TIME_WAIT socket
+                // accepts a fresh SYN and asks for a listener; `steer` names the agent's.
+                let (mut tuple, size) = sock_tuple(&seg);
+                if let Some(owner) = owner(ctx, &mut tuple, size) {
+                    // SAFETY: releasing the listener reference; `owner` is used instead.
+                    unsafe { bpf_sk_release(sk as *mut _) };
+                    // SAFETY: non-null socket from the lookup; `state` is readable.
+                    if unsafe { (*owner).state } == TCP_TIME_WAIT {
+                        let key = FlowKey {
+                            size,
+                            // SAFETY: the tuple is 36 plain bytes, zeroed, then written.
+                            words: unsafe {
+                                core::ptr::read_unaligned(&tuple as *const _ as *const [u32; 9])
+                            },
+                        };
+                        let _ = TW_SYNS.insert(&key, &1, 0);
+                    }
+                    assign(ctx, owner)?;
+                    count(ctr::SYN_TO_EXISTING);
+                    count(ctr::REDIRECTED);
+                    return Ok(verdict::OK);
+                }
                 assign(ctx, sk)?;
                 count(ctr::REDIRECTED);
                 debug!(
@@ -172,6 +200,13 @@ fn listener(slot: u32) -> Option<*mut bpf_sock> {
 /// The non-listening socket of this node that owns the segment's flow, if any (referenced).
 #[inline(always)]
 fn established(ctx: &TcContext, seg: &Segment) -> Option<*mut bpf_sock> {
+    let (mut tuple, size) = sock_tuple(seg);
+    owner(ctx, &mut tuple, size)
+}
+
+/// The segment's flow as the socket lookup helpers take it, and its size.
+#[inline(always)]
+fn sock_tuple(seg: &Segment) -> (bpf_sock_tuple, u32) {
     // SAFETY: an all-zero tuple is a valid value of this plain C union.
     let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
     let size = match seg.addrs {
@@ -194,12 +229,18 @@ fn established(ctx: &TcContext, seg: &Segment) -> Option<*mut bpf_sock> {
             core::mem::size_of_val(t)
         }
     };
+    (tuple, size as u32)
+}
+
+/// The non-listening socket that holds `tuple`, if any (referenced).
+#[inline(always)]
+fn owner(ctx: &TcContext, tuple: &mut bpf_sock_tuple, size: u32) -> Option<*mut bpf_sock> {
     // SAFETY: tuple lives on the stack for the call; the helper returns a referenced socket or null.
     let sk = unsafe {
         bpf_skc_lookup_tcp(
             ctx.skb.skb as *mut _,
-            &mut tuple,
-            size as u32,
+            tuple,
+            size,
             BPF_F_CURRENT_NETNS as u64,
             0,
         )
@@ -224,6 +265,86 @@ fn assign(ctx: &TcContext, sk: *mut bpf_sock) -> Result<(), Error> {
     // SAFETY: the reference was taken by the lookup that produced `sk`.
     unsafe { bpf_sk_release(sk as *mut _) };
     if ret == 0 { Ok(()) } else { Err(Error::Assign) }
+}
+
+/// `AF_INET` and `AF_INET6` in `bpf_sk_lookup.family`.
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+/// `SK_PASS`: the lookup goes on (with the socket selected, if one was).
+const SK_PASS: u32 = 1;
+
+/// Runs when the node's TCP stack looks for a listener (sk_lookup, attached to the node's network
+/// namespace). It selects the agent's listener only for a flow `capture` remembered in
+/// `TW_SYNS`: a targeted SYN it handed to a TIME_WAIT socket, which takes a fresh SYN and then
+/// asks for a listener for the original destination, where none is bound. Every other lookup
+/// passes untouched.
+#[sk_lookup]
+pub fn steer(ctx: SkLookupContext) -> u32 {
+    let p = ctx.lookup;
+    // The verifier takes only loads at constant offsets from the context pointer: every field
+    // is read on its own, volatile so that the compiler neither copies the struct nor moves
+    // the pointer first.
+    macro_rules! field {
+        ($($f:tt)+) => {
+            // SAFETY: the context is valid for the program's run; read only.
+            unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*p).$($f)+)) }
+        };
+    }
+    if field!(protocol) != 6 {
+        return SK_PASS;
+    }
+    // The local port is in host byte order in this context, the remote one is not.
+    let ports = FlowKey::ports(field!(remote_port), (field!(local_port) as u16).to_be());
+    let (slot, key) = match field!(family) {
+        AF_INET => (
+            redirect::LISTENER_V4,
+            FlowKey {
+                size: 12,
+                words: [
+                    field!(remote_ip4),
+                    field!(local_ip4),
+                    ports,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                ],
+            },
+        ),
+        AF_INET6 => (
+            redirect::LISTENER_V6,
+            FlowKey {
+                size: 36,
+                words: [
+                    field!(remote_ip6[0]),
+                    field!(remote_ip6[1]),
+                    field!(remote_ip6[2]),
+                    field!(remote_ip6[3]),
+                    field!(local_ip6[0]),
+                    field!(local_ip6[1]),
+                    field!(local_ip6[2]),
+                    field!(local_ip6[3]),
+                    ports,
+                ],
+            },
+        ),
+        _ => return SK_PASS,
+    };
+    // SAFETY: a plain-data lookup; the value is not kept.
+    if unsafe { TW_SYNS.get(&key) }.is_none() {
+        return SK_PASS;
+    }
+    let _ = TW_SYNS.remove(&key);
+    if let Some(sk) = listener(slot) {
+        // SAFETY: `sk` is a referenced listener from the SockMap, released right after.
+        unsafe {
+            bpf_sk_assign(ctx.lookup as *mut _, sk as *mut _, 0);
+            bpf_sk_release(sk as *mut _);
+        }
+    }
+    SK_PASS
 }
 
 #[inline(always)]

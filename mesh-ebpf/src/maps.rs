@@ -1,12 +1,12 @@
 //! Map declarations. Names, sizes and value types come from `mesh-common`, which the agent shares.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruPerCpuHashMap, PerCpuArray, SockMap},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, SockMap},
 };
 use mesh_common::{
     authz::{self, DstV4, DstV6, IfaceCounters, RuleList},
     counters,
-    redirect::{self, AddrV4, AddrV6, PortSet, Settings},
+    redirect::{self, AddrV4, AddrV6, FlowKey, PortSet, Settings},
 };
 
 #[map(name = "CAPTURE_V4")]
@@ -19,6 +19,11 @@ pub static CAPTURE_V6: LpmTrie<AddrV6, PortSet> =
 
 #[map(name = "LISTENERS")]
 pub static LISTENERS: SockMap = SockMap::with_max_entries(redirect::MAX_LISTENERS, 0);
+
+/// Flows whose SYN `capture` handed to a TIME_WAIT socket; `steer` gives them the listener.
+#[map(name = "TW_SYNS")]
+pub static TW_SYNS: LruHashMap<FlowKey, u32> =
+    LruHashMap::with_max_entries(redirect::MAX_TW_SYNS, 0);
 
 #[map(name = "CAPTURE_SETTINGS")]
 pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);

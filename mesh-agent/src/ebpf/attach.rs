@@ -12,7 +12,7 @@
 use std::path::{Path, PathBuf};
 
 use aya::programs::{
-    SchedClassifier, TcAttachType, Xdp, XdpMode,
+    SchedClassifier, SkLookup, TcAttachType, Xdp, XdpMode,
     links::{FdLink, Link, LinkError, PinnedLink},
     tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle, qdisc_add_clsact},
     xdp::XdpLink,
@@ -268,4 +268,37 @@ pub fn detach(mut a: Attached) -> Result<(), Error> {
     }
     info!(iface = %a.iface, mode = a.mode.as_str(), "detached");
     Ok(())
+}
+
+/// Attaches `prog` (sk_lookup) to the network namespace the agent runs in, its link pinned at
+/// `pin` so that it lives as long as the capture links it serves. A previous agent's link there
+/// is dropped once the new one is attached (a namespace runs several sk_lookup programs in
+/// turn, so there is no moment without one).
+pub fn sk_lookup(prog: &mut SkLookup, pin: &Path) -> Result<PinnedLink, Error> {
+    let err = |reason: String| Error::Attach {
+        iface: "network namespace (sk_lookup)".into(),
+        reason,
+    };
+    let netns = std::fs::File::open("/proc/self/ns/net")
+        .map_err(|e| err(format!("opening /proc/self/ns/net: {e}")))?;
+    let id = prog.attach(&netns).map_err(|e| err(e.to_string()))?;
+    let link: FdLink = prog.take_link(id).map_err(|e| err(e.to_string()))?.into();
+    if let Ok(old) = PinnedLink::from_pin(pin) {
+        // Unpinned and closed: its last reference, so the old program leaves the namespace.
+        let _ = old.unpin();
+    }
+    let _ = std::fs::remove_file(pin);
+    link.pin(pin).map_err(|e| Error::Pin {
+        path: pin.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
+/// Detaches what [`sk_lookup`] attached.
+pub fn detach_sk_lookup(link: PinnedLink, pin: &Path) {
+    match link.unpin() {
+        Ok(fd) => drop(fd),
+        Err(e) => warn!(error = %e, "unpinning the sk_lookup link"),
+    }
+    let _ = std::fs::remove_file(pin);
 }

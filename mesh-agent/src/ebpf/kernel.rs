@@ -50,6 +50,10 @@ pub const REQUIRED: &[Feature] = &[
         name: "bpf_xdp_load_bytes in XDP",
         since: "5.18",
     },
+    Feature {
+        name: "sk_lookup programs",
+        since: "5.9",
+    },
 ];
 
 /// The probe results.
@@ -88,6 +92,7 @@ impl Kernel {
             ),
             helper(ProgramType::SchedClassifier, BpfHelper::BPF_FUNC_sk_assign),
             helper(ProgramType::Xdp, BpfHelper::BPF_FUNC_xdp_load_bytes),
+            program(ProgramType::SkLookup),
         ];
         Kernel {
             release,
@@ -141,7 +146,7 @@ mod tests {
 
     #[test]
     fn a_missing_feature_is_named_with_its_release() {
-        let mut found = [true; 8];
+        let mut found = [true; 9];
         found[6] = false;
         let k = Kernel {
             release: "5.4.0".into(),

@@ -26,7 +26,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{LpmTrie, MapData, PerCpuArray, SockMap},
-    programs::SchedClassifier,
+    programs::{SchedClassifier, SkLookup, links::PinnedLink},
 };
 use mesh_common::{
     counters,
@@ -44,6 +44,10 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/me
 pub const CAPTURE_PROGRAM: &str = "capture";
 const BPF_FS_MAGIC: libc::__fsword_t = 0xcafe_4a11;
 const COUNTERS_PIN: &str = "counters";
+/// The sk_lookup program that gives the listener to a SYN a TIME_WAIT socket took
+/// (`mesh-ebpf`'s `steer`), and where its link is pinned.
+const STEER_PROGRAM: &str = "steer";
+const STEER_PIN: &str = "steer";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -124,6 +128,8 @@ pub struct Programs {
     /// What the capture tries hold, when known (`None` after a failed write: then they are
     /// read back before the next one).
     capture_written: Option<Vec<CaptureRule>>,
+    /// The `steer` link, once the listeners are set.
+    steer: Option<PinnedLink>,
 }
 
 impl Programs {
@@ -158,6 +164,7 @@ impl Programs {
             rule_ids: authz::RuleIds::default(),
             plan: None,
             capture_written: None,
+            steer: None,
         };
         programs.pin_counters()?;
         Ok(programs)
@@ -300,6 +307,17 @@ impl Programs {
             map.set(redirect::LISTENER_V6, v6, 0)
                 .map_err(maps::err(name))?;
         }
+        if self.steer.is_none() {
+            let prog: &mut SkLookup = self
+                .bpf
+                .program_mut(STEER_PROGRAM)
+                .ok_or(Error::MissingProgram(STEER_PROGRAM))?
+                .try_into()?;
+            if prog.fd().is_err() {
+                prog.load()?;
+            }
+            self.steer = Some(attach::sk_lookup(prog, &self.dir.join(STEER_PIN))?);
+        }
         Ok(())
     }
 
@@ -369,6 +387,9 @@ impl Programs {
             if let Err(e) = attach::detach(a) {
                 warn!(iface = %iface, error = %e, "detaching capture");
             }
+        }
+        if let Some(link) = self.steer.take() {
+            attach::detach_sk_lookup(link, &self.dir.join(STEER_PIN));
         }
         let _ = std::fs::remove_file(self.dir.join(COUNTERS_PIN));
         let _ = std::fs::remove_dir(&self.dir);

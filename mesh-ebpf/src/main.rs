@@ -107,7 +107,7 @@ fn try_capture(ctx: &TcContext) -> Result<i32, Error> {
                                 core::ptr::read_unaligned(&tuple as *const _ as *const [u32; 9])
                             },
                         };
-                        let _ = TW_SYNS.insert(&key, &1, 0);
+                        let _ = TW_SYNS.insert(key, 1, 0);
                     }
                     assign(ctx, owner)?;
                     count(ctr::SYN_TO_EXISTING);
@@ -333,10 +333,10 @@ pub fn steer(ctx: SkLookupContext) -> u32 {
         _ => return SK_PASS,
     };
     // SAFETY: a plain-data lookup; the value is not kept.
-    if unsafe { TW_SYNS.get(&key) }.is_none() {
+    if unsafe { TW_SYNS.get(key) }.is_none() {
         return SK_PASS;
     }
-    let _ = TW_SYNS.remove(&key);
+    let _ = TW_SYNS.remove(key);
     if let Some(sk) = listener(slot) {
         // SAFETY: `sk` is a referenced listener from the SockMap, released right after.
         unsafe {

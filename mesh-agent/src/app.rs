@@ -37,6 +37,13 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
         Some(k) => Some((crate::k8s::client().await?, k.clone())),
         None => None,
     };
+    // A running agent with this configuration hands over its sockets (handover.rs); without
+    // one this is a fresh start.
+    let takeover = crate::handover::connect(&cfg.handover_socket)
+        .context("taking over from the running agent")?;
+    if let Some(t) = &takeover {
+        info!(from_version = %t.version, socket = %cfg.handover_socket.display(), "taking over from the running agent");
+    }
     let plan = policy::plan(&cfg, &initial)?;
     let summary = initial.summary();
     let store = Arc::new(PolicyStore::new(initial));
@@ -69,6 +76,7 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
         .as_ref()
         .map(|(_, k)| crate::k8s::Status::new(&k.node_name));
     let kube_status_handle = kube_status.clone();
+    let handover_metrics = crate::handover::Metrics::register(&mut metrics.registry);
     let metrics = Arc::new(metrics);
     let status: admin::StatusFn = {
         let cell = capture_cell.clone();
@@ -91,11 +99,30 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
         config: cfg.to_json(),
         status,
     });
-    let admin_addr = admin::spawn(cfg.admin_address, admin_state).await?;
-
-    // Listeners first: once the program is attached, SYNs need somewhere to go.
-    let listeners = Listeners::bind(cfg.listen_port)?;
-    let mut routing = PolicyRouting::install(cfg.mark, cfg.route_table)?;
+    let (channel, listeners, admin_listener) = match takeover {
+        Some(t) => (
+            Some(t.channel),
+            Listeners::from_fds(t.v4, t.v6, cfg.listen_port)?,
+            match t.admin {
+                Some(fd) => std::net::TcpListener::from(fd),
+                None => admin::bind(cfg.admin_address)?,
+            },
+        ),
+        // Listeners first: once the program is attached, SYNs need somewhere to go.
+        None => (
+            None,
+            Listeners::bind(cfg.listen_port)?,
+            admin::bind(cfg.admin_address)?,
+        ),
+    };
+    // Copies of the sockets for the next agent, should one take over from this one.
+    let offered = crate::handover::Offered::new(&listeners, &admin_listener)?;
+    let (admin_addr, admin_task) = admin::spawn_on(admin_listener, admin_state, cfg.admin_address)?;
+    let mut routing = if channel.is_some() {
+        PolicyRouting::adopt(cfg.mark, cfg.route_table)?
+    } else {
+        PolicyRouting::install(cfg.mark, cfg.route_table)?
+    };
     // Before the program attaches: no captured SYN may meet kube-proxy's DNAT (routing.rs).
     let mut notrack = cfg
         .kube_proxy_notrack
@@ -105,8 +132,10 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
     if let Some(logger) = capture.take_logger() {
         tokio::spawn(crate::ebpf::forward_logs(logger));
     }
-    capture.apply(&plan)?;
+    // The listeners go in before the program attaches (or replaces a predecessor's through the
+    // pinned link): no captured SYN meets an empty SockMap.
     capture.set_listeners(&listeners.v4, listeners.v6.as_ref())?;
+    capture.apply(&plan)?;
     let capture = Arc::new(Mutex::new(capture));
     let _ = capture_cell.set(capture.clone());
 
@@ -122,6 +151,7 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
         }))
     });
 
+    let (start_moving, handoff, moved) = proxy::Handoff::new();
     let settings = Arc::new(proxy::Settings {
         connect_timeout: cfg.connect_timeout,
         idle_timeout: cfg.idle_timeout,
@@ -132,6 +162,7 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
         balancer: Arc::new(Balancer::default()),
         metrics: metrics.tcp.clone(),
         http: http.clone(),
+        handoff,
     });
     let stats = Arc::new(Stats::default());
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -180,11 +211,47 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
         "agent ready"
     );
 
-    tokio::select! {
-        _ = sigterm.recv() => info!("SIGTERM: draining"),
-        _ = sigint.recv() => info!("SIGINT: draining"),
-    }
+    let mut successor = crate::handover::serve(
+        &cfg.handover_socket,
+        channel,
+        offered,
+        settings.clone(),
+        stats.clone(),
+        handover_metrics,
+    );
+    let handed_over = tokio::select! {
+        _ = sigterm.recv() => { info!("SIGTERM: draining"); None }
+        _ = sigint.recv() => { info!("SIGINT: draining"); None }
+        Some(ch) = successor.recv() => Some(ch),
+    };
     ready.store(false, Ordering::Release);
+    if let Some(channel) = handed_over {
+        admin_task.abort();
+        for w in watcher.into_iter().chain(kubernetes) {
+            w.abort();
+            let _ = w.await;
+        }
+        if let Some(s) = &kube_status_handle {
+            s.release().await;
+        }
+        // Programs, routes and the notrack table are the successor's now; the listeners stay in
+        // its SockMap.
+        capture.lock().unwrap_or_else(|e| e.into_inner()).release();
+        routing.forget();
+        if let Some(n) = notrack.as_mut() {
+            n.forget();
+        }
+        let _ = stop_tx.send(true);
+        for l in loops {
+            let _ = l.await;
+        }
+        crate::handover::hand_over(channel, start_moving, moved, &stats, cfg.drain_timeout).await;
+        info!(
+            accepted = stats.accepted.load(Ordering::Relaxed),
+            "agent stopped: handed over"
+        );
+        return Ok(());
+    }
     for w in watcher.into_iter().chain(kubernetes) {
         w.abort();
         // Wait until the task (and its handle on the capture) is gone.

@@ -83,6 +83,18 @@ impl PolicyRouting {
     /// Installs the rule and local route for both families. IPv6 is skipped (with a warning) only
     /// when the namespace has IPv6 disabled.
     pub fn install(mark: u32, table: u32) -> Result<Self, Error> {
+        Self::install_with(mark, table, false)
+    }
+
+    /// [`install`](Self::install) for an agent taking over from a running one: the rule it
+    /// left is kept, not deleted and added again, so captured packets are never without a route
+    /// to the listeners (they are the same sockets). The kernel refuses an identical rule with
+    /// `File exists`, which here means installed.
+    pub fn adopt(mark: u32, table: u32) -> Result<Self, Error> {
+        Self::install_with(mark, table, true)
+    }
+
+    fn install_with(mark: u32, table: u32, adopt: bool) -> Result<Self, Error> {
         let mut pr = PolicyRouting { undo: Vec::new() };
         let fwmark = format!("{mark:#x}/{mark:#x}");
         let table = table.to_string();
@@ -97,10 +109,17 @@ impl PolicyRouting {
             // A rule left by an agent that was killed is the same rule: replace it, not duplicate.
             let mut del_rule = rule.clone();
             del_rule[2] = "del".into();
-            while ip(&del_rule).is_ok() {
+            while !adopt && ip(&del_rule).is_ok() {
                 debug!(family = fam, "removed a leftover capture rule");
             }
-            if let Err(e) = ip(&rule) {
+            let added = match ip(&rule) {
+                Err(Error::Command { reason, .. }) if adopt && reason.contains("File exists") => {
+                    debug!(family = fam, "kept the capture rule of the previous agent");
+                    Ok(())
+                }
+                r => r,
+            };
+            if let Err(e) = added {
                 if fam == "-6" && !std::path::Path::new("/proc/sys/net/ipv6").exists() {
                     warn!(error = %e, "IPv6 is disabled here; IPv6 capture is off");
                     continue;
@@ -124,6 +143,14 @@ impl PolicyRouting {
                 warn!(error = %e, "removing policy routing");
             }
         }
+    }
+}
+
+impl PolicyRouting {
+    /// Leaves the rules and routes in place for the agent that took over (it removes them when
+    /// it stops).
+    pub fn forget(&mut self) {
+        self.undo.clear();
     }
 }
 
@@ -200,6 +227,13 @@ impl Notrack {
         {
             warn!(error = %e, "removing the conntrack bypass");
         }
+    }
+}
+
+impl Notrack {
+    /// Leaves the table in place for the agent that took over.
+    pub fn forget(&mut self) {
+        self.installed = false;
     }
 }
 

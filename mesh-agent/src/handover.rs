@@ -815,7 +815,7 @@ mod tests {
             &[],
         )
         .expect("send");
-        let e = b.recv().err().expect("refused");
+        let e = b.recv().expect_err("refused");
         assert!(e.to_string().contains("carries 0 fds, 2 expected"), "{e}");
     }
 

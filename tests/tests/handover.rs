@@ -401,6 +401,15 @@ fn five_takeovers_under_load_drop_nothing() {
     );
 }
 
+/// Waits until the agent's log (written by a background thread) contains `text`.
+fn wait_log(agent: &mesh_tests::Agent, text: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !agent.log().contains(text) {
+        assert!(Instant::now() < deadline, "no {text:?} in:\n{}", agent.log());
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A field of the successor's log line with `message` (waits for it a little).
 fn next_log_field(agent: &mesh_tests::Agent, message: &str, field: &str) -> u64 {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -471,11 +480,7 @@ fn another_protocol_version_is_refused_clearly() {
         "{answer}"
     );
     drop(fd);
-    assert!(
-        agent
-            .log()
-            .contains("a successor did not take over; still serving")
-    );
+    wait_log(&agent, "a successor did not take over; still serving");
     let ready = t.node.http_get(mesh_tests::ADMIN, "/readyz");
     assert!(
         ready.starts_with("HTTP/1.1 200") || ready.starts_with("HTTP/1.0 200"),

@@ -126,9 +126,17 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
     // Before the program attaches: no captured SYN may meet kube-proxy's DNAT (routing.rs).
     let mut notrack = cfg
         .kube_proxy_notrack
-        .then(|| Notrack::install(cfg.mark))
+        .then(|| {
+            if channel.is_some() {
+                Notrack::adopt(cfg.mark)
+            } else {
+                Notrack::install(cfg.mark)
+            }
+        })
         .transpose()?;
     let mut capture = Programs::load(&cfg.bpffs_dir, cfg.mark, cfg.ebpf_log)?;
+    // Until the predecessor hears this agent is ready, a failure here leaves the links to it.
+    capture.release_on_drop(channel.is_some());
     if let Some(logger) = capture.take_logger() {
         tokio::spawn(crate::ebpf::forward_logs(logger));
     }
@@ -211,13 +219,34 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
         "agent ready"
     );
 
+    // From here on nothing fails before the predecessor hears ready: what was adopted is ours.
+    capture
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .release_on_drop(false);
+    routing.own();
+    if let Some(n) = notrack.as_mut() {
+        n.own();
+    }
+    let reclaim = {
+        let capture = capture.clone();
+        Box::new(move || {
+            let mut c = capture.lock().unwrap_or_else(|e| e.into_inner());
+            if let Err(e) = c.reclaim() {
+                warn!(error = %e, "attaching the programs again after a failed takeover");
+            }
+        })
+    };
     let mut successor = crate::handover::serve(
         &cfg.handover_socket,
         channel,
         offered,
-        settings.clone(),
-        stats.clone(),
-        handover_metrics,
+        crate::handover::Hooks {
+            settings: settings.clone(),
+            stats: stats.clone(),
+            metrics: handover_metrics,
+            reclaim,
+        },
     );
     let handed_over = tokio::select! {
         _ = sigterm.recv() => { info!("SIGTERM: draining"); None }

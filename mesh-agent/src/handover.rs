@@ -557,6 +557,16 @@ impl Offered {
     }
 }
 
+/// What the handover thread works with.
+pub struct Hooks {
+    pub settings: Arc<Settings>,
+    pub stats: Arc<Stats>,
+    pub metrics: Arc<Metrics>,
+    /// Attaches this agent's programs again after a successor failed between its attach
+    /// (through the pinned links) and its ready.
+    pub reclaim: Box<dyn Fn() + Send>,
+}
+
 /// Finishes taking over (when `predecessor` is set: says ready, then resumes the connections
 /// it sends) and then offers this agent's sockets on `path`. The receiver yields the channel
 /// of a successor that is ready: then this agent hands over ([`hand_over`]).
@@ -564,10 +574,14 @@ pub fn serve(
     path: &Path,
     predecessor: Option<Channel>,
     offered: Offered,
-    settings: Arc<Settings>,
-    stats: Arc<Stats>,
-    metrics: Arc<Metrics>,
+    hooks: Hooks,
 ) -> mpsc::Receiver<Channel> {
+    let Hooks {
+        settings,
+        stats,
+        metrics,
+        reclaim,
+    } = hooks;
     let (tx, rx) = mpsc::channel(1);
     let runtime = tokio::runtime::Handle::current();
     let path = path.to_path_buf();
@@ -585,21 +599,30 @@ pub fn serve(
         info!(socket = %path.display(), "handover socket ready");
         let listeners: Vec<RawFd> = offered.listeners.iter().map(AsRawFd::as_raw_fd).collect();
         loop {
-            let ready = server
-                .accept(&listeners, Some(offered.admin.as_raw_fd()))
-                .and_then(|ch| match ch.recv()? {
-                    (Message::Ready, _) => Ok(ch),
-                    (other, _) => Err(Error::Peer(format!("expected ready, got {other:?}"))),
-                });
-            match ready {
-                Ok(ch) => {
+            let ch = match server.accept(&listeners, Some(offered.admin.as_raw_fd())) {
+                Ok(ch) => ch,
+                Err(e) => {
+                    metrics.handover("failed");
+                    warn!(error = %e, "a successor did not take over; still serving");
+                    continue;
+                }
+            };
+            match ch.recv() {
+                Ok((Message::Ready, _)) => {
                     info!("successor ready: handing over");
                     let _ = tx.blocking_send(ch);
                     return;
                 }
-                Err(e) => {
+                other => {
+                    // It had the listeners and may have attached its programs through the
+                    // pinned links before it failed: ours go back in place.
                     metrics.handover("failed");
-                    warn!(error = %e, "a successor did not take over; still serving");
+                    let error = match other {
+                        Ok((m, _)) => format!("expected ready, got {m:?}"),
+                        Err(e) => e.to_string(),
+                    };
+                    warn!(%error, "a successor failed before it was ready; still serving");
+                    reclaim();
                 }
             }
         }

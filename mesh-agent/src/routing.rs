@@ -55,6 +55,8 @@ pub enum Error {
 pub struct PolicyRouting {
     /// `ip` argument lists that undo what was installed, in order.
     undo: Vec<Vec<String>>,
+    /// Adopted from a predecessor and not ours to remove until [`PolicyRouting::own`].
+    adopted: Vec<Vec<String>>,
 }
 
 fn ip(args: &[String]) -> Result<(), Error> {
@@ -89,13 +91,25 @@ impl PolicyRouting {
     /// [`install`](Self::install) for an agent taking over from a running one: the rule it
     /// left is kept, not deleted and added again, so captured packets are never without a route
     /// to the listeners (they are the same sockets). The kernel refuses an identical rule with
-    /// `File exists`, which here means installed.
+    /// `File exists`, which here means installed. Nothing is removed on drop until
+    /// [`own`](Self::own): a successor that fails before it is ready leaves the routing to the
+    /// agent still running.
     pub fn adopt(mark: u32, table: u32) -> Result<Self, Error> {
-        Self::install_with(mark, table, true)
+        let mut pr = Self::install_with(mark, table, true)?;
+        pr.adopted = std::mem::take(&mut pr.undo);
+        Ok(pr)
+    }
+
+    /// The predecessor has handed over: what was adopted is this agent's to remove.
+    pub fn own(&mut self) {
+        self.undo.append(&mut self.adopted);
     }
 
     fn install_with(mark: u32, table: u32, adopt: bool) -> Result<Self, Error> {
-        let mut pr = PolicyRouting { undo: Vec::new() };
+        let mut pr = PolicyRouting {
+            undo: Vec::new(),
+            adopted: Vec::new(),
+        };
         let fwmark = format!("{mark:#x}/{mark:#x}");
         let table = table.to_string();
         let pref = RULE_PREF.to_string();
@@ -164,6 +178,8 @@ impl Drop for PolicyRouting {
 /// [`Notrack::remove`] or drop.
 pub struct Notrack {
     installed: bool,
+    /// Installed over a predecessor's table; ours to remove after [`Notrack::own`].
+    adopted: bool,
 }
 
 /// Runs `nft -f -` with `script` on stdin: one transaction, all or nothing.
@@ -217,7 +233,26 @@ impl Notrack {
     pub fn install(mark: u32) -> Result<Self, Error> {
         nft("install", &notrack_script(mark))?;
         info!(table = NOTRACK_TABLE, mark = %format!("{mark:#x}"), "conntrack bypass for captured packets installed");
-        Ok(Notrack { installed: true })
+        Ok(Notrack {
+            installed: true,
+            adopted: false,
+        })
+    }
+
+    /// [`install`](Self::install) over a running predecessor's table (the same rule, replaced
+    /// in one transaction); not removed on drop until [`own`](Self::own).
+    pub fn adopt(mark: u32) -> Result<Self, Error> {
+        let mut n = Self::install(mark)?;
+        n.installed = false;
+        n.adopted = true;
+        Ok(n)
+    }
+
+    /// The predecessor has handed over: the table is this agent's to remove.
+    pub fn own(&mut self) {
+        if std::mem::take(&mut self.adopted) {
+            self.installed = true;
+        }
     }
 
     /// Removes the table [`install`](Self::install) added.

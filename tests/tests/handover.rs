@@ -321,8 +321,14 @@ fn five_takeovers_under_load_drop_nothing() {
     for n in 1..=TAKEOVERS {
         if n == 2 || n == 4 {
             // Policy reloads under the same load.
+            let reloads = agent.log().matches("policy reloaded").count();
             write_atomically(&pfile, &policy(n as u8));
-            thread::sleep(Duration::from_millis(500));
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while agent.log().matches("policy reloaded").count() == reloads {
+                assert!(Instant::now() < deadline, "no reload:\n{}", agent.log());
+                thread::sleep(Duration::from_millis(20));
+            }
+            thread::sleep(Duration::from_millis(300));
         }
         let before = (
             tally.l4_rounds.load(Ordering::Relaxed),
@@ -340,6 +346,15 @@ fn five_takeovers_under_load_drop_nothing() {
         );
         let old_log = agent.log();
         assert!(old_log.contains("connections handed over"), "{old_log}");
+        // Nothing went wrong on the way out: no warning, nothing detached or removed.
+        for bad in ["\"WARN\"", "\"ERROR\"", "programs detached", "removing"] {
+            assert!(
+                !old_log.contains(bad),
+                "{bad} in the old agent's log:\n{old_log}"
+            );
+        }
+        // The new agent replaced the program in place, through the pinned link.
+        wait_log(&next, "\"replaced\":true");
         let moved = next_log_field(&next, "takeover complete", "moved_tcp");
         let moved_http = next_log_field(&next, "takeover complete", "moved_http1");
         figures.push(format!(
@@ -405,7 +420,11 @@ fn five_takeovers_under_load_drop_nothing() {
 fn wait_log(agent: &mesh_tests::Agent, text: &str) {
     let deadline = Instant::now() + Duration::from_secs(5);
     while !agent.log().contains(text) {
-        assert!(Instant::now() < deadline, "no {text:?} in:\n{}", agent.log());
+        assert!(
+            Instant::now() < deadline,
+            "no {text:?} in:\n{}",
+            agent.log()
+        );
         thread::sleep(Duration::from_millis(20));
     }
 }
@@ -539,4 +558,70 @@ fn another_protocol_version_is_refused_clearly() {
         "{err}"
     );
     let _ = std::fs::remove_dir_all(format!("{}-other", t.bpffs_dir.display()));
+}
+
+/// A successor that fails after it attached its program (here: on an interface that does not
+/// exist) but before it said ready leaves the running agent serving with its own programs again.
+#[test]
+fn a_failed_successor_leaves_the_running_agent_serving() {
+    if !privileged("handover") {
+        return;
+    }
+    let t = Topology::new(&["client", "server"]);
+    let (client, server) = (t.pod("client"), t.pod("server"));
+    let l = server
+        .ns
+        .run(|| TcpListener::bind("0.0.0.0:7000"))
+        .expect("bind");
+    thread::spawn(move || echo_server(l));
+    let capture = format!("{}/32=7000", server.ip4);
+    let agent = t.start_agent(&["--interface", &client.host_if, "--capture", &capture]);
+    let dst: SocketAddr = SocketAddr::new(IpAddr::V4(server.ip4), 7000);
+    let round_trip = |what: &str| {
+        let what = what.to_string();
+        client.ns.run(move || {
+            let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(3)).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(3)))
+                .expect("timeout");
+            let msg = pattern(what.len() as u64, 100);
+            s.write_all(&msg).expect("write");
+            let mut back = vec![0u8; 100];
+            s.read_exact(&mut back).expect("echo");
+            assert_eq!(back, msg, "{what}");
+        })
+    };
+    round_trip("before");
+    let accepted = |a: &mesh_tests::Agent| a.log().matches("\"connection closed\"").count();
+    let out = t
+        .node
+        .cmd(mesh_tests::agent_bin().to_str().expect("utf8"))
+        .args([
+            "run",
+            "--bpffs-dir",
+            t.bpffs_dir.to_str().expect("utf8"),
+            "--interface",
+            &client.host_if,
+            "--interface",
+            "nosuchif0",
+            "--capture",
+            &capture,
+        ])
+        .output()
+        .expect("successor");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("nosuchif0"), "{err}");
+    wait_log(
+        &agent,
+        "a successor failed before it was ready; still serving",
+    );
+    wait_log(&agent, "programs attached again after a failed takeover");
+    let before = accepted(&agent);
+    round_trip("after");
+    // Through the running agent, not around it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while accepted(&agent) == before {
+        assert!(Instant::now() < deadline, "not proxied:\n{}", agent.log());
+        thread::sleep(Duration::from_millis(20));
+    }
 }

@@ -442,6 +442,37 @@ impl Programs {
         info!("programs detached");
     }
 
+    /// While taking over (until the predecessor is told this agent is ready), a failure must
+    /// not detach: the links are the predecessor's too, and it reclaims them
+    /// ([`Programs::reclaim`]). With `true`, dropping `self` releases instead of detaching.
+    pub fn release_on_drop(&mut self, release: bool) {
+        self.released = release;
+    }
+
+    /// After a successor failed before it was ready: attaches this agent's programs again
+    /// through the pinned links (an atomic replacement, as at any start), so its maps, the
+    /// ones its policy updates write, are the ones in use again.
+    pub fn reclaim(&mut self) -> Result<(), Error> {
+        let links = std::mem::take(&mut self.capture)
+            .into_values()
+            .chain(std::mem::take(&mut self.authz).into_values());
+        for a in links {
+            attach::release(a);
+        }
+        let Some((plan, _)) = self.plan.clone() else {
+            return Ok(());
+        };
+        self.sync_capture_links(&plan.interfaces)?;
+        let xdp: &[InterfaceName] = if plan.authz.is_empty() {
+            &[]
+        } else {
+            &plan.interfaces
+        };
+        self.sync_authz_links(xdp)?;
+        info!("programs attached again after a failed takeover");
+        Ok(())
+    }
+
     /// Hands the attachments to a successor that took over (see `handover`): links stay
     /// attached and pinned, the counters pin stays, and dropping `self` detaches nothing.
     pub fn release(&mut self) {

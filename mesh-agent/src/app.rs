@@ -143,7 +143,13 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
     // The listeners go in before the program attaches (or replaces a predecessor's through the
     // pinned link): no captured SYN meets an empty SockMap.
     capture.set_listeners(&listeners.v4, listeners.v6.as_ref())?;
-    capture.apply(&plan)?;
+    // Taking over in Kubernetes mode, the policy and the pods to capture come from the API
+    // server: the predecessor's programs keep running on its complete maps until the first
+    // synced apply replaces them through the pins, instead of this agent's empty ones now.
+    let synced_first = channel.is_some() && cfg.kubernetes.is_some();
+    if !synced_first {
+        capture.apply(&plan)?;
+    }
     let capture = Arc::new(Mutex::new(capture));
     let _ = capture_cell.set(capture.clone());
 
@@ -176,12 +182,21 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut loops = Vec::new();
     for l in std::iter::once(listeners.v4).chain(listeners.v6) {
-        loops.push(tokio::spawn(proxy::serve(
-            l,
-            settings.clone(),
-            stats.clone(),
-            stop_rx.clone(),
-        )));
+        let (settings, stats, stop_rx) = (settings.clone(), stats.clone(), stop_rx.clone());
+        // The listeners are shared with a running predecessor: this agent accepts only once it
+        // can route what it accepts (Kubernetes mode: once synced).
+        let gate = synced_first.then(|| ready.clone());
+        loops.push(tokio::spawn(async move {
+            if let Some(ready) = gate {
+                while !ready.load(Ordering::Acquire) {
+                    if *stop_rx.borrow() {
+                        return;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+            }
+            proxy::serve(l, settings, stats, stop_rx).await;
+        }));
     }
 
     // Kubernetes mode is ready once every watched kind has synced and its policy is applied.
@@ -245,7 +260,16 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
             settings: settings.clone(),
             stats: stats.clone(),
             metrics: handover_metrics,
+            ready: ready.clone(),
             reclaim,
+            taken_over: {
+                let status = kube_status_handle.clone();
+                Box::new(move || {
+                    if let Some(s) = &status {
+                        s.retry_lease();
+                    }
+                })
+            },
         },
     );
     let handed_over = tokio::select! {

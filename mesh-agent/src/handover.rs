@@ -43,7 +43,11 @@ use prometheus_client::{
     registry::Registry,
 };
 use serde::{Deserialize, Serialize};
-use std::{os::fd::AsFd, sync::Arc, sync::atomic::Ordering};
+use std::{
+    os::fd::AsFd,
+    sync::Arc,
+    sync::atomic::{AtomicBool, Ordering},
+};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
@@ -562,9 +566,15 @@ pub struct Hooks {
     pub settings: Arc<Settings>,
     pub stats: Arc<Stats>,
     pub metrics: Arc<Metrics>,
+    /// The agent's readiness: the predecessor is told ready only once it is set (in
+    /// Kubernetes mode, once the API server's objects are synced and applied).
+    pub ready: Arc<AtomicBool>,
     /// Attaches this agent's programs again after a successor failed between its attach
     /// (through the pinned links) and its ready.
     pub reclaim: Box<dyn Fn() + Send>,
+    /// Runs once the predecessor is done (it released the status Lease before it moved its
+    /// connections): try for the Lease now.
+    pub taken_over: Box<dyn Fn() + Send>,
 }
 
 /// Finishes taking over (when `predecessor` is set: says ready, then resumes the connections
@@ -580,14 +590,20 @@ pub fn serve(
         settings,
         stats,
         metrics,
+        ready,
         reclaim,
+        taken_over,
     } = hooks;
     let (tx, rx) = mpsc::channel(1);
     let runtime = tokio::runtime::Handle::current();
     let path = path.to_path_buf();
     std::thread::spawn(move || {
         if let Some(ch) = predecessor {
+            while !ready.load(Ordering::Acquire) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
             receive(&ch, &runtime, &settings, &stats, &metrics);
+            taken_over();
         }
         let server = match Server::bind(&path) {
             Ok(s) => s,

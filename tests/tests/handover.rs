@@ -625,3 +625,94 @@ fn a_failed_successor_leaves_the_running_agent_serving() {
         thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Kubernetes mode, as a DaemonSet rolling update with `maxSurge: 1` runs it: the new pod's
+/// agent takes over on the node; connections through a Service survive byte for byte, and the
+/// status Lease changes holder at once (released on handover), not after its duration.
+#[test]
+fn kubernetes_mode_takeover_keeps_connections_and_hands_over_the_lease() {
+    use mesh_tests::kube::{ApiServer, start_agent};
+    if !privileged("handover") {
+        return;
+    }
+    let t = Topology::new(&["client", "server"]);
+    let (client, server) = (t.pod("client"), t.pod("server"));
+    let l = server
+        .ns
+        .run(|| TcpListener::bind("0.0.0.0:7000"))
+        .expect("bind");
+    thread::spawn(move || echo_server(l));
+    let api = ApiServer::start_at(&t, "127.0.0.1:0");
+    api.install_crds();
+    api.apply(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {skiff.dev/mesh: enabled}}\n",
+    );
+    api.create_pod("shop", "client", "node-1", client.ip4, "app: client");
+    api.apply(&service(
+        "l4",
+        ip(L4_VIP),
+        7000,
+        7000,
+        &[IpAddr::V4(server.ip4)],
+    ));
+    // A lease far longer than the test: a holder change can only come from a release.
+    let flags = |pod: &'static str| ["--pod-name", pod, "--lease-duration", "120s"];
+    let mut old = start_agent(&t, &api, "node-1", &flags("skiff-old"));
+    let holder = || {
+        api.get("lease", "skiff-system", "skiff-mesh-status")["spec"]["holderIdentity"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while holder() != "skiff-old" {
+        assert!(Instant::now() < deadline, "no lease holder:\n{}", old.log());
+        thread::sleep(Duration::from_millis(50));
+    }
+    let dst: SocketAddr = format!("{L4_VIP}:7000").parse().expect("addr");
+    let mut conns: Vec<TcpStream> = client.ns.run(move || {
+        (0..20)
+            .map(|_| TcpStream::connect_timeout(&dst, Duration::from_secs(5)).expect("connect"))
+            .collect()
+    });
+    let check = |conns: &mut Vec<TcpStream>, round: u64| {
+        for (i, s) in conns.iter_mut().enumerate() {
+            s.set_read_timeout(Some(Duration::from_secs(5)))
+                .expect("timeout");
+            let msg = pattern(round << 8 | i as u64, 256);
+            s.write_all(&msg).expect("write");
+            let mut back = vec![0u8; 256];
+            s.read_exact(&mut back).expect("echo");
+            assert_eq!(back, msg, "connection {i} round {round}");
+        }
+    };
+    check(&mut conns, 1);
+    let started = Instant::now();
+    let new = start_agent(&t, &api, "node-1", &flags("skiff-new"));
+    let status = old.wait_exit(Duration::from_secs(30));
+    let exited = started.elapsed();
+    assert!(status.success(), "{status}:\n{}", old.log());
+    check(&mut conns, 2);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while holder() != "skiff-new" {
+        assert!(
+            Instant::now() < deadline,
+            "lease still held by {:?}:\n{}",
+            holder(),
+            new.log()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    let moved = next_log_field(&new, "takeover complete", "moved_tcp");
+    println!(
+        "kubernetes mode: old agent exited {} ms after the new one started, {moved} connections moved, lease holder skiff-new after {} ms",
+        exited.as_millis(),
+        started.elapsed().as_millis()
+    );
+    assert_eq!(moved, 20);
+    // New connections go through the new agent.
+    let mut fresh: Vec<TcpStream> = client.ns.run(move || {
+        vec![TcpStream::connect_timeout(&dst, Duration::from_secs(5)).expect("connect")]
+    });
+    check(&mut fresh, 3);
+}

@@ -311,7 +311,10 @@ impl Proxy {
     /// handover): once `moving` turns true, an HTTP/1 connection ends at its next gap between
     /// requests, when hyper holds none of its bytes, and the summary says `moved` (the socket
     /// is closed here, so the caller keeps a duplicate of it to pass on); an HTTP/2 connection
-    /// gets GOAWAY and its streams finish here.
+    /// gets GOAWAY and its streams finish here. `resumed`: the connection moved here idle,
+    /// between two requests, so no request head is due yet (the idle timeout applies, not the
+    /// header timeout).
+    #[allow(clippy::too_many_arguments)]
     pub async fn serve_movable(
         &self,
         client: TcpStream,
@@ -320,9 +323,10 @@ impl Proxy {
         dst: SocketAddr,
         h2: bool,
         moving: tokio::sync::watch::Receiver<bool>,
+        resumed: bool,
     ) -> Result<ConnSummary, Error> {
         let _ = client.set_nodelay(true);
-        self.serve_io(client, prefix, src, dst, h2, Some(moving))
+        self.serve_conn(client, prefix, src, dst, h2, Some(moving), resumed)
             .await
     }
 
@@ -341,10 +345,28 @@ impl Proxy {
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
+        self.serve_conn(client, prefix, src, dst, h2, moving, false)
+            .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn serve_conn<S>(
+        &self,
+        client: S,
+        prefix: Vec<u8>,
+        src: SocketAddr,
+        dst: SocketAddr,
+        h2: bool,
+        moving: Option<tokio::sync::watch::Receiver<bool>>,
+        resumed: bool,
+    ) -> Result<ConnSummary, Error>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let shared = &self.shared;
         let config = &shared.config;
         shared.stats.connections.fetch_add(1, Ordering::Relaxed);
-        let state = Arc::new(ConnState::new(!h2));
+        let state = Arc::new(ConnState::new(!h2 && !resumed));
         let scanner = (!h2).then(|| HeadScanner::new(config.max_header_bytes, config.max_headers));
         let io = TokioIo::new(ClientIo::new(
             client,

@@ -379,7 +379,9 @@ async fn serve_http(c: HttpConn, settings: &Settings, mut movable: Movable<'_>) 
     };
     let r = settings
         .http
-        .serve_movable(c.client, c.prefix, c.src.0, c.dst.0, c.h2, signal)
+        .serve_movable(
+            c.client, c.prefix, c.src.0, c.dst.0, c.h2, signal, c.resumed,
+        )
         .await;
     m.active.get_or_create(&c.labels).dec();
     let ms = c.started.elapsed().as_millis() as u64;

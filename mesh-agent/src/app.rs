@@ -332,6 +332,9 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
     let counters = capture.counters().ok();
     capture.detach();
     routing.remove();
+    // No successor will come through it: a clean stop leaves no socket file behind (a killed
+    // agent's file is recognised as stale and replaced by the next one).
+    let _ = std::fs::remove_file(&cfg.handover_socket);
     if let Some(n) = notrack.as_mut() {
         n.remove();
     }

@@ -558,6 +558,11 @@ fn another_protocol_version_is_refused_clearly() {
         "{err}"
     );
     let _ = std::fs::remove_dir_all(format!("{}-other", t.bpffs_dir.display()));
+
+    // A clean stop removes the socket file: no successor can come through it any more.
+    let mut agent = agent;
+    assert!(agent.terminate(Duration::from_secs(30)).success());
+    assert!(!path.exists(), "{} left behind", path.display());
 }
 
 /// A successor that fails after it attached its program (here: on an interface that does not

@@ -87,15 +87,34 @@ pub enum Error {
 
 /// Binds now (so a port clash is a startup error) and serves in the background.
 pub async fn spawn(addr: SocketAddr, state: Arc<State>) -> Result<SocketAddr, Error> {
-    let listener = TcpListener::bind(addr)
-        .await
+    let listener = bind(addr)?;
+    Ok(spawn_on(listener, state, addr)?.0)
+}
+
+/// Binds the admin address (blocking, non-blocking mode set): separate from serving so that a
+/// handover can pass the very socket to the next agent.
+pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, Error> {
+    let l = std::net::TcpListener::bind(addr).map_err(|source| Error::Bind { addr, source })?;
+    l.set_nonblocking(true)
         .map_err(|source| Error::Bind { addr, source })?;
+    Ok(l)
+}
+
+/// Serves on an already bound listener (ours, or the one a predecessor handed over); the task
+/// is aborted when this agent hands over.
+pub fn spawn_on(
+    listener: std::net::TcpListener,
+    state: Arc<State>,
+    addr: SocketAddr,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), Error> {
+    let _ = listener.set_nonblocking(true);
+    let listener =
+        TcpListener::from_std(listener).map_err(|source| Error::Bind { addr, source })?;
     let local = listener
         .local_addr()
         .map_err(|source| Error::Bind { addr, source })?;
     info!(%local, "admin server listening");
-    tokio::spawn(accept(listener, state));
-    Ok(local)
+    Ok((local, tokio::spawn(accept(listener, state))))
 }
 
 async fn accept(listener: TcpListener, state: Arc<State>) {

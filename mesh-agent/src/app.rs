@@ -37,6 +37,13 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
         Some(k) => Some((crate::k8s::client().await?, k.clone())),
         None => None,
     };
+    // A running agent with this configuration hands over its sockets (handover.rs); without
+    // one this is a fresh start.
+    let takeover = crate::handover::connect(&cfg.handover_socket)
+        .context("taking over from the running agent")?;
+    if let Some(t) = &takeover {
+        info!(from_version = %t.version, socket = %cfg.handover_socket.display(), "taking over from the running agent");
+    }
     let plan = policy::plan(&cfg, &initial)?;
     let summary = initial.summary();
     let store = Arc::new(PolicyStore::new(initial));
@@ -69,6 +76,7 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
         .as_ref()
         .map(|(_, k)| crate::k8s::Status::new(&k.node_name));
     let kube_status_handle = kube_status.clone();
+    let handover_metrics = crate::handover::Metrics::register(&mut metrics.registry);
     let metrics = Arc::new(metrics);
     let status: admin::StatusFn = {
         let cell = capture_cell.clone();
@@ -91,22 +99,57 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
         config: cfg.to_json(),
         status,
     });
-    let admin_addr = admin::spawn(cfg.admin_address, admin_state).await?;
-
-    // Listeners first: once the program is attached, SYNs need somewhere to go.
-    let listeners = Listeners::bind(cfg.listen_port)?;
-    let mut routing = PolicyRouting::install(cfg.mark, cfg.route_table)?;
+    let (channel, listeners, admin_listener) = match takeover {
+        Some(t) => (
+            Some(t.channel),
+            Listeners::from_fds(t.v4, t.v6, cfg.listen_port)?,
+            match t.admin {
+                Some(fd) => std::net::TcpListener::from(fd),
+                None => admin::bind(cfg.admin_address)?,
+            },
+        ),
+        // Listeners first: once the program is attached, SYNs need somewhere to go.
+        None => (
+            None,
+            Listeners::bind(cfg.listen_port)?,
+            admin::bind(cfg.admin_address)?,
+        ),
+    };
+    // Copies of the sockets for the next agent, should one take over from this one.
+    let offered = crate::handover::Offered::new(&listeners, &admin_listener)?;
+    let (admin_addr, admin_task) = admin::spawn_on(admin_listener, admin_state, cfg.admin_address)?;
+    let mut routing = if channel.is_some() {
+        PolicyRouting::adopt(cfg.mark, cfg.route_table)?
+    } else {
+        PolicyRouting::install(cfg.mark, cfg.route_table)?
+    };
     // Before the program attaches: no captured SYN may meet kube-proxy's DNAT (routing.rs).
     let mut notrack = cfg
         .kube_proxy_notrack
-        .then(|| Notrack::install(cfg.mark))
+        .then(|| {
+            if channel.is_some() {
+                Notrack::adopt(cfg.mark)
+            } else {
+                Notrack::install(cfg.mark)
+            }
+        })
         .transpose()?;
     let mut capture = Programs::load(&cfg.bpffs_dir, cfg.mark, cfg.ebpf_log)?;
+    // Until the predecessor hears this agent is ready, a failure here leaves the links to it.
+    capture.release_on_drop(channel.is_some());
     if let Some(logger) = capture.take_logger() {
         tokio::spawn(crate::ebpf::forward_logs(logger));
     }
-    capture.apply(&plan)?;
+    // The listeners go in before the program attaches (or replaces a predecessor's through the
+    // pinned link): no captured SYN meets an empty SockMap.
     capture.set_listeners(&listeners.v4, listeners.v6.as_ref())?;
+    // Taking over in Kubernetes mode, the policy and the pods to capture come from the API
+    // server: the predecessor's programs keep running on its complete maps until the first
+    // synced apply replaces them through the pins, instead of this agent's empty ones now.
+    let synced_first = channel.is_some() && cfg.kubernetes.is_some();
+    if !synced_first {
+        capture.apply(&plan)?;
+    }
     let capture = Arc::new(Mutex::new(capture));
     let _ = capture_cell.set(capture.clone());
 
@@ -122,6 +165,7 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
         }))
     });
 
+    let (start_moving, handoff, moved) = proxy::Handoff::new();
     let settings = Arc::new(proxy::Settings {
         connect_timeout: cfg.connect_timeout,
         idle_timeout: cfg.idle_timeout,
@@ -132,17 +176,27 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
         balancer: Arc::new(Balancer::default()),
         metrics: metrics.tcp.clone(),
         http: http.clone(),
+        handoff,
     });
     let stats = Arc::new(Stats::default());
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut loops = Vec::new();
     for l in std::iter::once(listeners.v4).chain(listeners.v6) {
-        loops.push(tokio::spawn(proxy::serve(
-            l,
-            settings.clone(),
-            stats.clone(),
-            stop_rx.clone(),
-        )));
+        let (settings, stats, stop_rx) = (settings.clone(), stats.clone(), stop_rx.clone());
+        // The listeners are shared with a running predecessor: this agent accepts only once it
+        // can route what it accepts (Kubernetes mode: once synced).
+        let gate = synced_first.then(|| ready.clone());
+        loops.push(tokio::spawn(async move {
+            if let Some(ready) = gate {
+                while !ready.load(Ordering::Acquire) {
+                    if *stop_rx.borrow() {
+                        return;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+            }
+            proxy::serve(l, settings, stats, stop_rx).await;
+        }));
     }
 
     // Kubernetes mode is ready once every watched kind has synced and its policy is applied.
@@ -180,11 +234,77 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
         "agent ready"
     );
 
-    tokio::select! {
-        _ = sigterm.recv() => info!("SIGTERM: draining"),
-        _ = sigint.recv() => info!("SIGINT: draining"),
+    // From here on nothing fails before the predecessor hears ready: what was adopted is ours.
+    capture
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .release_on_drop(false);
+    routing.own();
+    if let Some(n) = notrack.as_mut() {
+        n.own();
     }
+    let reclaim = {
+        let capture = capture.clone();
+        Box::new(move || {
+            let mut c = capture.lock().unwrap_or_else(|e| e.into_inner());
+            if let Err(e) = c.reclaim() {
+                warn!(error = %e, "attaching the programs again after a failed takeover");
+            }
+        })
+    };
+    let mut successor = crate::handover::serve(
+        &cfg.handover_socket,
+        channel,
+        offered,
+        crate::handover::Hooks {
+            settings: settings.clone(),
+            stats: stats.clone(),
+            metrics: handover_metrics,
+            ready: ready.clone(),
+            reclaim,
+            taken_over: {
+                let status = kube_status_handle.clone();
+                Box::new(move || {
+                    if let Some(s) = &status {
+                        s.retry_lease();
+                    }
+                })
+            },
+        },
+    );
+    let handed_over = tokio::select! {
+        _ = sigterm.recv() => { info!("SIGTERM: draining"); None }
+        _ = sigint.recv() => { info!("SIGINT: draining"); None }
+        Some(ch) = successor.recv() => Some(ch),
+    };
     ready.store(false, Ordering::Release);
+    if let Some(channel) = handed_over {
+        admin_task.abort();
+        for w in watcher.into_iter().chain(kubernetes) {
+            w.abort();
+            let _ = w.await;
+        }
+        if let Some(s) = &kube_status_handle {
+            s.release().await;
+        }
+        // Programs, routes and the notrack table are the successor's now; the listeners stay in
+        // its SockMap.
+        capture.lock().unwrap_or_else(|e| e.into_inner()).release();
+        routing.forget();
+        if let Some(n) = notrack.as_mut() {
+            n.forget();
+        }
+        let _ = stop_tx.send(true);
+        for l in loops {
+            let _ = l.await;
+        }
+        crate::handover::hand_over(channel, start_moving, moved, &stats, cfg.drain_timeout).await;
+        info!(
+            accepted = stats.accepted.load(Ordering::Relaxed),
+            "agent stopped: handed over"
+        );
+        return Ok(());
+    }
     for w in watcher.into_iter().chain(kubernetes) {
         w.abort();
         // Wait until the task (and its handle on the capture) is gone.
@@ -212,6 +332,9 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
     let counters = capture.counters().ok();
     capture.detach();
     routing.remove();
+    // No successor will come through it: a clean stop leaves no socket file behind (a killed
+    // agent's file is recognised as stale and replaced by the next one).
+    let _ = std::fs::remove_file(&cfg.handover_socket);
     if let Some(n) = notrack.as_mut() {
         n.remove();
     }

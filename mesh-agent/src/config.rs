@@ -32,8 +32,12 @@ pub const ENV_POD_NAME: &str = "MESH_POD_NAME";
 pub const ENV_LEASE_NAMESPACE: &str = "MESH_LEASE_NAMESPACE";
 pub const ENV_LEASE_NAME: &str = "MESH_LEASE_NAME";
 pub const ENV_LEASE_DURATION: &str = "MESH_LEASE_DURATION";
+pub const ENV_HANDOVER_SOCKET: &str = "MESH_HANDOVER_SOCKET";
 
 pub const DEFAULT_LISTEN_PORT: u16 = 15001;
+/// Folder of the derived handover sockets (a hostPath in the DaemonSet, so that the old and the
+/// new pod of a rolling update meet there).
+pub const DEFAULT_HANDOVER_DIR: &str = "/run/skiff";
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
@@ -110,6 +114,9 @@ pub struct File {
     /// Exempt captured (marked) packets from conntrack so kube-proxy's DNAT of Service VIPs
     /// does not rewrite them before they reach the agent (default true).
     pub kube_proxy_notrack: Option<bool>,
+    /// Unix socket on which a running agent hands its sockets to its successor (default
+    /// derived from `bpffs_dir` and `listen_port` under /run/skiff).
+    pub handover_socket: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -171,6 +178,11 @@ pub struct Overrides {
     /// on the node DNATs Service addresses (no kube-proxy) and `nft` is unavailable.
     #[arg(long, env = ENV_KUBE_PROXY_NOTRACK)]
     pub kube_proxy_notrack: Option<bool>,
+    /// Unix socket of the zero-loss handover: an agent started with the same configuration
+    /// while one runs takes over through it. Default `/run/skiff/handover-<hash>.sock`, the hash
+    /// of `bpffs_dir` and `listen_port` (so agents with other pins never meet).
+    #[arg(long, env = ENV_HANDOVER_SOCKET)]
+    pub handover_socket: Option<PathBuf>,
     /// Take the policy and the pods to capture from the Kubernetes API (kubeconfig from
     /// `KUBECONFIG`, else in-cluster) instead of a policy file.
     #[arg(long, env = ENV_KUBERNETES)]
@@ -221,6 +233,8 @@ pub struct Config {
     /// Captured packets (those carrying `mark`) skip conntrack in the node's PREROUTING, so a
     /// kube-proxy DNAT rule for their Service VIP never applies to them; see `routing::Notrack`.
     pub kube_proxy_notrack: bool,
+    /// Where this agent offers its sockets to a successor, and looks for a predecessor.
+    pub handover_socket: PathBuf,
     /// Kubernetes mode: the node whose pods are enrolled.
     pub kubernetes: Option<Kubernetes>,
 }
@@ -294,6 +308,7 @@ impl Config {
             "access_log": self.access_log,
             "ebpf_log": self.ebpf_log,
             "kube_proxy_notrack": self.kube_proxy_notrack,
+            "handover_socket": self.handover_socket,
             "kubernetes": self.kubernetes.as_ref().map(|k| serde_json::json!({
                 "node_name": k.node_name,
                 "lease": {
@@ -583,6 +598,21 @@ impl Config {
             err("policy".into(), format!("{} does not exist", p.display()));
         }
 
+        let handover_socket = ov
+            .handover_socket
+            .clone()
+            .or(file.handover_socket)
+            .unwrap_or_else(|| derived_handover_socket(&bpffs_dir, listen_port));
+        // sun_path holds 108 bytes with the terminating NUL.
+        if handover_socket.as_os_str().len() > 107 {
+            err(
+                "handover_socket".into(),
+                format!(
+                    "{} is longer than a Unix socket path may be (107 bytes)",
+                    handover_socket.display()
+                ),
+            );
+        }
         if !errs.is_empty() {
             return Err(Error::Invalid(errs));
         }
@@ -606,9 +636,23 @@ impl Config {
                 .kube_proxy_notrack
                 .or(file.kube_proxy_notrack)
                 .unwrap_or(true),
+            handover_socket,
             kubernetes,
         })
     }
+}
+
+/// `/run/skiff/handover-<hash>.sock` with a stable hash (FNV-1a, not `DefaultHasher`, whose
+/// output may change between Rust releases: an upgraded binary must find the old one) of the
+/// two settings that make two agents the same data plane.
+pub fn derived_handover_socket(bpffs_dir: &std::path::Path, listen_port: u16) -> PathBuf {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let bytes = bpffs_dir.as_os_str().as_encoded_bytes();
+    for b in bytes.iter().chain(&listen_port.to_be_bytes()) {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    PathBuf::from(DEFAULT_HANDOVER_DIR).join(format!("handover-{:012x}.sock", h >> 16))
 }
 
 #[cfg(test)]

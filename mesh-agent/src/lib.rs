@@ -5,6 +5,7 @@ pub mod admin;
 pub mod app;
 pub mod config;
 pub mod ebpf;
+pub mod handover;
 pub mod k8s;
 pub mod metrics;
 pub mod policy;

@@ -55,6 +55,8 @@ pub enum Error {
 pub struct PolicyRouting {
     /// `ip` argument lists that undo what was installed, in order.
     undo: Vec<Vec<String>>,
+    /// Adopted from a predecessor and not ours to remove until [`PolicyRouting::own`].
+    adopted: Vec<Vec<String>>,
 }
 
 fn ip(args: &[String]) -> Result<(), Error> {
@@ -83,7 +85,31 @@ impl PolicyRouting {
     /// Installs the rule and local route for both families. IPv6 is skipped (with a warning) only
     /// when the namespace has IPv6 disabled.
     pub fn install(mark: u32, table: u32) -> Result<Self, Error> {
-        let mut pr = PolicyRouting { undo: Vec::new() };
+        Self::install_with(mark, table, false)
+    }
+
+    /// [`install`](Self::install) for an agent taking over from a running one: the rule it
+    /// left is kept, not deleted and added again, so captured packets are never without a route
+    /// to the listeners (they are the same sockets). The kernel refuses an identical rule with
+    /// `File exists`, which here means installed. Nothing is removed on drop until
+    /// [`own`](Self::own): a successor that fails before it is ready leaves the routing to the
+    /// agent still running.
+    pub fn adopt(mark: u32, table: u32) -> Result<Self, Error> {
+        let mut pr = Self::install_with(mark, table, true)?;
+        pr.adopted = std::mem::take(&mut pr.undo);
+        Ok(pr)
+    }
+
+    /// The predecessor has handed over: what was adopted is this agent's to remove.
+    pub fn own(&mut self) {
+        self.undo.append(&mut self.adopted);
+    }
+
+    fn install_with(mark: u32, table: u32, adopt: bool) -> Result<Self, Error> {
+        let mut pr = PolicyRouting {
+            undo: Vec::new(),
+            adopted: Vec::new(),
+        };
         let fwmark = format!("{mark:#x}/{mark:#x}");
         let table = table.to_string();
         let pref = RULE_PREF.to_string();
@@ -97,10 +123,17 @@ impl PolicyRouting {
             // A rule left by an agent that was killed is the same rule: replace it, not duplicate.
             let mut del_rule = rule.clone();
             del_rule[2] = "del".into();
-            while ip(&del_rule).is_ok() {
+            while !adopt && ip(&del_rule).is_ok() {
                 debug!(family = fam, "removed a leftover capture rule");
             }
-            if let Err(e) = ip(&rule) {
+            let added = match ip(&rule) {
+                Err(Error::Command { reason, .. }) if adopt && reason.contains("File exists") => {
+                    debug!(family = fam, "kept the capture rule of the previous agent");
+                    Ok(())
+                }
+                r => r,
+            };
+            if let Err(e) = added {
                 if fam == "-6" && !std::path::Path::new("/proc/sys/net/ipv6").exists() {
                     warn!(error = %e, "IPv6 is disabled here; IPv6 capture is off");
                     continue;
@@ -127,6 +160,14 @@ impl PolicyRouting {
     }
 }
 
+impl PolicyRouting {
+    /// Leaves the rules and routes in place for the agent that took over (it removes them when
+    /// it stops).
+    pub fn forget(&mut self) {
+        self.undo.clear();
+    }
+}
+
 impl Drop for PolicyRouting {
     fn drop(&mut self) {
         self.remove();
@@ -137,6 +178,8 @@ impl Drop for PolicyRouting {
 /// [`Notrack::remove`] or drop.
 pub struct Notrack {
     installed: bool,
+    /// Installed over a predecessor's table; ours to remove after [`Notrack::own`].
+    adopted: bool,
 }
 
 /// Runs `nft -f -` with `script` on stdin: one transaction, all or nothing.
@@ -190,7 +233,26 @@ impl Notrack {
     pub fn install(mark: u32) -> Result<Self, Error> {
         nft("install", &notrack_script(mark))?;
         info!(table = NOTRACK_TABLE, mark = %format!("{mark:#x}"), "conntrack bypass for captured packets installed");
-        Ok(Notrack { installed: true })
+        Ok(Notrack {
+            installed: true,
+            adopted: false,
+        })
+    }
+
+    /// [`install`](Self::install) over a running predecessor's table (the same rule, replaced
+    /// in one transaction); not removed on drop until [`own`](Self::own).
+    pub fn adopt(mark: u32) -> Result<Self, Error> {
+        let mut n = Self::install(mark)?;
+        n.installed = false;
+        n.adopted = true;
+        Ok(n)
+    }
+
+    /// The predecessor has handed over: the table is this agent's to remove.
+    pub fn own(&mut self) {
+        if std::mem::take(&mut self.adopted) {
+            self.installed = true;
+        }
     }
 
     /// Removes the table [`install`](Self::install) added.
@@ -200,6 +262,13 @@ impl Notrack {
         {
             warn!(error = %e, "removing the conntrack bypass");
         }
+    }
+}
+
+impl Notrack {
+    /// Leaves the table in place for the agent that took over.
+    pub fn forget(&mut self) {
+        self.installed = false;
     }
 }
 

@@ -5,7 +5,7 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -39,6 +39,9 @@ pub(crate) struct ConnState {
     pub rejected: AtomicU64,
     /// The request (numbered from 1) whose chunked body was refused; 0 if none was.
     pub body_rejected: AtomicU64,
+    /// The last write to the client was refused for lack of room (hyper may hold bytes it has
+    /// not written): the connection is not idle enough to move to another process.
+    pub write_blocked: AtomicBool,
 }
 
 impl ConnState {
@@ -52,6 +55,7 @@ impl ConnState {
             requests: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
             body_rejected: AtomicU64::new(0),
+            write_blocked: AtomicBool::new(false),
         }
     }
 
@@ -248,6 +252,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ClientIo<S> {
         if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
             self.state.touch();
         }
+        self.state
+            .write_blocked
+            .store(result.is_pending(), Ordering::Relaxed);
         result
     }
 
@@ -260,6 +267,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ClientIo<S> {
         if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
             self.state.touch();
         }
+        self.state
+            .write_blocked
+            .store(result.is_pending(), Ordering::Relaxed);
         result
     }
 
@@ -268,7 +278,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ClientIo<S> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let result = Pin::new(&mut self.inner).poll_flush(cx);
+        self.state
+            .write_blocked
+            .store(result.is_pending(), Ordering::Relaxed);
+        result
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

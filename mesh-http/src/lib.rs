@@ -141,6 +141,9 @@ pub enum Error {
 pub struct ConnSummary {
     /// Requests received (HTTP/1 requests or HTTP/2 streams).
     pub requests: u64,
+    /// The connection was left, idle, for another process to serve (see
+    /// [`Proxy::serve_movable`]): the caller holds a copy of the socket to hand over.
+    pub moved: bool,
 }
 
 /// The HTTP proxy. Cheap to clone; clones share upstream pools, endpoint health, the retry
@@ -152,9 +155,11 @@ pub struct Proxy {
 
 /// Drives a hyper server connection while watching the header read and idle timeouts.
 macro_rules! drive {
-    ($conn:expr, $state:expr, $config:expr, $h1:expr, $src:expr, $stats:expr) => {{
+    ($conn:expr, $state:expr, $config:expr, $h1:expr, $src:expr, $stats:expr, $moving:expr) => {{
         let conn = $conn;
         tokio::pin!(conn);
+        let mut moving: Option<tokio::sync::watch::Receiver<bool>> = $moving;
+        let mut move_requested = false;
         let state: &ConnState = &$state;
         let header_ms = u64::try_from($config.header_read_timeout.as_millis()).unwrap_or(u64::MAX);
         let idle_ms = u64::try_from($config.idle_timeout.as_millis()).unwrap_or(u64::MAX);
@@ -179,10 +184,34 @@ macro_rules! drive {
                 if $h1 {
                     next = next.min(now + head_tick);
                 }
-                Duration::from_millis(next.saturating_sub(now).clamp(10, 3_600_000))
+                if move_requested {
+                    // Waiting for the gap between two requests.
+                    next = now + 1;
+                }
+                Duration::from_millis(next.saturating_sub(now).clamp(1, 3_600_000))
+            };
+            let asked = async {
+                match moving.as_mut() {
+                    Some(m) => m.wait_for(|v| *v).await.is_ok(),
+                    None => std::future::pending().await,
+                }
             };
             tokio::select! {
-                result = conn.as_mut() => break result.map_err(|source| Error::Downstream { src: $src, source }),
+                result = conn.as_mut() => break result.map(|()| false).map_err(|source| Error::Downstream { src: $src, source }),
+                asked = asked, if !move_requested => {
+                    if !asked {
+                        // No one will ask any more.
+                        moving = None;
+                    } else if $h1 {
+                        move_requested = true;
+                    } else {
+                        // HTTP/2 does not move: GOAWAY, and the streams in flight finish here.
+                        tracing::debug!("handing over: GOAWAY");
+                        conn.as_mut().graceful_shutdown();
+                        shutting_down = true;
+                        moving = None;
+                    }
+                }
                 () = tokio::time::sleep(sleep) => {
                     let now = now_ms();
                     let active = state.active.load(Ordering::Relaxed);
@@ -193,6 +222,16 @@ macro_rules! drive {
                             src: $src,
                             timeout: $config.header_read_timeout,
                         });
+                    }
+                    // Between two requests, with nothing read ahead and nothing left unwritten:
+                    // hyper holds no bytes of this connection, the socket can move.
+                    if move_requested
+                        && !shutting_down
+                        && active == 0
+                        && started == 0
+                        && !state.write_blocked.load(Ordering::Relaxed)
+                    {
+                        break Ok(true);
                     }
                     let last = state.last_activity.load(Ordering::Relaxed);
                     if !shutting_down && active == 0 && now.saturating_sub(last) >= idle_ms {
@@ -265,7 +304,30 @@ impl Proxy {
         h2: bool,
     ) -> Result<ConnSummary, Error> {
         let _ = client.set_nodelay(true);
-        self.serve_io(client, prefix, src, dst, h2).await
+        self.serve_io(client, prefix, src, dst, h2, None).await
+    }
+
+    /// [`Proxy::serve`] for a connection that may have to move to another process (the agent's
+    /// handover): once `moving` turns true, an HTTP/1 connection ends at its next gap between
+    /// requests, when hyper holds none of its bytes, and the summary says `moved` (the socket
+    /// is closed here, so the caller keeps a duplicate of it to pass on); an HTTP/2 connection
+    /// gets GOAWAY and its streams finish here. `resumed`: the connection moved here idle,
+    /// between two requests, so no request head is due yet (the idle timeout applies, not the
+    /// header timeout).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn serve_movable(
+        &self,
+        client: TcpStream,
+        prefix: Vec<u8>,
+        src: SocketAddr,
+        dst: SocketAddr,
+        h2: bool,
+        moving: tokio::sync::watch::Receiver<bool>,
+        resumed: bool,
+    ) -> Result<ConnSummary, Error> {
+        let _ = client.set_nodelay(true);
+        self.serve_conn(client, prefix, src, dst, h2, Some(moving), resumed)
+            .await
     }
 
     /// [`Proxy::serve`] over any byte stream: what the fuzz targets drive, over an in-memory
@@ -278,6 +340,25 @@ impl Proxy {
         src: SocketAddr,
         dst: SocketAddr,
         h2: bool,
+        moving: Option<tokio::sync::watch::Receiver<bool>>,
+    ) -> Result<ConnSummary, Error>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        self.serve_conn(client, prefix, src, dst, h2, moving, false)
+            .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn serve_conn<S>(
+        &self,
+        client: S,
+        prefix: Vec<u8>,
+        src: SocketAddr,
+        dst: SocketAddr,
+        h2: bool,
+        moving: Option<tokio::sync::watch::Receiver<bool>>,
+        resumed: bool,
     ) -> Result<ConnSummary, Error>
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -285,7 +366,7 @@ impl Proxy {
         let shared = &self.shared;
         let config = &shared.config;
         shared.stats.connections.fetch_add(1, Ordering::Relaxed);
-        let state = Arc::new(ConnState::new(!h2));
+        let state = Arc::new(ConnState::new(!h2 && !resumed));
         let scanner = (!h2).then(|| HeadScanner::new(config.max_header_bytes, config.max_headers));
         let io = TokioIo::new(ClientIo::new(
             client,
@@ -322,7 +403,8 @@ impl Proxy {
                     config,
                     false,
                     src,
-                    shared.stats
+                    shared.stats,
+                    moving
                 )
             } else {
                 let mut builder = http1::Builder::new();
@@ -338,13 +420,17 @@ impl Proxy {
                     config,
                     true,
                     src,
-                    shared.stats
+                    shared.stats,
+                    moving
                 )
             }
         };
         let result = served.instrument(span).await;
+        let moved = matches!(result, Ok(true));
+        let result = result.map(|_| ());
         let summary = ConnSummary {
             requests: state.requests.load(Ordering::Relaxed),
+            moved,
         };
         // A refusal is what the connection ended with, whether hyper then reported an error
         // (a poisoned head) or closed cleanly after the 400.

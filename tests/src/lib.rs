@@ -668,6 +668,23 @@ impl Agent {
         read_counters(&self.bpffs_dir)
     }
 
+    /// Waits for the agent to exit by itself (after a handover); killed if it has not within
+    /// `within`.
+    pub fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(s) = child.try_wait().expect("wait") {
+                return s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return child.wait().expect("wait");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(&mut self, within: Duration) -> ExitStatus {
         let mut child = self.child.take().expect("running");

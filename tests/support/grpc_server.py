@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """gRPC test server without generated code: raw-bytes handlers for `mesh.Test/Echo` (unary) and
-`mesh.Test/Count` (server streaming). Replies name the server, and trailers carry `x-served-by`.
+`mesh.Test/Count` and `mesh.Test/Ticks` (server streaming). Replies name the server, and trailers carry `x-served-by`.
 
   grpc_server.py NAME PORT
 """
 import sys
+import time
 from concurrent import futures
 
 import grpc
@@ -25,6 +26,16 @@ def count(request, context):
         yield f"{name}:{i}".encode()
 
 
+def ticks(request, context):
+    """`N:MS`: N replies, MS milliseconds apart (a stream that outlives an agent handover)."""
+    context.set_trailing_metadata((("x-served-by", name),))
+    n, ms = (int(x) for x in request.decode().split(":"))
+    for i in range(n):
+        if i:
+            time.sleep(ms / 1000)
+        yield f"{name}:{i}".encode()
+
+
 def fail(request, context):
     context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{name} says no")
 
@@ -32,6 +43,7 @@ def fail(request, context):
 handler = grpc.method_handlers_generic_handler("mesh.Test", {
     "Echo": grpc.unary_unary_rpc_method_handler(echo),
     "Count": grpc.unary_stream_rpc_method_handler(count),
+    "Ticks": grpc.unary_stream_rpc_method_handler(ticks),
     "Fail": grpc.unary_unary_rpc_method_handler(fail),
 })
 server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))

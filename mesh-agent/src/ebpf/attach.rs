@@ -248,6 +248,18 @@ pub fn xdp(prog: &mut Xdp, iface: &InterfaceName, pin: &Path) -> Result<Attached
     })
 }
 
+/// Lets go of a link without detaching it: after a handover the successor attached through the
+/// same pinned link (or filter) and holds it; closing this agent's reference leaves it attached.
+pub fn release(mut a: Attached) {
+    match a.link.take() {
+        Some(Handle::Pinned(link)) => drop(link),
+        // A taken filter link deletes the filter when dropped; the successor's program runs in
+        // that very filter now.
+        Some(Handle::Filter(link)) => std::mem::forget(link),
+        None => {}
+    }
+}
+
 /// Unpins and detaches (clean shutdown or an interface that left the plan); the interface is
 /// left without the program.
 pub fn detach(mut a: Attached) -> Result<(), Error> {

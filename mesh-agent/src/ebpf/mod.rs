@@ -48,6 +48,12 @@ const COUNTERS_PIN: &str = "counters";
 /// (`mesh-ebpf`'s `steer`), and where its link is pinned.
 const STEER_PROGRAM: &str = "steer";
 const STEER_PIN: &str = "steer";
+/// Version of what the agent keeps in `bpffs_dir`: the pin names (`capture-<iface>`,
+/// `authz-<iface>`, `steer`, `counters`), the program type behind each link and the counters map's
+/// layout. A successor reuses pins only of its own version; raise it when any of these changes.
+pub const PIN_LAYOUT: u32 = 1;
+/// bpffs holds no regular files, but it does hold symlinks: the version is the link's target.
+const LAYOUT_PIN: &str = "layout";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -78,6 +84,41 @@ pub enum Error {
     Kernel(String),
     #[error("eBPF program logs: {0}")]
     Log(String),
+    #[error(
+        "the pins in {} have layout {found:?}, this agent understands {}: stop the agent \
+         that made them with SIGTERM (a clean stop removes them) or remove the folder, then start \
+         this one",
+        .dir.display(), layout_name(PIN_LAYOUT)
+    )]
+    Layout { dir: PathBuf, found: String },
+}
+
+fn layout_name(v: u32) -> String {
+    format!("skiff-pins-v{v}")
+}
+
+/// Refuses pins of another layout version; records this version in a folder without one. A
+/// folder without a version holds pins of the agents before versioning, which had the names and
+/// types of version 1.
+fn check_layout(dir: &Path) -> Result<(), Error> {
+    let link = dir.join(LAYOUT_PIN);
+    match std::fs::read_link(&link) {
+        Ok(target) if target.as_os_str() == layout_name(PIN_LAYOUT).as_str() => Ok(()),
+        Ok(target) => Err(Error::Layout {
+            dir: dir.to_path_buf(),
+            found: target.to_string_lossy().into_owned(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::os::unix::fs::symlink(layout_name(PIN_LAYOUT), &link).map_err(|e| Error::Pin {
+                path: link,
+                reason: e.to_string(),
+            })
+        }
+        Err(e) => Err(Error::Pin {
+            path: link,
+            reason: e.to_string(),
+        }),
+    }
 }
 
 /// Reads the programs' log records (a ring buffer) and emits them through `log`, which the
@@ -130,6 +171,8 @@ pub struct Programs {
     capture_written: Option<Vec<CaptureRule>>,
     /// The `steer` link, once the listeners are set.
     steer: Option<PinnedLink>,
+    /// Set by [`Programs::release`]: the links belong to a successor and must outlive us.
+    released: bool,
 }
 
 impl Programs {
@@ -143,6 +186,7 @@ impl Programs {
             info!(release = %kernel.release, "no TCX links before Linux 6.6: capture attaches as a clsact filter");
         }
         ensure_bpffs(bpffs_dir)?;
+        check_layout(bpffs_dir)?;
         // Off, the level is a frozen global: the verifier removes the log statements.
         let level = if log { aya_log::Level::Debug as u8 } else { 0 };
         let mut bpf = EbpfLoader::new()
@@ -165,6 +209,7 @@ impl Programs {
             plan: None,
             capture_written: None,
             steer: None,
+            released: false,
         };
         programs.pin_counters()?;
         Ok(programs)
@@ -392,14 +437,64 @@ impl Programs {
             attach::detach_sk_lookup(link, &self.dir.join(STEER_PIN));
         }
         let _ = std::fs::remove_file(self.dir.join(COUNTERS_PIN));
+        let _ = std::fs::remove_file(self.dir.join(LAYOUT_PIN));
         let _ = std::fs::remove_dir(&self.dir);
         info!("programs detached");
+    }
+
+    /// While taking over (until the predecessor is told this agent is ready), a failure must
+    /// not detach: the links are the predecessor's too, and it reclaims them
+    /// ([`Programs::reclaim`]). With `true`, dropping `self` releases instead of detaching.
+    pub fn release_on_drop(&mut self, release: bool) {
+        self.released = release;
+    }
+
+    /// After a successor failed before it was ready: attaches this agent's programs again
+    /// through the pinned links (an atomic replacement, as at any start), so its maps, the
+    /// ones its policy updates write, are the ones in use again.
+    pub fn reclaim(&mut self) -> Result<(), Error> {
+        let links = std::mem::take(&mut self.capture)
+            .into_values()
+            .chain(std::mem::take(&mut self.authz).into_values());
+        for a in links {
+            attach::release(a);
+        }
+        let Some((plan, _)) = self.plan.clone() else {
+            return Ok(());
+        };
+        self.sync_capture_links(&plan.interfaces)?;
+        let xdp: &[InterfaceName] = if plan.authz.is_empty() {
+            &[]
+        } else {
+            &plan.interfaces
+        };
+        self.sync_authz_links(xdp)?;
+        info!("programs attached again after a failed takeover");
+        Ok(())
+    }
+
+    /// Hands the attachments to a successor that took over (see `handover`): links stay
+    /// attached and pinned, the counters pin stays, and dropping `self` detaches nothing.
+    pub fn release(&mut self) {
+        self.released = true;
+        let links = std::mem::take(&mut self.capture)
+            .into_values()
+            .chain(std::mem::take(&mut self.authz).into_values());
+        for a in links {
+            attach::release(a);
+        }
+        // The successor attached its own sk_lookup link and pinned it in place of ours: closing
+        // ours (no longer pinned) takes our program out of the namespace, and leaves its.
+        drop(self.steer.take());
+        info!("programs left attached for the agent that took over");
     }
 }
 
 impl Drop for Programs {
     fn drop(&mut self) {
-        self.detach();
+        if !self.released {
+            self.detach();
+        }
     }
 }
 

@@ -56,6 +56,8 @@ pub struct Elector {
     gauge: Gauge,
     /// `true` while leader; the status writer waits on it.
     leading: watch::Sender<bool>,
+    /// Wakes [`Elector::run`] before its period: the holder released the Lease (handover).
+    retry: tokio::sync::Notify,
 }
 
 /// The Lease as this agent last saw it change.
@@ -80,6 +82,7 @@ impl Elector {
             }),
             gauge,
             leading: watch::channel(false).0,
+            retry: tokio::sync::Notify::new(),
         })
     }
 
@@ -126,6 +129,12 @@ impl Elector {
         self.leading.send_replace(leader);
     }
 
+    /// Tries again now rather than at the next period: after a handover the predecessor has
+    /// just released the Lease, so the status writer changes at once.
+    pub fn retry_now(&self) {
+        self.retry.notify_one();
+    }
+
     /// Tries to acquire or renew the Lease every `duration / 5`, until dropped.
     pub async fn run(self: Arc<Self>) {
         let renew_deadline = self.cfg.duration * 2 / 3;
@@ -148,7 +157,10 @@ impl Elector {
                 }
             }
             let wait = self.period();
-            tokio::time::sleep(wait.saturating_sub(started.elapsed())).await;
+            tokio::select! {
+                () = tokio::time::sleep(wait.saturating_sub(started.elapsed())) => {}
+                () = self.retry.notified() => {}
+            }
         }
     }
 

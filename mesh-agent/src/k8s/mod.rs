@@ -204,6 +204,13 @@ impl Status {
         })
     }
 
+    /// After taking over from an agent that released the Lease: tries for it at once.
+    pub fn retry_lease(&self) {
+        if let Some(e) = self.elector.get() {
+            e.retry_now();
+        }
+    }
+
     /// On a clean stop, after the Kubernetes task has stopped: hands the status Lease over.
     pub async fn release(&self) {
         if let Some(e) = self.elector.get() {

@@ -19,7 +19,7 @@ use std::{
 };
 
 use nix::fcntl::{OFlag, SpliceFFlags, splice};
-use tokio::{io::Interest, net::TcpStream, time::Instant};
+use tokio::{io::Interest, net::TcpStream, sync::watch, time::Instant};
 
 /// Bytes moved per splice call (the default pipe capacity).
 const SPLICE_CHUNK: usize = 64 * 1024;
@@ -32,6 +32,27 @@ pub struct Transferred {
     pub sent: u64,
     /// Upstream to client.
     pub received: u64,
+}
+
+/// How forwarding stopped without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Both directions ended.
+    Closed(Transferred),
+    /// A handover asked the connection to move: each direction that had not ended stopped while
+    /// it held no bytes (its pipe or buffer empty), so the sockets carry all the state.
+    Paused {
+        transferred: Transferred,
+        sent_done: bool,
+        received_done: bool,
+    },
+}
+
+/// Where a moved connection resumes: the directions that had already ended.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Resume {
+    pub sent_done: bool,
+    pub received_done: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -61,15 +82,19 @@ pub fn disarm_reset(s: &TcpStream) {
     let _ = socket2::SockRef::from(s).set_linger(None);
 }
 
-/// Forwards until both directions end. Both sockets stay armed to reset while forwarding (see
-/// the module docs); on error they are left armed, so each peer learns the connection failed
-/// instead of seeing a clean end; on a clean end they are disarmed.
+/// Forwards until both directions end, or `moving` turns true (then each direction stops at a
+/// point where it holds no bytes). Both sockets stay armed to reset while forwarding (see the
+/// module docs); on error they are left armed, so each peer learns the connection failed
+/// instead of seeing a clean end; on a clean end they are disarmed. Paused, they stay armed:
+/// the agent they move to forwards them armed too, and if it dies, its peers see a reset.
 pub async fn forward(
     client: &TcpStream,
     upstream: &TcpStream,
     idle: Duration,
     use_splice: bool,
-) -> Result<Transferred, Error> {
+    resume: Resume,
+    moving: Option<watch::Receiver<bool>>,
+) -> Result<Ended, Error> {
     arm_reset(client);
     arm_reset(upstream);
     let last = AtomicU64::new(0);
@@ -83,6 +108,8 @@ pub async fn forward(
             &touch,
             Side::Client,
             Side::Upstream,
+            resume.sent_done,
+            moving.clone(),
         );
         let down = pump(
             upstream,
@@ -91,6 +118,8 @@ pub async fn forward(
             &touch,
             Side::Upstream,
             Side::Client,
+            resume.received_done,
+            moving,
         );
         tokio::try_join!(up, down)
     };
@@ -106,19 +135,28 @@ pub async fn forward(
         }
     };
     let result = tokio::select! {
-        r = both => r.map(|(sent, received)| Transferred { sent, received }).map_err(|(side, e)| match side {
+        r = both => r.map(|((sent, up_paused), (received, down_paused))| {
+            let transferred = Transferred { sent, received };
+            if up_paused || down_paused {
+                Ended::Paused { transferred, sent_done: !up_paused, received_done: !down_paused }
+            } else {
+                Ended::Closed(transferred)
+            }
+        }).map_err(|(side, e)| match side {
             Side::Client => Error::Downstream(e),
             Side::Upstream => Error::Upstream(e),
         }),
         () = watch => Err(Error::Idle(idle)),
     };
-    if result.is_ok() {
+    if let Ok(Ended::Closed(_)) = result {
         disarm_reset(client);
         disarm_reset(upstream);
     }
     result
 }
 
+/// One direction: `(bytes, paused)`.
+#[allow(clippy::too_many_arguments)]
 async fn pump(
     from: &TcpStream,
     to: &TcpStream,
@@ -126,20 +164,48 @@ async fn pump(
     touch: &impl Fn(),
     from_side: Side,
     to_side: Side,
-) -> Result<u64, (Side, io::Error)> {
-    let total = if use_splice {
+    done: bool,
+    mut moving: Option<watch::Receiver<bool>>,
+) -> Result<(u64, bool), (Side, io::Error)> {
+    if done {
+        return Ok((0, false));
+    }
+    let r = if use_splice {
         match Pipe::new() {
-            Ok(pipe) => splice_loop(from, to, &pipe, touch).await,
+            Ok(pipe) => splice_loop(from, to, &pipe, touch, &mut moving).await,
             // Out of fds or pipes: fall back rather than fail the connection.
-            Err(_) => copy_loop(from, to, touch).await,
+            Err(_) => copy_loop(from, to, touch, &mut moving).await,
         }
     } else {
-        copy_loop(from, to, touch).await
+        copy_loop(from, to, touch, &mut moving).await
     };
-    let total = total.map_err(|(read, e)| (if read { from_side } else { to_side }, e))?;
-    // Half-close: the peer sees our EOF; the other direction keeps going.
-    let _ = socket2::SockRef::from(to).shutdown(Shutdown::Write);
-    Ok(total)
+    let (total, paused) = r.map_err(|(read, e)| (if read { from_side } else { to_side }, e))?;
+    if !paused {
+        // Half-close: the peer sees our EOF; the other direction keeps going.
+        let _ = socket2::SockRef::from(to).shutdown(Shutdown::Write);
+    }
+    Ok((total, paused))
+}
+
+/// Waits until `from` is readable (`false`) or a handover asks the connection to move
+/// (`true`). Called only where the direction holds no bytes.
+async fn readable_or_moving(
+    from: &TcpStream,
+    moving: &mut Option<watch::Receiver<bool>>,
+) -> io::Result<bool> {
+    let asked = match moving.as_mut() {
+        None => return from.readable().await.map(|()| false),
+        Some(m) => tokio::select! {
+            r = from.readable() => return r.map(|()| false),
+            asked = m.wait_for(|v| *v) => asked.is_ok(),
+        },
+    };
+    if asked {
+        return Ok(true);
+    }
+    // The agent will never ask: stop watching.
+    *moving = None;
+    from.readable().await.map(|()| false)
 }
 
 struct Pipe {
@@ -154,20 +220,27 @@ impl Pipe {
     }
 }
 
-/// Error tuple: (`true` if the read side failed, error).
-type PumpResult = Result<u64, (bool, io::Error)>;
+/// `(bytes, paused)`, or the error tuple (`true` if the read side failed, error).
+type PumpResult = Result<(u64, bool), (bool, io::Error)>;
 
 async fn splice_loop(
     from: &TcpStream,
     to: &TcpStream,
     pipe: &Pipe,
     touch: &impl Fn(),
+    moving: &mut Option<watch::Receiver<bool>>,
 ) -> PumpResult {
     let flags = SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MOVE;
     let mut total = 0u64;
     loop {
         let n = loop {
-            from.readable().await.map_err(|e| (true, e))?;
+            // The pipe is empty here: every byte read so far has been written.
+            if readable_or_moving(from, moving)
+                .await
+                .map_err(|e| (true, e))?
+            {
+                return Ok((total, true));
+            }
             match from.try_io(Interest::READABLE, || {
                 splice(
                     from.as_fd(),
@@ -185,7 +258,7 @@ async fn splice_loop(
             }
         };
         if n == 0 {
-            return Ok(total);
+            return Ok((total, false));
         }
         touch();
         let mut left = n;
@@ -207,12 +280,23 @@ async fn splice_loop(
     }
 }
 
-async fn copy_loop(from: &TcpStream, to: &TcpStream, touch: &impl Fn()) -> PumpResult {
+async fn copy_loop(
+    from: &TcpStream,
+    to: &TcpStream,
+    touch: &impl Fn(),
+    moving: &mut Option<watch::Receiver<bool>>,
+) -> PumpResult {
     let mut buf = vec![0u8; COPY_BUF];
     let mut total = 0u64;
     loop {
         let n = loop {
-            from.readable().await.map_err(|e| (true, e))?;
+            // The buffer is empty here: every byte read so far has been written.
+            if readable_or_moving(from, moving)
+                .await
+                .map_err(|e| (true, e))?
+            {
+                return Ok((total, true));
+            }
             match from.try_read(&mut buf) {
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -220,7 +304,7 @@ async fn copy_loop(from: &TcpStream, to: &TcpStream, touch: &impl Fn()) -> PumpR
             }
         };
         if n == 0 {
-            return Ok(total);
+            return Ok((total, false));
         }
         touch();
         let mut off = 0;
@@ -254,7 +338,7 @@ mod tests {
     ) -> (
         TcpStream,
         TcpStream,
-        tokio::task::JoinHandle<Result<Transferred, Error>>,
+        tokio::task::JoinHandle<Result<Ended, Error>>,
     ) {
         let l1 = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let l2 = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -266,8 +350,17 @@ mod tests {
             .await
             .expect("connect");
         let (server, _) = l2.accept().await.expect("accept");
-        let task =
-            tokio::spawn(async move { forward(&agent_in, &agent_out, idle, use_splice).await });
+        let task = tokio::spawn(async move {
+            forward(
+                &agent_in,
+                &agent_out,
+                idle,
+                use_splice,
+                Resume::default(),
+                None,
+            )
+            .await
+        });
         (client, server, task)
     }
 
@@ -292,10 +385,10 @@ mod tests {
         let t = task.await.expect("join").expect("forward");
         assert_eq!(
             t,
-            Transferred {
+            Ended::Closed(Transferred {
                 sent: payload.len() as u64,
                 received: 6
-            }
+            })
         );
     }
 
@@ -307,6 +400,88 @@ mod tests {
     #[tokio::test]
     async fn copy_moves_everything_and_half_closes() {
         round_trip(false).await;
+    }
+
+    /// A handover pauses forwarding with nothing held in userspace; forwarding resumed on the
+    /// same sockets (as the successor does) loses and repeats no byte.
+    async fn pause_and_resume(use_splice: bool) {
+        let l1 = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let l2 = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let mut client = TcpStream::connect(l1.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (agent_in, _) = l1.accept().await.expect("accept");
+        let agent_out = TcpStream::connect(l2.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (mut server, _) = l2.accept().await.expect("accept");
+        let (tx, rx) = watch::channel(false);
+        let idle = Duration::from_secs(10);
+        let first = tokio::spawn(async move {
+            let r = forward(
+                &agent_in,
+                &agent_out,
+                idle,
+                use_splice,
+                Resume::default(),
+                Some(rx),
+            )
+            .await;
+            (r, agent_in, agent_out)
+        });
+        client.write_all(b"before").await.expect("write");
+        let mut got = [0u8; 6];
+        server.read_exact(&mut got).await.expect("read");
+        assert_eq!(&got, b"before");
+        tx.send(true).expect("signal");
+        let (r, agent_in, agent_out) = first.await.expect("join");
+        assert_eq!(
+            r.expect("paused"),
+            Ended::Paused {
+                transferred: Transferred {
+                    sent: 6,
+                    received: 0
+                },
+                sent_done: false,
+                received_done: false
+            }
+        );
+        // Bytes sent while nobody forwards wait in the kernel, as during a handover.
+        client.write_all(b"during").await.expect("write");
+        server.write_all(b"reply").await.expect("write");
+        let second = tokio::spawn(async move {
+            forward(
+                &agent_in,
+                &agent_out,
+                idle,
+                use_splice,
+                Resume::default(),
+                None,
+            )
+            .await
+        });
+        server.read_exact(&mut got).await.expect("read");
+        assert_eq!(&got, b"during");
+        let mut reply = [0u8; 5];
+        client.read_exact(&mut reply).await.expect("read");
+        assert_eq!(&reply, b"reply");
+        drop(client);
+        drop(server);
+        let r = tokio::time::timeout(Duration::from_secs(5), second)
+            .await
+            .expect("ends")
+            .expect("join");
+        assert!(r.is_ok(), "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn splice_pauses_and_resumes_without_losing_a_byte() {
+        pause_and_resume(true).await;
+    }
+
+    #[tokio::test]
+    async fn copy_pauses_and_resumes_without_losing_a_byte() {
+        pause_and_resume(false).await;
     }
 
     #[tokio::test]

@@ -9,6 +9,7 @@ pub mod forward;
 use std::{
     fmt,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    os::fd::OwnedFd,
     sync::{
         Arc,
         atomic::{AtomicU64, AtomicUsize, Ordering},
@@ -21,11 +22,12 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{
     io::AsyncWriteExt,
     net::{TcpListener, TcpStream},
-    sync::{Notify, watch},
+    sync::{Notify, mpsc, watch},
 };
 use tracing::{Instrument, Span, debug, field::Empty, info, info_span, warn};
 
 use crate::{
+    handover::{ConnKind, ConnState},
     metrics::{TcpLabels, TcpMetrics},
     policy::Store,
 };
@@ -98,6 +100,27 @@ impl Listeners {
     }
 }
 
+impl Listeners {
+    /// The listeners a predecessor handed over (see `handover`): the same sockets, so their
+    /// accept queues and the handshakes in progress carry over.
+    pub fn from_fds(v4: OwnedFd, v6: Option<OwnedFd>, port: u16) -> Result<Self, Error> {
+        let adopt = |fd: OwnedFd, family: &'static str| {
+            let l = std::net::TcpListener::from(fd);
+            l.set_nonblocking(true)
+                .and_then(|()| TcpListener::from_std(l))
+                .map_err(|source| Error::Listen {
+                    family,
+                    port,
+                    source,
+                })
+        };
+        Ok(Listeners {
+            v4: adopt(v4, "IPv4")?,
+            v6: v6.map(|fd| adopt(fd, "IPv6")).transpose()?,
+        })
+    }
+}
+
 fn transparent_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     sock.set_reuse_address(true)?;
@@ -129,6 +152,57 @@ pub struct Settings {
     pub metrics: Arc<TcpMetrics>,
     /// Serves connections detected as HTTP/1 or HTTP/2 prior knowledge.
     pub http: mesh_http::Proxy,
+    /// Where connections go when this agent hands over to a successor.
+    pub handoff: Handoff,
+}
+
+/// A connection leaving this agent for its successor: its state and its sockets (client, then
+/// upstream for L4).
+#[derive(Debug)]
+pub struct Moved {
+    pub state: ConnState,
+    pub fds: Vec<OwnedFd>,
+}
+
+/// The handover's side of the proxy: `signal` turns true when the successor is ready; each
+/// connection then stops where it holds no bytes and sends itself to `out`.
+#[derive(Clone, Debug)]
+pub struct Handoff {
+    pub signal: watch::Receiver<bool>,
+    pub out: mpsc::UnboundedSender<Moved>,
+}
+
+impl Handoff {
+    /// The sender that starts the move, the handoff for [`Settings`], and the receiving end.
+    pub fn new() -> (watch::Sender<bool>, Self, mpsc::UnboundedReceiver<Moved>) {
+        let (tx, signal) = watch::channel(false);
+        let (out, rx) = mpsc::unbounded_channel();
+        (tx, Handoff { signal, out }, rx)
+    }
+}
+
+/// Counts a connection as one that may still move until it moves, ends, or turns out to be one
+/// that never moves (HTTP/2): the handover waits for the count to reach zero.
+struct Movable<'a>(Option<&'a Stats>);
+
+impl<'a> Movable<'a> {
+    fn new(stats: &'a Stats) -> Self {
+        stats.movable.fetch_add(1, Ordering::AcqRel);
+        Movable(Some(stats))
+    }
+
+    fn settle(&mut self) {
+        if let Some(s) = self.0.take() {
+            s.movable.fetch_sub(1, Ordering::AcqRel);
+            s.settled.notify_waiters();
+        }
+    }
+}
+
+impl Drop for Movable<'_> {
+    fn drop(&mut self) {
+        self.settle();
+    }
 }
 
 /// Connection counts shared by all accept loops.
@@ -137,7 +211,10 @@ pub struct Stats {
     pub accepted: AtomicU64,
     pub active: AtomicUsize,
     pub upstream_failures: AtomicU64,
+    /// Connections that may still move to a successor (see `handover`).
+    pub movable: AtomicUsize,
     drained: Notify,
+    settled: Notify,
 }
 
 impl Stats {
@@ -154,6 +231,12 @@ impl Stats {
                 return self.active.load(Ordering::Acquire);
             }
         }
+    }
+
+    /// Waits until the movable count changes (or a short while: a count that reached zero
+    /// before this call is seen by the caller's next check).
+    pub async fn settled(&self) {
+        let _ = tokio::time::timeout(Duration::from_millis(20), self.settled.notified()).await;
     }
 }
 
@@ -172,8 +255,11 @@ pub async fn serve(
                     stats.accepted.fetch_add(1, Ordering::Relaxed);
                     stats.active.fetch_add(1, Ordering::AcqRel);
                     let (settings, stats) = (settings.clone(), stats.clone());
+                    // Counted before the accept loop can stop: the handover then waits for it.
+                    stats.movable.fetch_add(1, Ordering::AcqRel);
                     tokio::spawn(async move {
-                        handle(stream, ClientAddr(peer), &settings, &stats).await;
+                        let movable = Movable(Some(&stats));
+                        handle(stream, ClientAddr(peer), &settings, &stats, movable).await;
                         if stats.active.fetch_sub(1, Ordering::AcqRel) == 1 {
                             stats.drained.notify_waiters();
                         }
@@ -254,35 +340,272 @@ fn labels(service: Option<&mesh_policy::ServicePort>, detection: &Detection) -> 
     }
 }
 
-/// Hands an HTTP connection to the HTTP proxy; logs and counts it like any connection.
-async fn serve_http(
+/// An HTTP connection for the HTTP proxy: new, or moved from a predecessor.
+struct HttpConn {
     client: TcpStream,
-    inspected: Inspected,
+    prefix: Vec<u8>,
+    h2: bool,
+    labels: TcpLabels,
     src: ClientAddr,
     dst: OrigDst,
-    settings: &Settings,
-    service: Option<&mesh_policy::ServicePort>,
-) {
-    let started = Instant::now();
-    let h2 = matches!(inspected.detection, Detection::H2PriorKnowledge);
-    let labels = labels(service, &inspected.detection);
+    /// Requests served before it moved here, and when it was accepted.
+    requests_before: u64,
+    started: Instant,
+    resumed: bool,
+}
+
+/// Hands an HTTP connection to the HTTP proxy; logs and counts it like any connection. An
+/// HTTP/1 connection moves to a successor at its next idle point once one is ready.
+async fn serve_http(c: HttpConn, settings: &Settings, mut movable: Movable<'_>) {
     let m = &settings.metrics;
-    m.opened.get_or_create(&labels).inc();
-    m.active.get_or_create(&labels).inc();
+    if !c.resumed {
+        m.opened.get_or_create(&c.labels).inc();
+    }
+    m.active.get_or_create(&c.labels).inc();
+    // HTTP/2 never moves (GOAWAY instead), so the handover does not wait for it. An HTTP/1
+    // connection moves as a duplicate of its socket: hyper closes its own when it stops.
+    let keep = if c.h2 {
+        movable.settle();
+        None
+    } else {
+        socket2::SockRef::from(&c.client).try_clone().ok()
+    };
+    let signal = if keep.is_some() || c.h2 {
+        settings.handoff.signal.clone()
+    } else {
+        // Without a duplicate it cannot move; it ends here at the drain deadline.
+        movable.settle();
+        watch::channel(false).1
+    };
     let r = settings
         .http
-        .serve(client, inspected.prefix, src.0, dst.0, h2)
+        .serve_movable(
+            c.client, c.prefix, c.src.0, c.dst.0, c.h2, signal, c.resumed,
+        )
         .await;
-    m.active.get_or_create(&labels).dec();
-    m.closed.get_or_create(&labels).inc();
-    let ms = started.elapsed().as_millis() as u64;
+    m.active.get_or_create(&c.labels).dec();
+    let ms = c.started.elapsed().as_millis() as u64;
     match r {
+        Ok(s) if s.moved => {
+            let state = ConnState {
+                kind: ConnKind::Http1,
+                src: c.src.0,
+                dst: c.dst.0,
+                route: None,
+                upstream: None,
+                service: c.labels.service.clone(),
+                protocol: c.labels.protocol.clone(),
+                sent: 0,
+                received: 0,
+                sent_done: false,
+                received_done: false,
+                requests: c.requests_before + s.requests,
+                age_ms: ms,
+            };
+            if let Some(fd) = keep {
+                let _ = settings.handoff.out.send(Moved {
+                    state,
+                    fds: vec![fd.into()],
+                });
+                debug!(
+                    requests = c.requests_before + s.requests,
+                    "idle HTTP/1.1 connection moved to the new agent"
+                );
+            }
+        }
         Ok(s) => {
-            info!(target: ACCESS, requests = s.requests, duration_ms = ms, "connection closed")
+            m.closed.get_or_create(&c.labels).inc();
+            info!(target: ACCESS, requests = c.requests_before + s.requests, duration_ms = ms, "connection closed")
         }
         Err(e) => {
+            m.closed.get_or_create(&c.labels).inc();
             info!(target: ACCESS, error = %e, duration_ms = ms, "connection ended with an error")
         }
+    }
+}
+
+/// Serves a connection a predecessor handed over, from where it stopped.
+pub async fn resume(moved: Moved, settings: Arc<Settings>, stats: Arc<Stats>) {
+    let Moved { state, fds } = moved;
+    let mut fds = fds.into_iter().map(|fd| {
+        let s = std::net::TcpStream::from(fd);
+        s.set_nonblocking(true)
+            .and_then(|()| TcpStream::from_std(s))
+    });
+    let client = match fds.next() {
+        Some(Ok(c)) => c,
+        _ => {
+            warn!(src = %state.src, "a moved connection came without a usable client socket");
+            return;
+        }
+    };
+    stats.active.fetch_add(1, Ordering::AcqRel);
+    let movable = Movable::new(&stats);
+    let labels = TcpLabels {
+        service: state.service.clone(),
+        protocol: state.protocol.clone(),
+    };
+    let started = Instant::now()
+        .checked_sub(Duration::from_millis(state.age_ms))
+        .unwrap_or_else(Instant::now);
+    let span = info_span!("conn", src = %state.src, dst = %state.dst, proto = %state.protocol, route = state.route.as_deref().unwrap_or(""), upstream = Empty, moved = true);
+    async {
+        match state.kind {
+            ConnKind::Http1 => {
+                let c = HttpConn {
+                    client,
+                    prefix: Vec::new(),
+                    h2: false,
+                    labels,
+                    src: ClientAddr(state.src),
+                    dst: OrigDst(state.dst),
+                    requests_before: state.requests,
+                    started,
+                    resumed: true,
+                };
+                serve_http(c, &settings, movable).await;
+            }
+            ConnKind::Tcp => {
+                let Some(Ok(upstream)) = fds.next() else {
+                    warn!("a moved L4 connection came without its upstream socket; resetting");
+                    reset(&client);
+                    return;
+                };
+                if let Some(u) = state.upstream {
+                    Span::current().record("upstream", u.to_string());
+                }
+                relay(
+                    Relay {
+                        client,
+                        upstream,
+                        labels,
+                        src: state.src,
+                        dst: state.dst,
+                        route: state.route.clone(),
+                        endpoint: state.upstream,
+                        base: forward::Transferred {
+                            sent: state.sent,
+                            received: state.received,
+                        },
+                        resume: forward::Resume {
+                            sent_done: state.sent_done,
+                            received_done: state.received_done,
+                        },
+                        started,
+                    },
+                    &settings,
+                    movable,
+                )
+                .await;
+            }
+        }
+    }
+    .instrument(span)
+    .await;
+    if stats.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+        stats.drained.notify_waiters();
+    }
+}
+
+/// An L4 connection between its connect and its end (or its move).
+struct Relay {
+    client: TcpStream,
+    upstream: TcpStream,
+    labels: TcpLabels,
+    src: SocketAddr,
+    dst: SocketAddr,
+    route: Option<String>,
+    endpoint: Option<SocketAddr>,
+    /// Bytes counted before this agent (a moved connection) or before forwarding (the
+    /// detection prefix).
+    base: forward::Transferred,
+    resume: forward::Resume,
+    started: Instant,
+}
+
+/// Forwards until the connection ends or moves to a successor.
+async fn relay(c: Relay, settings: &Settings, _movable: Movable<'_>) {
+    let m = &settings.metrics;
+    m.active.get_or_create(&c.labels).inc();
+    let r = forward::forward(
+        &c.client,
+        &c.upstream,
+        settings.idle_timeout,
+        settings.splice,
+        c.resume,
+        Some(settings.handoff.signal.clone()),
+    )
+    .await;
+    m.active.get_or_create(&c.labels).dec();
+    let ms = c.started.elapsed().as_millis() as u64;
+    let (t, paused) = match &r {
+        Ok(forward::Ended::Closed(t)) => (Some(*t), None),
+        Ok(forward::Ended::Paused {
+            transferred,
+            sent_done,
+            received_done,
+        }) => (Some(*transferred), Some((*sent_done, *received_done))),
+        Err(_) => (None, None),
+    };
+    let t = t.map(|t| forward::Transferred {
+        sent: t.sent + c.base.sent,
+        received: t.received + c.base.received,
+    });
+    if let Some((sent_done, received_done)) = paused {
+        let t = t.unwrap_or_default();
+        let state = ConnState {
+            kind: ConnKind::Tcp,
+            src: c.src,
+            dst: c.dst,
+            route: c.route,
+            upstream: c.endpoint,
+            service: c.labels.service.clone(),
+            protocol: c.labels.protocol.clone(),
+            sent: t.sent,
+            received: t.received,
+            sent_done: sent_done || c.resume.sent_done,
+            received_done: received_done || c.resume.received_done,
+            requests: 0,
+            age_ms: ms,
+        };
+        let fds = [c.client.into_std(), c.upstream.into_std()];
+        match fds {
+            [Ok(client), Ok(upstream)] => {
+                let _ = settings.handoff.out.send(Moved {
+                    state,
+                    fds: vec![client.into(), upstream.into()],
+                });
+                debug!(
+                    bytes_sent = t.sent,
+                    bytes_received = t.received,
+                    "connection moved to the new agent"
+                );
+            }
+            _ => warn!("a paused connection's sockets could not be detached; closing it"),
+        }
+        return;
+    }
+    m.closed.get_or_create(&c.labels).inc();
+    if let Some(t) = &t {
+        m.sent_bytes
+            .get_or_create(&c.labels)
+            .inc_by(t.sent - c.base.sent);
+        m.received_bytes
+            .get_or_create(&c.labels)
+            .inc_by(t.received - c.base.received);
+    }
+    match (r, t) {
+        (Ok(_), Some(t)) => info!(
+            target: ACCESS,
+            bytes_sent = t.sent,
+            bytes_received = t.received,
+            duration_ms = ms,
+            "connection closed"
+        ),
+        (Err(e), _) => {
+            info!(target: ACCESS, error = %e, duration_ms = ms, "connection ended with an error")
+        }
+        _ => {}
     }
 }
 
@@ -291,7 +614,13 @@ fn reset(client: &TcpStream) {
     forward::arm_reset(client);
 }
 
-async fn handle(client: TcpStream, src: ClientAddr, settings: &Settings, stats: &Stats) {
+async fn handle(
+    client: TcpStream,
+    src: ClientAddr,
+    settings: &Settings,
+    stats: &Stats,
+    movable: Movable<'_>,
+) {
     let dst = match client.local_addr() {
         Ok(a) => OrigDst(a),
         Err(e) => {
@@ -339,7 +668,18 @@ async fn handle(client: TcpStream, src: ClientAddr, settings: &Settings, stats: 
         span.record("proto", protocol_name(&inspected.detection));
         if let Detection::Http1(_) | Detection::H2PriorKnowledge = inspected.detection {
             forward::disarm_reset(&client);
-            serve_http(client, inspected, src, dst, settings, service).await;
+            let c = HttpConn {
+                client,
+                h2: matches!(inspected.detection, Detection::H2PriorKnowledge),
+                labels: labels(service, &inspected.detection),
+                prefix: inspected.prefix,
+                src,
+                dst,
+                requests_before: 0,
+                started,
+                resumed: false,
+            };
+            serve_http(c, settings, movable).await;
             return;
         }
         let decision = match &inspected.detection {
@@ -408,26 +748,26 @@ async fn handle(client: TcpStream, src: ClientAddr, settings: &Settings, stats: 
             reset(&client);
             return;
         }
-        m.active.get_or_create(&labels).inc();
-        let r = forward::forward(&client, &upstream, settings.idle_timeout, settings.splice).await;
-        m.active.get_or_create(&labels).dec();
-        m.closed.get_or_create(&labels).inc();
-        let ms = started.elapsed().as_millis() as u64;
-        let prefix = inspected.prefix.len() as u64;
-        if let Ok(t) = &r {
-            m.sent_bytes.get_or_create(&labels).inc_by(t.sent + prefix);
-            m.received_bytes.get_or_create(&labels).inc_by(t.received);
-        }
-        match r {
-            Ok(t) => info!(
-                target: ACCESS,
-                bytes_sent = t.sent + prefix,
-                bytes_received = t.received,
-                duration_ms = ms,
-                "connection closed"
-            ),
-            Err(e) => info!(target: ACCESS, error = %e, duration_ms = ms, "connection ended with an error"),
-        }
+        relay(
+            Relay {
+                client,
+                upstream,
+                labels,
+                src: src.0,
+                dst: dst.0,
+                route: decision.as_ref().map(|d| d.route.to_string()),
+                endpoint: Some(endpoint),
+                base: forward::Transferred {
+                    sent: inspected.prefix.len() as u64,
+                    received: 0,
+                },
+                resume: forward::Resume::default(),
+                started,
+            },
+            settings,
+            movable,
+        )
+        .await;
     }
     .instrument(span)
     .await

@@ -63,7 +63,7 @@ fuzz_target!(|data: &[u8]| {
         let proxy = h.proxy.clone();
         let prefix = prefix.to_vec();
         let served =
-            tokio::spawn(async move { proxy.serve_io(server, prefix, src, dst, false).await });
+            tokio::spawn(async move { proxy.serve_io(server, prefix, src, dst, false, None).await });
         let exchange = async {
             // Written while the proxy answers, so a full pipe never blocks both sides.
             let (mut read, mut write) = tokio::io::split(&mut client);

@@ -382,6 +382,11 @@ impl Topology {
         Agent::spawn(self, &agent_bin(), args, &[])
     }
 
+    /// [`spawn_agent`](Self::spawn_agent) with another agent binary.
+    pub fn spawn_agent_bin(&self, bin: &Path, args: &[&str]) -> Agent {
+        Agent::spawn(self, bin, args, &[])
+    }
+
     /// [`start_agent_bin`](Self::start_agent_bin) with extra environment variables.
     pub fn start_agent_bin_env(&self, bin: &Path, args: &[&str], env: &[(&str, &str)]) -> Agent {
         Agent::start(self, bin, args, env)

@@ -8,8 +8,8 @@
 //!    open fds stop moving, the idle agent's VmRSS and fd count are the **baseline**;
 //! 2. soak: N minutes of HTTP/1.1 keep-alive and one-request connections through a Service
 //!    VIP and its HTTPRoute, long (5-15 s) and short L4 connections echoing every byte,
-//!    a policy reload every 5 s (the route's header value changes) and an agent restart every
-//!    quarter of the run ([`restart`]);
+//!    a policy reload every 5 s (the route's header value changes) and a takeover (a new agent
+//!    beside the old one, which hands over and exits) every quarter of the run ([`restart`]);
 //! 3. settle: the load stops; within [`SETTLE`] the agent's fds must be back to the baseline
 //!    and its RSS within [`RSS_TOLERANCE_PCT`] % (at least [`RSS_TOLERANCE_MIB`] MiB) of it.
 //!
@@ -215,7 +215,7 @@ pub fn run(minutes: f64, agent_bin: &Path) -> anyhow::Result<()> {
         .fold((0, 0), |a, b| (a.0.max(b.0), a.1.max(b.1)));
     println!(
         "load: {} HTTP requests ({} failed), {} L4 echo rounds ({} connections failed), {} connections \
-         direct while no agent listened, {} policy reloads, {} agent restarts",
+         direct while no agent listened, {} policy reloads, {} takeovers",
         c(&counts.http_ok),
         c(&counts.http_errors),
         c(&counts.l4_rounds),
@@ -238,24 +238,36 @@ pub fn run(minutes: f64, agent_bin: &Path) -> anyhow::Result<()> {
     if let Some(why) = verdict.failure {
         bail!("soak failed: {why}");
     }
+    // Takeovers and reloads drop nothing: any failed request or connection is a failure.
+    if c(&counts.http_errors) > 0 || c(&counts.l4_errors) > 0 || c(&counts.direct) > 0 {
+        bail!(
+            "soak failed: {} HTTP requests and {} L4 connections failed, {} connections went \
+             direct (takeovers and reloads must drop nothing)",
+            c(&counts.http_errors),
+            c(&counts.l4_errors),
+            c(&counts.direct)
+        );
+    }
     if c(&counts.http_ok) == 0 || c(&counts.l4_rounds) == 0 {
         bail!("soak failed: no load went through the agent");
     }
     Ok(())
 }
 
-/// Replaces the running agent with a new one started with the same arguments.
-///
-/// HANDOVER: the single place a restart happens. Today it is SIGTERM (the old agent drains its
-/// connections for `--drain-timeout`, then closes the rest; new connections follow the fail
-/// mode meanwhile), then a fresh start. Once agent-to-agent handover lands, start the new agent
-/// while the old one runs and wait for the old one to exit by itself: a takeover.
+/// Replaces the running agent with a new one started with the same arguments, as an upgrade
+/// does: the new agent starts while the old one runs, takes over its listeners, programs and
+/// connections (see `mesh-agent/src/handover.rs`), and the old one exits by itself.
 fn restart(t: &Topology, bin: &Path, args: &[&str], mut old: Agent) -> anyhow::Result<Agent> {
-    let status = old.terminate(Duration::from_secs(20));
+    let mut new = t.spawn_agent_bin(bin, args);
+    new.wait_ready();
+    let status = old.wait_exit(Duration::from_secs(30));
     if !status.success() {
-        bail!("the agent exited with {status} on SIGTERM:\n{}", old.log());
+        bail!(
+            "the old agent exited with {status} after the takeover:\n{}",
+            old.log()
+        );
     }
-    Ok(t.start_agent_bin(bin, args))
+    Ok(new)
 }
 
 /// Outcome of the settle period: the last figures, and why they fail the run, if they do.
@@ -635,7 +647,7 @@ fn draw(samples: &[Sample], marks: &[(f64, chart::Rgb)], baseline: (u64, u64)) -
         marks,
         &[
             (chart::GREY, "LOAD ON/OFF"),
-            (chart::RED, "AGENT RESTART"),
+            (chart::RED, "TAKEOVER"),
             (chart::GREEN, "IDLE BASELINE"),
         ],
     )

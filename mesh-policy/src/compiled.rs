@@ -60,6 +60,12 @@ impl ServicePort {
         })
     }
 
+    /// `appProtocol` names a protocol whose client speaks first (HTTP, HTTP/2, gRPC, TLS,
+    /// WebSockets): its first bytes are worth waiting for.
+    pub fn declares_client_first(&self) -> bool {
+        self.app_protocol.is_some() && !self.declares_opaque()
+    }
+
     /// `appProtocol` names a protocol that is neither HTTP nor TLS (`tcp`, `mysql`, ...): its
     /// first bytes need not be inspected.
     pub fn declares_opaque(&self) -> bool {

@@ -783,3 +783,36 @@ fn l7_deny_rules_answer_403_before_any_backend() {
     );
     assert_eq!(seen.len(), 3, "{seen:?}");
 }
+
+/// A client that connects and waits before sending its request (a slow or busy client) still
+/// meets the route: the connection is not taken for opaque TCP after the short protocol
+/// detection timeout and sent to the Service's own endpoint past the route (and its L7 rules).
+#[test]
+fn a_slow_client_still_meets_the_route() {
+    if !privileged("a_slow_client_still_meets_the_route") {
+        return;
+    }
+    let lab = Lab::new(&["web", "v2"], |t| {
+        services(t, &["web", "v2"])
+            + &http_route("web", "web", "  - backendRefs: [{name: v2, port: 80}]\n")
+    });
+    let answer = lab.t.pod("client").ns.run(|| {
+        let mut s =
+            TcpStream::connect_timeout(&sa(ip(VIP), 80), Duration::from_secs(5)).expect("connect");
+        // Well past the 100 ms detection timeout.
+        thread::sleep(Duration::from_millis(400));
+        s.write_all(b"GET /slow HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")
+            .expect("request");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).expect("response");
+        String::from_utf8_lossy(&out).into_owned()
+    });
+    let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let v: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {answer}"));
+    assert_eq!(
+        v["backend"], "v2",
+        "the route sends everything to v2: {answer}"
+    );
+}

@@ -656,7 +656,19 @@ async fn handle(
                 prefix: Vec::new(),
             }
         } else {
-            match inspect(&client, policy.settings().protocol_detection_timeout).await {
+            // A client slow to send its first bytes must not slip past the routes and L7 rules
+            // as opaque TCP to the Service's own endpoints: where the port declares a protocol
+            // whose client speaks first, or carries an HTTPRoute, GRPCRoute or TLSRoute, the
+            // agent waits for them as long as it lets any connection idle. The short detection
+            // timeout is for ports that declare nothing and have no route.
+            let timeout = if service.is_some_and(mesh_policy::ServicePort::declares_client_first)
+                || policy.has_routes(dst.0)
+            {
+                settings.idle_timeout
+            } else {
+                policy.settings().protocol_detection_timeout
+            };
+            match inspect(&client, timeout).await {
                 Ok(i) => i,
                 Err(e) => {
                     info!(error = %e, "client failed before sending its first bytes");

@@ -275,6 +275,9 @@ fn daemonset_command(api: &ApiServer) -> anyhow::Result<Container> {
             match e["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
                 Some("spec.nodeName") => NODE.to_string(),
                 Some("status.hostIP") => "127.0.0.1".to_string(),
+                // The name a kubelet would give the node's agent pod (the status Lease holder).
+                Some("metadata.name") => format!("skiff-agent-{NODE}"),
+                Some("metadata.namespace") => "skiff-system".to_string(),
                 other => bail!("env {name}: the demo cannot fill in {other:?}"),
             }
         };

@@ -70,8 +70,8 @@ pub fn run(apiserver: &Path) -> anyhow::Result<()> {
         "   There is no kubelet here, so the DaemonSet's pod never starts (0 scheduled). The demo\n   \
          runs the agent directly in the node namespace, as the DaemonSet would, with the\n   \
          container's args and env read back from the applied DaemonSet (fieldRefs filled in:\n   \
-         spec.nodeName={NODE}; status.hostIP=127.0.0.1, as this node namespace has no address of\n   \
-         its own) and KUBECONFIG instead of the service account's in-cluster config:"
+         spec.nodeName={NODE}; metadata.name=skiff-agent-{NODE}; status.hostIP=127.0.0.1, as\n   \
+         this node namespace has no address of its own) and KUBECONFIG instead of the service account's in-cluster config:"
     );
     let mut env = env;
     env.push((

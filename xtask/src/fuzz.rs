@@ -1,13 +1,13 @@
-//! `cargo xtask fuzz --minutes N`: every cargo-fuzz target of the workspace (the `fuzz/` folders
-//! of mesh-inspect, mesh-http and mesh-policy), for N minutes split evenly, each from its
-//! committed seeds (`fuzz/seeds/<target>`) plus what earlier runs found (`fuzz/corpus/<target>`,
-//! not committed). Prints the executions of each target and every crash, hang or leak libFuzzer
+//! `cargo xtask fuzz --minutes N`: every cargo-fuzz target of the workspace (the `fuzz/` crate:
+//! mesh-inspect's, mesh-http's and mesh-policy's parsers of untrusted bytes), for N minutes split
+//! evenly, each from its committed seeds (`fuzz/seeds/<target>`) plus what earlier runs found
+//! (`fuzz/corpus/<target>`, not committed). Prints the executions of each target and every crash, hang or leak libFuzzer
 //! reports, with the input it saved (`fuzz/artifacts/<target>/`), and fails if there was one.
 //! `cargo xtask test` runs it with [`CI_SECONDS_PER_TARGET`].
 //!
-//! The fuzz crates are not workspace members (libFuzzer needs nightly and sanitizer flags); they
-//! build with `cargo +nightly fuzz` into one shared target folder, so the crates they share are
-//! built once.
+//! The fuzz crate is not a workspace member (libFuzzer needs nightly and sanitizer flags); it
+//! builds with `cargo +nightly fuzz`, all targets in one build, so their dependencies (hyper, the
+//! Kubernetes types) build once.
 use std::{
     path::{Path, PathBuf},
     process::Command,
@@ -22,7 +22,7 @@ use crate::util::{root, target_dir};
 /// short enough that six targets stay within a few minutes of CI.
 pub const CI_SECONDS_PER_TARGET: u64 = 20;
 
-/// Crate folder and target name of every fuzz target.
+/// Every fuzz target, with the crate whose code it drives.
 pub const TARGETS: &[(&str, &str)] = &[
     ("mesh-inspect", "detect"),
     ("mesh-inspect", "client_hello"),
@@ -53,8 +53,8 @@ pub fn run(total: Duration) -> anyhow::Result<()> {
 pub fn run_each(seconds: u64) -> anyhow::Result<()> {
     build()?;
     let mut outcomes = Vec::new();
-    for &(krate, target) in TARGETS {
-        outcomes.push(run_target(krate, target, seconds)?);
+    for &(_, target) in TARGETS {
+        outcomes.push(run_target(target, seconds)?);
     }
     println!(
         "\n{:<14} {:>8} {:>14} result",
@@ -85,9 +85,14 @@ fn fuzz_target_dir() -> PathBuf {
     target_dir().join("fuzz")
 }
 
-fn cargo_fuzz(krate: &str) -> Command {
+/// The fuzz crate's folder.
+fn fuzz_dir() -> PathBuf {
+    root().join("fuzz")
+}
+
+fn cargo_fuzz() -> Command {
     let mut c = Command::new("cargo");
-    c.args(["+nightly", "fuzz"]).current_dir(root().join(krate));
+    c.args(["+nightly", "fuzz"]).current_dir(root());
     c
 }
 
@@ -101,26 +106,22 @@ fn build_args(c: &mut Command) {
 }
 
 fn build() -> anyhow::Result<()> {
-    let mut crates: Vec<&str> = TARGETS.iter().map(|(k, _)| *k).collect();
-    crates.dedup();
-    for krate in crates {
-        let start = Instant::now();
-        let mut c = cargo_fuzz(krate);
-        c.arg("build");
-        build_args(&mut c);
-        let status = c
-            .status()
-            .with_context(|| format!("running cargo +nightly fuzz build in {krate}"))?;
-        if !status.success() {
-            bail!("building the fuzz targets of {krate} failed: {status}");
-        }
-        eprintln!("fuzz: built {krate}'s targets in {:.0?}", start.elapsed());
+    let start = Instant::now();
+    let mut c = cargo_fuzz();
+    c.arg("build");
+    build_args(&mut c);
+    let status = c
+        .status()
+        .context("running cargo +nightly fuzz build")?;
+    if !status.success() {
+        bail!("building the fuzz targets failed: {status}");
     }
+    eprintln!("fuzz: built the targets in {:.0?}", start.elapsed());
     Ok(())
 }
 
-fn run_target(krate: &'static str, target: &'static str, seconds: u64) -> anyhow::Result<Outcome> {
-    let dir = root().join(krate).join("fuzz");
+fn run_target(target: &'static str, seconds: u64) -> anyhow::Result<Outcome> {
+    let dir = fuzz_dir();
     let corpus = dir.join("corpus").join(target);
     let seeds = dir.join("seeds").join(target);
     let artifacts = dir.join("artifacts").join(target);
@@ -128,7 +129,7 @@ fn run_target(krate: &'static str, target: &'static str, seconds: u64) -> anyhow
         std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     }
     eprintln!("fuzz: {target} for {seconds} s");
-    let mut c = cargo_fuzz(krate);
+    let mut c = cargo_fuzz();
     c.args(["run", target]);
     build_args(&mut c);
     c.arg(&corpus)

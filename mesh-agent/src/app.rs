@@ -180,22 +180,44 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
     });
     let stats = Arc::new(Stats::default());
     let (stop_tx, stop_rx) = watch::channel(false);
+    let workers = Arc::new(
+        crate::workers::Workers::start(cfg.workers)
+            .map_err(|e| anyhow::anyhow!("starting {} worker threads: {e}", cfg.workers))?,
+    );
     let mut loops = Vec::new();
     for l in std::iter::once(listeners.v4).chain(listeners.v6) {
-        let (settings, stats, stop_rx) = (settings.clone(), stats.clone(), stop_rx.clone());
-        // The listeners are shared with a running predecessor: this agent accepts only once it
-        // can route what it accepts (Kubernetes mode: once synced).
-        let gate = synced_first.then(|| ready.clone());
-        loops.push(tokio::spawn(async move {
-            if let Some(ready) = gate {
-                while !ready.load(Ordering::Acquire) {
-                    if *stop_rx.borrow() {
+        // Every worker accepts from its own duplicate of the listening socket; the socket
+        // closes (and leaves the SockMap's hold) once the last accept loop ends.
+        let l = l.into_std()?;
+        let dups = (1..workers.len())
+            .map(|_| l.try_clone())
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let mut sockets = std::iter::once(l).chain(dups);
+        loops.extend(workers.spawn_each(|_| {
+            let socket = sockets.next();
+            let (settings, stats, stop_rx) = (settings.clone(), stats.clone(), stop_rx.clone());
+            // The listeners are shared with a running predecessor: this agent accepts only once
+            // it can route what it accepts (Kubernetes mode: once synced).
+            let gate = synced_first.then(|| ready.clone());
+            async move {
+                let Some(socket) = socket else { return };
+                let l = match tokio::net::TcpListener::from_std(socket) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!(error = %e, "registering the listener with a worker");
                         return;
                     }
-                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                };
+                if let Some(ready) = gate {
+                    while !ready.load(Ordering::Acquire) {
+                        if *stop_rx.borrow() {
+                            return;
+                        }
+                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    }
                 }
+                proxy::serve(l, settings, stats, stop_rx).await;
             }
-            proxy::serve(l, settings, stats, stop_rx).await;
         }));
     }
 
@@ -262,6 +284,7 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
             metrics: handover_metrics,
             ready: ready.clone(),
             reclaim,
+            workers: workers.clone(),
             taken_over: {
                 let status = kube_status_handle.clone();
                 Box::new(move || {

@@ -20,6 +20,7 @@ pub const ENV_BPFFS_DIR: &str = "MESH_BPFFS_DIR";
 pub const ENV_MARK: &str = "MESH_MARK";
 pub const ENV_ROUTE_TABLE: &str = "MESH_ROUTE_TABLE";
 pub const ENV_SPLICE: &str = "MESH_SPLICE";
+pub const ENV_WORKERS: &str = "MESH_WORKERS";
 pub const ENV_POLICY: &str = "MESH_POLICY";
 pub const ENV_ADMIN_ADDRESS: &str = "MESH_ADMIN_ADDRESS";
 pub const ENV_ACCESS_LOG: &str = "MESH_ACCESS_LOG";
@@ -41,6 +42,9 @@ pub const DEFAULT_HANDOVER_DIR: &str = "/run/skiff";
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
+/// Two data-plane threads, as ztunnel: a node agent shares the node's cores with its pods.
+pub const DEFAULT_WORKERS: usize = 2;
+pub const MAX_WORKERS: usize = 64;
 /// client-go's reflector ceiling: kind to an API server that is coming back, with every node's
 /// agent reconnecting at once.
 pub const DEFAULT_KUBE_BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -101,6 +105,8 @@ pub struct File {
     pub route_table: Option<u32>,
     /// Forward with splice(2) through a kernel pipe instead of userspace buffers.
     pub splice: Option<bool>,
+    /// Data-plane threads, each accepting and serving its own connections (default 2).
+    pub workers: Option<usize>,
     /// Policy file or folder (Services, EndpointSlices, Gateway API routes, MeshPolicy).
     pub policy: Option<PathBuf>,
     /// Admin server address (`/metrics`, `/healthz`, `/readyz`, `/config_dump`, `/status`).
@@ -161,6 +167,9 @@ pub struct Overrides {
     pub route_table: Option<u32>,
     #[arg(long, env = ENV_SPLICE)]
     pub splice: Option<bool>,
+    /// Data-plane threads (1 to 64); each accepts and serves its own connections.
+    #[arg(long, env = ENV_WORKERS)]
+    pub workers: Option<usize>,
     /// Policy file or folder of YAML documents, reloaded on change and on SIGHUP.
     #[arg(long, env = ENV_POLICY)]
     pub policy: Option<PathBuf>,
@@ -225,6 +234,9 @@ pub struct Config {
     pub mark: u32,
     pub route_table: u32,
     pub splice: bool,
+    /// Data-plane threads: each runs its own event loop, accepts from the shared listeners and
+    /// keeps what it accepted, so a request never waits on another thread.
+    pub workers: usize,
     pub policy: Option<PathBuf>,
     pub admin_address: std::net::SocketAddr,
     pub access_log: bool,
@@ -303,6 +315,7 @@ impl Config {
             "mark": self.mark,
             "route_table": self.route_table,
             "splice": self.splice,
+            "workers": self.workers,
             "policy": self.policy,
             "admin_address": self.admin_address.to_string(),
             "access_log": self.access_log,
@@ -495,6 +508,13 @@ impl Config {
             );
         }
         let splice = ov.splice.or(file.splice).unwrap_or(true);
+        let workers = ov.workers.or(file.workers).unwrap_or(DEFAULT_WORKERS);
+        if !(1..=MAX_WORKERS).contains(&workers) {
+            err(
+                "workers".into(),
+                format!("{workers} is not between 1 and {MAX_WORKERS}"),
+            );
+        }
         let policy = ov.policy.clone().or(file.policy);
         let admin_text = ov
             .admin_address
@@ -628,6 +648,7 @@ impl Config {
             mark,
             route_table,
             splice,
+            workers,
             policy,
             admin_address,
             access_log: ov.access_log.or(file.access_log).unwrap_or(true),

@@ -575,6 +575,8 @@ pub struct Hooks {
     /// Runs once the predecessor is done (it released the status Lease before it moved its
     /// connections): try for the Lease now.
     pub taken_over: Box<dyn Fn() + Send>,
+    /// Where moved-in connections are served, each on one worker in turn.
+    pub workers: Arc<crate::workers::Workers>,
 }
 
 /// Finishes taking over (when `predecessor` is set: says ready, then resumes the connections
@@ -593,16 +595,16 @@ pub fn serve(
         ready,
         reclaim,
         taken_over,
+        workers,
     } = hooks;
     let (tx, rx) = mpsc::channel(1);
-    let runtime = tokio::runtime::Handle::current();
     let path = path.to_path_buf();
     std::thread::spawn(move || {
         if let Some(ch) = predecessor {
             while !ready.load(Ordering::Acquire) {
                 std::thread::sleep(Duration::from_millis(10));
             }
-            receive(&ch, &runtime, &settings, &stats, &metrics);
+            receive(&ch, &workers, &settings, &stats, &metrics);
             taken_over();
         }
         let server = match Server::bind(&path) {
@@ -650,7 +652,7 @@ pub fn serve(
 /// predecessor sends until `Done` (or until it goes away).
 fn receive(
     ch: &Channel,
-    runtime: &tokio::runtime::Handle,
+    workers: &crate::workers::Workers,
     settings: &Arc<Settings>,
     stats: &Arc<Stats>,
     metrics: &Metrics,
@@ -689,7 +691,9 @@ fn receive(
                         state,
                         fds: fds.by_ref().take(n).collect(),
                     };
-                    runtime.spawn(proxy::resume(moved, settings.clone(), stats.clone()));
+                    workers
+                        .next()
+                        .spawn(proxy::resume(moved, settings.clone(), stats.clone()));
                 }
             }
             Ok((Message::Done { draining }, _)) => {

@@ -12,3 +12,4 @@ pub mod policy;
 pub mod proxy;
 pub mod routing;
 pub mod watch;
+pub mod workers;

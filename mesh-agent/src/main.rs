@@ -106,7 +106,11 @@ fn main() -> ExitCode {
                     }
                 },
             };
+            // The control plane's runtime (policy, Kubernetes, admin, handover): the data plane
+            // runs on its own worker threads (`workers`).
             let rt = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("mesh-control")
                 .enable_all()
                 .build()
             {

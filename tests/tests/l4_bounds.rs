@@ -205,6 +205,20 @@ fn a_small_soft_fd_limit_is_raised_to_the_hard_limit() {
         "{}",
         agent.log()
     );
+    // `mesh-agent status`, for a person, says the same.
+    let out = t
+        .node
+        .cmd(agent_bin().to_str().expect("utf8"))
+        .arg("status")
+        .output()
+        .expect("mesh-agent status");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("open files: ")
+                && l.ends_with("(soft limit 4096, hard limit 4096)")),
+        "{text}"
+    );
     // More connections than the old soft limit would allow (two fds each).
     let conns = open(&t.pod("client").ns, addr, 300, 0);
     assert!(conns.iter().all(|c| c.is_ok()));

@@ -218,6 +218,19 @@ async fn respond(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>>
     handle(state, &Request::from_parts(parts, ()))
 }
 
+/// The open-file limits in force (the agent raises the soft one to the hard one at start) and
+/// the fds open now: how many more connections fit.
+fn open_files() -> serde_json::Value {
+    use nix::sys::resource::{Resource, getrlimit};
+    let open = std::fs::read_dir("/proc/self/fd").map(|d| d.count()).ok();
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) => {
+            serde_json::json!({"soft_limit": soft, "hard_limit": hard, "open": open})
+        }
+        Err(e) => serde_json::json!({"error": e.to_string(), "open": open}),
+    }
+}
+
 fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
@@ -271,6 +284,7 @@ fn handle(state: &State, req: &Request<()>) -> Response<Full<Bytes>> {
         "/status" => {
             let mut s = (state.status)();
             s["ready"] = state.ready.load(Ordering::Acquire).into();
+            s["open_files"] = open_files();
             json(&s)
         }
         _ => reply(

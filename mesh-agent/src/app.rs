@@ -173,7 +173,8 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
         listen_port: cfg.listen_port,
         connect_attempts: CONNECT_ATTEMPTS,
         policy: store.clone(),
-        balancer: Arc::new(Balancer::default()),
+        // One endpoint registry for TCP connections and HTTP requests.
+        balancer: Arc::new(Balancer::new(http.balancer())),
         metrics: metrics.tcp.clone(),
         http: http.clone(),
         handoff,
@@ -373,11 +374,22 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
 }
 
 /// Each proxied connection holds two sockets and, with splice, four pipe fds.
+/// Each proxied L4 connection holds two fds (more while bytes move), so the soft open-file
+/// limit (often 1,024) would cap the agent long before the memory does: it is raised to the hard
+/// limit, which the agent cannot raise itself (no CAP_SYS_RESOURCE in a pod).
 fn raise_fd_limit() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
-        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
-    {
-        warn!(error = %e, "could not raise the open-file limit");
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => info!(
+                from = soft,
+                soft = hard,
+                hard,
+                "open-file soft limit raised to the hard limit"
+            ),
+            Err(e) => warn!(error = %e, soft, hard, "could not raise the open-file soft limit"),
+        },
+        Ok((soft, hard)) => info!(soft, hard, "open-file soft limit already at the hard limit"),
+        Err(e) => warn!(error = %e, "could not read the open-file limit"),
     }
 }

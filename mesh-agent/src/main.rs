@@ -223,6 +223,11 @@ fn status(admin: std::net::SocketAddr) -> anyhow::Result<String> {
     let v: serde_json::Value = serde_json::from_str(body)?;
     let mut out = String::new();
     out += &format!("ready: {}\n", v["ready"]);
+    let files = &v["open_files"];
+    out += &format!(
+        "open files: {} (soft limit {}, hard limit {})\n",
+        files["open"], files["soft_limit"], files["hard_limit"]
+    );
     let cap = &v["capture"];
     out += &format!(
         "capture: program {} at {} ({})\n",

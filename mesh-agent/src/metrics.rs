@@ -154,6 +154,13 @@ impl mesh_http::Observer for HttpMetrics {
     }
 }
 
+/// Labels of accept failures.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AcceptErrorLabels {
+    /// `emfile` (the agent's fd limit), `enfile` (the system's), `other`.
+    pub reason: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: String,
@@ -174,6 +181,8 @@ pub struct TcpMetrics {
     pub received_bytes: Family<TcpLabels, Counter>,
     pub upstream_connect_errors: Family<TcpLabels, Counter>,
     pub upstream_connect: Family<TcpLabels, Histogram, fn() -> Histogram>,
+    /// Captured connections the agent could not accept (out of fds): each one was refused.
+    pub accept_errors: Family<AcceptErrorLabels, Counter>,
 }
 
 /// Policy reloads by result (`applied`, `rejected`).
@@ -207,6 +216,7 @@ impl Metrics {
             received_bytes: Family::default(),
             upstream_connect_errors: Family::default(),
             upstream_connect: Family::new_with_constructor(connect_histogram as fn() -> Histogram),
+            accept_errors: Family::default(),
         });
         let policy = Arc::new(PolicyMetrics::default());
         static NEXT_HTTP_METRICS: std::sync::atomic::AtomicU64 =
@@ -254,6 +264,12 @@ impl Metrics {
             "Time to establish an upstream TCP connection",
             Unit::Seconds,
             tcp.upstream_connect.clone(),
+        );
+        r.register(
+            "accept_errors",
+            "Captured connections refused because accept failed, by reason (emfile: the agent's \
+             open-file limit, enfile: the system's)",
+            tcp.accept_errors.clone(),
         );
         r.register(
             "policy_reloads",

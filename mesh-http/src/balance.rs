@@ -1,22 +1,35 @@
-//! Endpoint choice and health: least-request power-of-two-choices over in-flight counts,
-//! passive outlier detection (consecutive failures eject an endpoint for a doubling time, never
-//! the last usable one), and the retry budget.
+//! The endpoint registry shared by the HTTP proxy and the agent's TCP path, its one picker and
+//! its ejection rules, and the HTTP retry budget.
+//!
+//! One registry: endpoint `ip:port` -> in-flight count (HTTP requests and TCP connections
+//! alike), consecutive failures and ejection. An endpoint ejected because its HTTP answers
+//! failed is skipped by TCP connections too, and one that refuses TCP connects is skipped by
+//! HTTP requests. Picking is least-loaded power of two random choices (one random source:
+//! [`random_u64`]) among endpoints not ejected; it takes one read lock and allocates nothing.
+//! Consecutive failures eject an endpoint for a doubling time, never the last usable one of the
+//! set it was picked from.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
 use crate::config::Resilience;
 use crate::headers::random_u64;
 use crate::io::now_ms;
 use crate::stats::Stats;
 
-/// What the proxy knows about one endpoint `ip:port`, shared by every Service that has it.
+/// Entries beyond which idle healthy endpoints are forgotten (endpoints come and go with
+/// deployments, and a TCP destination that is no Service is an endpoint of its own).
+const MAX_REMEMBERED: usize = 65_536;
+
+/// What the agent knows about one endpoint `ip:port`, shared by every Service that has it and by
+/// both the HTTP and the TCP path.
 #[derive(Debug, Default)]
-pub(crate) struct EndpointState {
-    /// Requests sent and not finished (until the response body ends).
-    pub in_flight: AtomicU64,
+pub struct EndpointState {
+    /// HTTP requests sent and not finished (until the response body ends), plus TCP
+    /// connections open.
+    in_flight: AtomicU64,
     consecutive_failures: AtomicU32,
     /// Ejected until this [`now_ms`]; 0 when not ejected.
     ejected_until: AtomicU64,
@@ -28,14 +41,20 @@ impl EndpointState {
     fn is_ejected(&self, now: u64) -> bool {
         self.ejected_until.load(Ordering::Relaxed) > now
     }
+
+    /// Requests and connections in flight.
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
 }
 
-/// Counts a request in flight on an endpoint until dropped.
+/// Counts a request or a connection in flight on an endpoint until dropped.
 #[derive(Debug)]
-pub(crate) struct InFlight(Arc<EndpointState>);
+pub struct InFlight(Arc<EndpointState>);
 
 impl InFlight {
-    pub(crate) fn new(state: Arc<EndpointState>) -> Self {
+    /// Starts counting.
+    pub fn new(state: Arc<EndpointState>) -> Self {
         state.in_flight.fetch_add(1, Ordering::Relaxed);
         Self(state)
     }
@@ -47,127 +66,146 @@ impl Drop for InFlight {
     }
 }
 
-/// The endpoint table and the balancing and ejection rules.
+/// The endpoint registry with its picking and ejection rules. Cheap to clone: clones share it.
+#[derive(Debug, Clone)]
+pub struct Balancer {
+    inner: Arc<Registry>,
+}
+
 #[derive(Debug)]
-pub(crate) struct Balancer {
+struct Registry {
     endpoints: RwLock<HashMap<SocketAddr, Arc<EndpointState>>>,
     resilience: Resilience,
 }
 
-/// Result of [`Balancer::pick`].
+/// Result of [`Balancer::pick`] and [`Balancer::pick_connection`].
 #[derive(Debug)]
-pub(crate) enum Pick {
+pub enum Pick {
+    /// The endpoint to use and its shared state.
     Endpoint(SocketAddr, Arc<EndpointState>),
-    /// The backend has no endpoints at all.
+    /// No endpoint is left to try.
     Empty,
-    /// Every endpoint is ejected.
+    /// Every endpoint left is ejected.
     AllEjected,
 }
 
+type Map = HashMap<SocketAddr, Arc<EndpointState>>;
+
 impl Balancer {
-    pub(crate) fn new(resilience: Resilience) -> Self {
+    /// An empty registry applying `resilience`'s ejection rules.
+    pub fn new(resilience: Resilience) -> Self {
         Self {
-            endpoints: RwLock::new(HashMap::new()),
-            resilience,
+            inner: Arc::new(Registry {
+                endpoints: RwLock::new(HashMap::new()),
+                resilience,
+            }),
         }
     }
 
-    pub(crate) fn resilience(&self) -> &Resilience {
-        &self.resilience
+    /// The retry and ejection settings.
+    pub fn resilience(&self) -> &Resilience {
+        &self.inner.resilience
     }
 
-    fn state(&self, endpoint: SocketAddr) -> Arc<EndpointState> {
-        if let Ok(map) = self.endpoints.read()
-            && let Some(state) = map.get(&endpoint)
-        {
+    fn read(&self) -> RwLockReadGuard<'_, Map> {
+        self.inner
+            .endpoints
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The state of `endpoint`, created on first use.
+    pub fn state(&self, endpoint: SocketAddr) -> Arc<EndpointState> {
+        if let Some(state) = self.read().get(&endpoint) {
             return state.clone();
         }
-        match self.endpoints.write() {
-            Ok(mut map) => {
-                if map.len() > 65_536 {
-                    // Endpoints come and go with deployments; forget idle healthy ones.
-                    let now = now_ms();
-                    map.retain(|_, s| {
-                        Arc::strong_count(s) > 1
-                            || s.in_flight.load(Ordering::Relaxed) > 0
-                            || s.is_ejected(now)
-                    });
-                }
-                map.entry(endpoint).or_default().clone()
-            }
-            Err(_) => Arc::new(EndpointState::default()),
+        let mut map = self
+            .inner
+            .endpoints
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        if map.len() > MAX_REMEMBERED {
+            let now = now_ms();
+            map.retain(|_, s| Arc::strong_count(s) > 1 || s.in_flight() > 0 || s.is_ejected(now));
         }
+        map.entry(endpoint).or_default().clone()
     }
 
-    /// Picks an endpoint by least-request power of two choices among those not ejected,
-    /// preferring ones not in `tried` (retries go elsewhere when they can).
-    pub(crate) fn pick(&self, endpoints: &[SocketAddr], tried: &[SocketAddr]) -> Pick {
+    /// For an HTTP request: least-request P2C among the endpoints not ejected, preferring ones
+    /// not in `tried` (a retry goes elsewhere when it can, and back to a tried one rather than
+    /// to an ejected one).
+    pub fn pick(&self, endpoints: &[SocketAddr], tried: &[SocketAddr]) -> Pick {
         if endpoints.is_empty() {
             return Pick::Empty;
         }
         let now = now_ms();
-        let states: Vec<(SocketAddr, Arc<EndpointState>)> = endpoints
-            .iter()
-            .map(|e| (*e, self.state(*e)))
-            .filter(|(_, s)| !s.is_ejected(now))
-            .collect();
-        if states.is_empty() {
-            return Pick::AllEjected;
+        let chosen = {
+            let map = self.read();
+            let healthy = |e: &SocketAddr| !map.get(e).is_some_and(|s| s.is_ejected(now));
+            p2c(endpoints, &map, |e| healthy(e) && !tried.contains(e))
+                .or_else(|| p2c(endpoints, &map, healthy))
+                .map(|e| (e, map.get(&e).cloned()))
+        };
+        match chosen {
+            Some((e, state)) => Pick::Endpoint(e, state.unwrap_or_else(|| self.state(e))),
+            None => Pick::AllEjected,
         }
-        let fresh: Vec<&(SocketAddr, Arc<EndpointState>)> =
-            states.iter().filter(|(e, _)| !tried.contains(e)).collect();
-        let pool: Vec<&(SocketAddr, Arc<EndpointState>)> = if fresh.is_empty() {
-            states.iter().collect()
-        } else {
-            fresh
-        };
-        let chosen = match pool.len() {
-            1 => pool[0],
-            n => {
-                let r = random_u64();
-                let a = (r % n as u64) as usize;
-                let mut b = ((r >> 32) % (n as u64 - 1)) as usize;
-                if b >= a {
-                    b += 1;
-                }
-                let load = |i: usize| pool[i].1.in_flight.load(Ordering::Relaxed);
-                if load(b) < load(a) { pool[b] } else { pool[a] }
-            }
-        };
-        Pick::Endpoint(chosen.0, chosen.1.clone())
     }
 
-    /// Records a good answer (anything but a 5xx).
-    pub(crate) fn success(&self, state: &EndpointState) {
+    /// For a TCP connection: each connect attempt goes to an endpoint not in `tried`; among
+    /// those, least-connections P2C over the ones not ejected, or over the ejected ones when
+    /// nothing else is left (a connection has no status to answer with: trying beats refusing).
+    pub fn pick_connection(&self, endpoints: &[SocketAddr], tried: &[SocketAddr]) -> Pick {
+        let now = now_ms();
+        let chosen = {
+            let map = self.read();
+            let fresh = |e: &SocketAddr| !tried.contains(e);
+            p2c(endpoints, &map, |e| {
+                fresh(e) && !map.get(e).is_some_and(|s| s.is_ejected(now))
+            })
+            .or_else(|| p2c(endpoints, &map, fresh))
+            .map(|e| (e, map.get(&e).cloned()))
+        };
+        match chosen {
+            Some((e, state)) => Pick::Endpoint(e, state.unwrap_or_else(|| self.state(e))),
+            None => Pick::Empty,
+        }
+    }
+
+    /// Records a success: a good HTTP answer (anything but a 5xx) or an established connection.
+    pub fn success(&self, state: &EndpointState) {
         state.consecutive_failures.store(0, Ordering::Relaxed);
     }
 
-    /// Records a failure (5xx, connect failure, reset); ejects the endpoint after enough in a
-    /// row unless no other endpoint of `siblings` would be left.
-    pub(crate) fn failure(
+    /// Records a failure (5xx, connect failure, reset) and ejects the endpoint after enough in
+    /// a row, unless no other endpoint of `siblings` would be left; true if it ejected it.
+    pub fn record_failure(
         &self,
         endpoint: SocketAddr,
         state: &EndpointState,
         siblings: &[SocketAddr],
-        stats: &Stats,
-    ) {
+    ) -> bool {
+        let resilience = &self.inner.resilience;
         let failures = state.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
-        if failures < self.resilience.consecutive_failures {
-            return;
+        if failures < resilience.consecutive_failures {
+            return false;
         }
         let now = now_ms();
         if state.is_ejected(now) {
-            return;
+            return false;
         }
-        let others = siblings
-            .iter()
-            .filter(|e| **e != endpoint)
-            .any(|e| !self.state(*e).is_ejected(now));
+        let others = {
+            let map = self.read();
+            siblings
+                .iter()
+                .filter(|e| **e != endpoint)
+                .any(|e| !map.get(e).is_some_and(|s| s.is_ejected(now)))
+        };
         if !others {
-            return;
+            return false;
         }
-        let base = u64::try_from(self.resilience.base_ejection.as_millis()).unwrap_or(u64::MAX);
-        let max = u64::try_from(self.resilience.max_ejection.as_millis()).unwrap_or(u64::MAX);
+        let base = u64::try_from(resilience.base_ejection.as_millis()).unwrap_or(u64::MAX);
+        let max = u64::try_from(resilience.max_ejection.as_millis()).unwrap_or(u64::MAX);
         let until = state.ejected_until.load(Ordering::Relaxed);
         let mut ejections = state.ejections.load(Ordering::Relaxed);
         if until != 0 && now.saturating_sub(until) > max {
@@ -182,8 +220,53 @@ impl Balancer {
             .store(now.saturating_add(duration), Ordering::Relaxed);
         state.ejections.store(ejections + 1, Ordering::Relaxed);
         state.consecutive_failures.store(0, Ordering::Relaxed);
-        stats.ejections.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(%endpoint, failures, ejected_ms = duration, "ejecting endpoint");
+        tracing::warn!(%endpoint, failures, ejected_ms = duration, "endpoint ejected after consecutive failures");
+        true
+    }
+
+    /// [`Balancer::record_failure`] for the HTTP proxy, counting ejections in its [`Stats`].
+    pub(crate) fn failure(
+        &self,
+        endpoint: SocketAddr,
+        state: &EndpointState,
+        siblings: &[SocketAddr],
+        stats: &Stats,
+    ) {
+        if self.record_failure(endpoint, state, siblings) {
+            stats.ejections.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Power of two random choices among the endpoints `eligible` accepts: two distinct random
+/// candidates, the one with less in flight wins. Two passes over `endpoints`, no allocation.
+fn p2c(
+    endpoints: &[SocketAddr],
+    map: &Map,
+    eligible: impl Fn(&SocketAddr) -> bool,
+) -> Option<SocketAddr> {
+    let n = endpoints.iter().filter(|e| eligible(e)).count();
+    if n <= 1 {
+        return endpoints.iter().find(|e| eligible(e)).copied();
+    }
+    let r = random_u64();
+    let a = (r % n as u64) as usize;
+    let mut b = ((r >> 32) % (n as u64 - 1)) as usize;
+    if b >= a {
+        b += 1;
+    }
+    let (mut first, mut second) = (None, None);
+    for (i, e) in endpoints.iter().filter(|e| eligible(e)).enumerate() {
+        if i == a {
+            first = Some(*e);
+        } else if i == b {
+            second = Some(*e);
+        }
+    }
+    let load = |e: &SocketAddr| map.get(e).map_or(0, |s| s.in_flight());
+    match (first, second) {
+        (Some(a), Some(b)) => Some(if load(&b) < load(&a) { b } else { a }),
+        (a, b) => a.or(b),
     }
 }
 
@@ -268,6 +351,13 @@ mod tests {
             .collect()
     }
 
+    fn picked(p: Pick) -> SocketAddr {
+        match p {
+            Pick::Endpoint(e, _) => e,
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn p2c_prefers_less_loaded() {
         let b = Balancer::new(Resilience::default());
@@ -275,16 +365,38 @@ mod tests {
         let busy = b.state(eps[0]);
         let _load: Vec<InFlight> = (0..5).map(|_| InFlight::new(busy.clone())).collect();
         for _ in 0..50 {
-            match b.pick(&eps, &[]) {
-                Pick::Endpoint(e, _) => assert_eq!(e, eps[1]),
-                other => panic!("{other:?}"),
-            }
+            assert_eq!(picked(b.pick(&eps, &[])), eps[1]);
+            assert_eq!(picked(b.pick_connection(&eps, &[])), eps[1]);
         }
         // Retries avoid the endpoint already tried.
-        match b.pick(&eps, &[eps[1]]) {
-            Pick::Endpoint(e, _) => assert_eq!(e, eps[0]),
-            other => panic!("{other:?}"),
+        assert_eq!(picked(b.pick(&eps, &[eps[1]])), eps[0]);
+    }
+
+    #[test]
+    fn picks_spread_over_idle_endpoints_and_the_busiest_never_wins() {
+        let b = Balancer::new(Resilience::default());
+        let eps = addrs(4);
+        let mut hits: HashMap<SocketAddr, usize> = HashMap::new();
+        for _ in 0..4000 {
+            *hits.entry(picked(b.pick(&eps, &[]))).or_default() += 1;
         }
+        assert_eq!(hits.len(), 4);
+        assert!(hits.values().all(|&n| n > 600), "{hits:?}");
+        // The two candidates are always distinct, so the one busiest endpoint never wins.
+        let _load: Vec<InFlight> = (0..3).map(|_| InFlight::new(b.state(eps[3]))).collect();
+        assert!((0..1000).all(|_| picked(b.pick(&eps, &[])) != eps[3]));
+    }
+
+    #[test]
+    fn the_picker_tiers_fall_back_as_each_path_needs() {
+        let b = Balancer::new(Resilience::default());
+        assert!(matches!(b.pick(&[], &[]), Pick::Empty));
+        assert!(matches!(b.pick_connection(&[], &[]), Pick::Empty));
+        let eps = addrs(3);
+        // Every endpoint tried: HTTP may go back to one; TCP has nowhere left.
+        assert!(matches!(b.pick(&eps, &eps), Pick::Endpoint(..)));
+        assert!(matches!(b.pick_connection(&eps, &eps), Pick::Empty));
+        assert_eq!(picked(b.pick_connection(&eps, &eps[..2])), eps[2]);
     }
 
     #[test]
@@ -309,6 +421,39 @@ mod tests {
         assert!(matches!(b.pick(&eps, &[]), Pick::Endpoint(e, _) if e == eps[1]));
         assert!(matches!(b.pick(&eps[..1], &[]), Pick::AllEjected));
         assert_eq!(stats.ejections.load(Ordering::Relaxed), 1);
+        // A connection to the ejected endpoint alone is still tried: nothing else is left.
+        assert_eq!(picked(b.pick_connection(&eps[..1], &[])), eps[0]);
+        assert_eq!(picked(b.pick_connection(&eps, &[eps[1]])), eps[0]);
+    }
+
+    #[test]
+    fn clones_share_one_registry() {
+        let b = Balancer::new(Resilience::default());
+        let tcp = b.clone();
+        let eps = addrs(3);
+        let s = tcp.state(eps[0]);
+        for _ in 0..Resilience::default().consecutive_failures {
+            tcp.record_failure(eps[0], &s, &eps);
+        }
+        for _ in 0..100 {
+            assert_ne!(picked(b.pick(&eps, &[])), eps[0]);
+        }
+        let _conn = InFlight::new(tcp.state(eps[1]));
+        assert_eq!(b.state(eps[1]).in_flight(), 1);
+    }
+
+    #[test]
+    fn a_success_resets_the_failure_run() {
+        let b = Balancer::new(Resilience::default());
+        let eps = addrs(2);
+        let s = b.state(eps[0]);
+        for _ in 0..20 {
+            for _ in 1..Resilience::default().consecutive_failures {
+                assert!(!b.record_failure(eps[0], &s, &eps));
+            }
+            b.success(&s);
+        }
+        assert!(!s.is_ejected(now_ms()));
     }
 
     #[test]

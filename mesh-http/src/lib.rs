@@ -66,6 +66,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tracing::Instrument;
 
+pub use balance::{Balancer, EndpointState, InFlight, Pick};
 pub use config::{
     Config, DEFAULT_CONNECT_TIMEOUT, DEFAULT_H2_MAX_CONCURRENT_STREAMS,
     DEFAULT_H2_MAX_HEADER_LIST_SIZE, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
@@ -94,7 +95,7 @@ pub struct RequestRecord<'a> {
     pub duration: std::time::Duration,
 }
 
-use crate::balance::{Balancer, RetryBudget};
+use crate::balance::RetryBudget;
 use crate::config::{
     H2_MAX_LOCAL_ERROR_RESET_STREAMS, H2_MAX_PENDING_ACCEPT_RESET_STREAMS, MAX_MIRRORS_IN_FLIGHT,
 };
@@ -284,6 +285,12 @@ impl Proxy {
     /// Counters for metrics.
     pub fn stats(&self) -> &Stats {
         &self.shared.stats
+    }
+
+    /// The endpoint registry, to be shared with the agent's TCP path (one view of endpoint
+    /// health and load for both).
+    pub fn balancer(&self) -> Balancer {
+        self.shared.balancer.clone()
     }
 
     /// The configuration in use.

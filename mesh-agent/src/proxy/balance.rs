@@ -1,81 +1,21 @@
-//! Choosing an endpoint and connecting to it: least-connections with the power of two random
-//! choices, passive outlier ejection after consecutive connect failures, and connect retries that
-//! move on to another endpoint.
-use std::{
-    cell::Cell,
-    collections::HashMap,
-    net::SocketAddr,
-    sync::{
-        Arc, RwLock,
-        atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering},
-    },
-    time::{Duration, Instant},
-};
+//! Connecting a TCP connection to one of its endpoints through the endpoint registry the HTTP
+//! proxy uses too ([`mesh_http::Balancer`]): the same least-loaded P2C picker, the same
+//! in-flight counts and the same ejections, so an endpoint the HTTP proxy ejected is skipped
+//! here and one that refuses connects here is skipped by HTTP requests. Each attempt moves on
+//! to an endpoint not tried yet.
+use std::{net::SocketAddr, time::Duration};
 
+use mesh_http::{InFlight, Pick};
 use tokio::net::{TcpSocket, TcpStream};
 
-/// Consecutive connect failures that eject an endpoint.
-const EJECT_AFTER: u32 = 3;
-/// How long an ejected endpoint is skipped (doubling per ejection, capped).
-const EJECT_BASE: Duration = Duration::from_secs(5);
-const EJECT_MAX: Duration = Duration::from_secs(60);
-
-thread_local! {
-    static RNG: Cell<u64> = Cell::new({
-        let t = Instant::now().elapsed().as_nanos() as u64;
-        let id = std::thread::current().id();
-        let h = format!("{id:?}").bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
-        (t ^ h ^ std::process::id() as u64) | 1
-    });
-}
-
-/// A fast, non-cryptographic random number (xorshift64*), per thread.
-pub fn random_u32() -> u32 {
-    RNG.with(|r| {
-        let mut x = r.get();
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        r.set(x);
-        (x.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 32) as u32
-    })
-}
-
-/// Per-endpoint state shared by all connections.
-#[derive(Debug, Default)]
-pub struct EndpointState {
-    pub active: AtomicUsize,
-    consecutive_failures: AtomicU32,
-    ejections: AtomicU32,
-    /// Milliseconds since the registry's epoch until which the endpoint is skipped.
-    ejected_until_ms: AtomicU64,
-}
-
-/// All endpoints the agent has connected to.
-#[derive(Debug)]
+/// The agent's view of its endpoints: the HTTP proxy's registry.
+#[derive(Debug, Clone)]
 pub struct Balancer {
-    epoch: Instant,
-    endpoints: RwLock<HashMap<SocketAddr, Arc<EndpointState>>>,
+    registry: mesh_http::Balancer,
 }
 
-impl Default for Balancer {
-    fn default() -> Self {
-        Balancer {
-            epoch: Instant::now(),
-            endpoints: RwLock::default(),
-        }
-    }
-}
-
-/// Holds one active-connection count on an endpoint until dropped.
-#[derive(Debug)]
-pub struct Lease(Arc<EndpointState>);
-
-impl Drop for Lease {
-    fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::Relaxed);
-    }
-}
+/// Holds one in-flight count on an endpoint until the connection is dropped.
+pub type Lease = InFlight;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -90,73 +30,9 @@ pub enum ConnectError {
 }
 
 impl Balancer {
-    fn state(&self, ep: SocketAddr) -> Arc<EndpointState> {
-        if let Some(s) = self
-            .endpoints
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&ep)
-        {
-            return s.clone();
-        }
-        self.endpoints
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(ep)
-            .or_default()
-            .clone()
-    }
-
-    fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
-    }
-
-    fn ejected(&self, s: &EndpointState) -> bool {
-        s.ejected_until_ms.load(Ordering::Relaxed) > self.now_ms()
-    }
-
-    /// Picks an endpoint not in `tried`: two random candidates, the one with fewer active
-    /// connections wins; ejected endpoints are avoided unless nothing else is left.
-    pub fn pick(&self, eps: &[SocketAddr], tried: &[SocketAddr]) -> Option<SocketAddr> {
-        let fresh: Vec<SocketAddr> = eps.iter().copied().filter(|e| !tried.contains(e)).collect();
-        let healthy: Vec<SocketAddr> = fresh
-            .iter()
-            .copied()
-            .filter(|e| !self.ejected(&self.state(*e)))
-            .collect();
-        let pool = if healthy.is_empty() { &fresh } else { &healthy };
-        match pool.len() {
-            0 => None,
-            1 => Some(pool[0]),
-            n => {
-                let a = pool[random_u32() as usize % n];
-                let mut b = pool[random_u32() as usize % (n - 1)];
-                if b == a {
-                    b = pool[n - 1];
-                }
-                let load = |e: SocketAddr| self.state(e).active.load(Ordering::Relaxed);
-                Some(if load(b) < load(a) { b } else { a })
-            }
-        }
-    }
-
-    fn record(&self, ep: SocketAddr, ok: bool) {
-        let s = self.state(ep);
-        if ok {
-            s.consecutive_failures.store(0, Ordering::Relaxed);
-            s.ejections.store(0, Ordering::Relaxed);
-            return;
-        }
-        if s.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1 >= EJECT_AFTER {
-            s.consecutive_failures.store(0, Ordering::Relaxed);
-            let n = s.ejections.fetch_add(1, Ordering::Relaxed).min(4);
-            let backoff = (EJECT_BASE * 2u32.pow(n)).min(EJECT_MAX);
-            s.ejected_until_ms.store(
-                self.now_ms() + backoff.as_millis() as u64,
-                Ordering::Relaxed,
-            );
-            tracing::warn!(endpoint = %ep, ?backoff, "endpoint ejected after consecutive connect failures");
-        }
+    /// Connects through `registry`, shared with the HTTP proxy ([`mesh_http::Proxy::balancer`]).
+    pub fn new(registry: mesh_http::Balancer) -> Self {
+        Balancer { registry }
     }
 
     /// Connects to one of `eps`, trying up to `attempts` different endpoints.
@@ -169,20 +45,18 @@ impl Balancer {
         let mut tried = Vec::new();
         let mut last = None;
         while tried.len() < attempts.max(1) {
-            let Some(ep) = self.pick(eps, &tried) else {
+            let Pick::Endpoint(ep, state) = self.registry.pick_connection(eps, &tried) else {
                 break;
             };
             tried.push(ep);
-            let s = self.state(ep);
-            s.active.fetch_add(1, Ordering::Relaxed);
-            let lease = Lease(s);
+            let lease = InFlight::new(state.clone());
             match connect(ep, timeout).await {
                 Ok(stream) => {
-                    self.record(ep, true);
+                    self.registry.success(&state);
                     return Ok((stream, ep, lease));
                 }
                 Err(e) => {
-                    self.record(ep, false);
+                    self.registry.record_failure(ep, &state, eps);
                     tracing::debug!(endpoint = %ep, error = %e, "connect failed; trying another endpoint");
                     last = Some((ep, e));
                 }
@@ -219,50 +93,16 @@ pub async fn connect(dst: SocketAddr, timeout: Duration) -> std::io::Result<TcpS
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
 
-    fn eps(n: u16) -> Vec<SocketAddr> {
-        (1..=n)
-            .map(|i| SocketAddr::from(([10, 0, 0, i as u8], 80)))
-            .collect()
+    fn registry() -> mesh_http::Balancer {
+        mesh_http::Balancer::new(mesh_http::Resilience::default())
     }
 
-    #[test]
-    fn p2c_prefers_the_less_loaded_endpoint() {
-        let b = Balancer::default();
-        let e = eps(2);
-        b.state(e[0]).active.store(10, Ordering::Relaxed);
-        for _ in 0..100 {
-            assert_eq!(b.pick(&e, &[]), Some(e[1]));
-        }
-    }
-
-    #[test]
-    fn picks_spread_over_idle_endpoints() {
-        let b = Balancer::default();
-        let e = eps(4);
-        let mut hits = HashMap::new();
-        for _ in 0..4000 {
-            *hits.entry(b.pick(&e, &[]).expect("some")).or_insert(0) += 1;
-        }
-        assert_eq!(hits.len(), 4);
-        assert!(hits.values().all(|&n| n > 600), "{hits:?}");
-    }
-
-    #[test]
-    fn ejected_endpoints_are_skipped_until_none_is_left() {
-        let b = Balancer::default();
-        let e = eps(2);
-        for _ in 0..EJECT_AFTER {
-            b.record(e[0], false);
-        }
-        for _ in 0..50 {
-            assert_eq!(b.pick(&e, &[]), Some(e[1]));
-        }
-        assert_eq!(
-            b.pick(&e, &[e[1]]),
-            Some(e[0]),
-            "an ejected endpoint beats none"
-        );
+    /// An address on loopback where nothing listens: connecting is refused at once.
+    fn dead() -> SocketAddr {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
     }
 
     #[tokio::test]
@@ -270,18 +110,103 @@ mod tests {
         let live = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
-        let dead = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-            l.local_addr().expect("addr")
-        };
-        let b = Balancer::default();
-        let eps = [dead, live.local_addr().expect("addr")];
+        let b = Balancer::new(registry());
+        let eps = [dead(), live.local_addr().expect("addr")];
         for _ in 0..10 {
             let (_s, ep, _lease) = b
                 .connect(&eps, Duration::from_secs(2), 2)
                 .await
                 .expect("connects");
             assert_eq!(ep, eps[1]);
+        }
+    }
+
+    #[tokio::test]
+    async fn connections_spread_by_least_connections() {
+        let l1 = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let l2 = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let b = Balancer::new(registry());
+        let eps = [
+            l1.local_addr().expect("addr"),
+            l2.local_addr().expect("addr"),
+        ];
+        // Connections held open: each new one goes to the endpoint with fewer.
+        let mut held = Vec::new();
+        let mut hits: HashMap<SocketAddr, usize> = HashMap::new();
+        for _ in 0..20 {
+            let (s, ep, lease) = b
+                .connect(&eps, Duration::from_secs(2), 1)
+                .await
+                .expect("connects");
+            *hits.entry(ep).or_default() += 1;
+            held.push((s, lease));
+        }
+        assert_eq!(hits.values().copied().collect::<Vec<_>>(), vec![10, 10]);
+    }
+
+    /// One registry for both paths: failures the HTTP proxy records (5xx answers) eject an
+    /// endpoint for TCP connections, and connect failures on the TCP path eject it for HTTP
+    /// requests.
+    #[tokio::test]
+    async fn an_endpoint_ejected_on_one_path_is_skipped_on_the_other() {
+        let live = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let live2 = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let http = mesh_http::Proxy::new(
+            mesh_http::Config::default(),
+            std::sync::Arc::new(mesh_policy::PolicyStore::new(mesh_policy::Compiled::empty())),
+        );
+        let registry = http.balancer();
+        let tcp = Balancer::new(registry.clone());
+        let failures = registry.resilience().consecutive_failures;
+
+        // HTTP -> TCP: the first endpoint answers 5xx until ejected.
+        let eps = [
+            live.local_addr().expect("addr"),
+            live2.local_addr().expect("addr"),
+        ];
+        let bad = registry.state(eps[0]);
+        for _ in 0..failures {
+            registry.record_failure(eps[0], &bad, &eps);
+        }
+        for _ in 0..20 {
+            let (_s, ep, _lease) = tcp
+                .connect(&eps, Duration::from_secs(2), 1)
+                .await
+                .expect("connects");
+            assert_eq!(
+                ep, eps[1],
+                "a TCP connection went to an endpoint HTTP ejected"
+            );
+        }
+
+        // TCP -> HTTP: connects to a dead endpoint fail until it is ejected (beside one that
+        // is not ejected: the last usable endpoint never is).
+        let eps = [dead(), live2.local_addr().expect("addr")];
+        let mut tcp_failures = 0;
+        while tcp_failures < failures {
+            // One attempt each, so that every connect to the dead one counts as a failure.
+            if tcp.connect(&eps, Duration::from_secs(2), 1).await.is_err() {
+                tcp_failures += 1;
+            }
+        }
+        for _ in 0..100 {
+            match registry.pick(&eps, &[]) {
+                Pick::Endpoint(ep, _) => {
+                    assert_eq!(
+                        ep, eps[1],
+                        "an HTTP request went to an endpoint TCP ejected"
+                    )
+                }
+                other => panic!("{other:?}"),
+            }
         }
     }
 }

@@ -1,8 +1,10 @@
 //! Moving bytes both ways between the client's and the upstream's sockets.
 //!
 //! With splice(2) the bytes go socket -> pipe -> socket inside the kernel and never reach
-//! userspace; each direction holds one pipe (two fds, no userspace buffer). Without it, each
-//! direction owns one fixed 16 KiB buffer that never grows. Either way an EOF from one side becomes
+//! userspace. Without it (or when no pipe can be had) they go through a 16 KiB buffer. Either
+//! is taken from a small per-thread pool only while bytes move and given back once everything
+//! read has been written, so an idle connection costs its two sockets and no more: thousands
+//! of idle connections fit under the fd limit. Either way an EOF from one side becomes
 //! a write shutdown on the other (half-close), and the connection ends when both directions have
 //! ended, on the first error, or after `idle` without a byte in either direction.
 //!
@@ -11,6 +13,7 @@
 //! connection fail instead of a clean end the other peer never sent. A clean end disarms them
 //! first, so a normal close is still a FIN.
 use std::{
+    cell::RefCell,
     io,
     net::Shutdown,
     os::fd::{AsFd, OwnedFd},
@@ -170,15 +173,7 @@ async fn pump(
     if done {
         return Ok((0, false));
     }
-    let r = if use_splice {
-        match Pipe::new() {
-            Ok(pipe) => splice_loop(from, to, &pipe, touch, &mut moving).await,
-            // Out of fds or pipes: fall back rather than fail the connection.
-            Err(_) => copy_loop(from, to, touch, &mut moving).await,
-        }
-    } else {
-        copy_loop(from, to, touch, &mut moving).await
-    };
+    let r = relay(from, to, use_splice, touch, &mut moving).await;
     let (total, paused) = r.map_err(|(read, e)| (if read { from_side } else { to_side }, e))?;
     if !paused {
         // Half-close: the peer sees our EOF; the other direction keeps going.
@@ -208,58 +203,150 @@ async fn readable_or_moving(
     from.readable().await.map(|()| false)
 }
 
+/// Whether a handover has asked the connection to move, without waiting.
+fn asked_to_move(moving: &Option<watch::Receiver<bool>>) -> bool {
+    moving.as_ref().is_some_and(|m| *m.borrow())
+}
+
+/// Idle pipes and copy buffers kept per worker thread. A direction takes one only while bytes
+/// move and gives it back once it has written everything it read, so an idle connection holds
+/// its two sockets and nothing else; a burst of traffic reuses the same few pipes.
+const POOL_PER_THREAD: usize = 16;
+
+thread_local! {
+    static PIPES: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
+    static BUFFERS: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
+}
+
 struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
 }
 
 impl Pipe {
-    fn new() -> io::Result<Self> {
+    /// A pooled pipe, or a new one.
+    fn take() -> io::Result<Self> {
+        if let Some(p) = PIPES.with(|p| p.borrow_mut().pop()) {
+            return Ok(p);
+        }
         let (read, write) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
         Ok(Pipe { read, write })
     }
+
+    /// Pools an empty pipe (one still holding bytes must be dropped instead); closes it when
+    /// the pool is full.
+    fn give_back(self) {
+        PIPES.with(|p| {
+            let mut p = p.borrow_mut();
+            if p.len() < POOL_PER_THREAD {
+                p.push(self);
+            }
+        });
+    }
+}
+
+fn take_buffer() -> Box<[u8]> {
+    BUFFERS
+        .with(|b| b.borrow_mut().pop())
+        .unwrap_or_else(|| vec![0u8; COPY_BUF].into_boxed_slice())
+}
+
+fn give_back_buffer(buf: Box<[u8]>) {
+    BUFFERS.with(|b| {
+        let mut b = b.borrow_mut();
+        if b.len() < POOL_PER_THREAD {
+            b.push(buf);
+        }
+    });
 }
 
 /// `(bytes, paused)`, or the error tuple (`true` if the read side failed, error).
 type PumpResult = Result<(u64, bool), (bool, io::Error)>;
 
-async fn splice_loop(
+/// How a burst of reads ended. Every one of them leaves the pipe or buffer empty.
+enum Burst {
+    /// `from` has nothing more to read for now.
+    Drained,
+    /// `from` sent EOF.
+    Eof,
+    /// A handover asked the connection to move.
+    Moving,
+}
+
+/// One direction until EOF, an error or a move: waits for bytes holding nothing, then moves
+/// them with splice through a pipe taken for the burst, or through a copy buffer if splice is
+/// off or no pipe can be had (out of fds).
+async fn relay(
+    from: &TcpStream,
+    to: &TcpStream,
+    use_splice: bool,
+    touch: &impl Fn(),
+    moving: &mut Option<watch::Receiver<bool>>,
+) -> PumpResult {
+    let mut total = 0u64;
+    loop {
+        // Nothing held here: every byte read so far has been written.
+        if readable_or_moving(from, moving)
+            .await
+            .map_err(|e| (true, e))?
+        {
+            return Ok((total, true));
+        }
+        let pipe = if use_splice { Pipe::take().ok() } else { None };
+        let burst = match pipe {
+            Some(pipe) => {
+                let burst = splice_burst(from, to, &pipe, touch, moving, &mut total).await?;
+                // Only an error can leave bytes in the pipe, and then it is closed.
+                pipe.give_back();
+                burst
+            }
+            None => {
+                let mut buf = take_buffer();
+                let burst = copy_burst(from, to, &mut buf, touch, moving, &mut total).await?;
+                give_back_buffer(buf);
+                burst
+            }
+        };
+        match burst {
+            Burst::Drained => {}
+            Burst::Eof => return Ok((total, false)),
+            Burst::Moving => return Ok((total, true)),
+        }
+    }
+}
+
+async fn splice_burst(
     from: &TcpStream,
     to: &TcpStream,
     pipe: &Pipe,
     touch: &impl Fn(),
-    moving: &mut Option<watch::Receiver<bool>>,
-) -> PumpResult {
+    moving: &Option<watch::Receiver<bool>>,
+    total: &mut u64,
+) -> Result<Burst, (bool, io::Error)> {
     let flags = SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MOVE;
-    let mut total = 0u64;
     loop {
-        let n = loop {
-            // The pipe is empty here: every byte read so far has been written.
-            if readable_or_moving(from, moving)
-                .await
-                .map_err(|e| (true, e))?
-            {
-                return Ok((total, true));
-            }
-            match from.try_io(Interest::READABLE, || {
-                splice(
-                    from.as_fd(),
-                    None,
-                    pipe.write.as_fd(),
-                    None,
-                    SPLICE_CHUNK,
-                    flags,
-                )
-                .map_err(io::Error::from)
-            }) {
-                Ok(n) => break n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err((true, e)),
-            }
-        };
-        if n == 0 {
-            return Ok((total, false));
+        // The pipe is empty here. Still readable after a read: this returns at once, but
+        // counts against the task's budget, so a busy stream yields to the others.
+        from.readable().await.map_err(|e| (true, e))?;
+        if asked_to_move(moving) {
+            return Ok(Burst::Moving);
         }
+        let n = match from.try_io(Interest::READABLE, || {
+            splice(
+                from.as_fd(),
+                None,
+                pipe.write.as_fd(),
+                None,
+                SPLICE_CHUNK,
+                flags,
+            )
+            .map_err(io::Error::from)
+        }) {
+            Ok(0) => return Ok(Burst::Eof),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Burst::Drained),
+            Err(e) => return Err((true, e)),
+        };
         touch();
         let mut left = n;
         while left > 0 {
@@ -270,7 +357,7 @@ async fn splice_loop(
             }) {
                 Ok(m) => {
                     left -= m;
-                    total += m as u64;
+                    *total += m as u64;
                     touch();
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -280,32 +367,26 @@ async fn splice_loop(
     }
 }
 
-async fn copy_loop(
+async fn copy_burst(
     from: &TcpStream,
     to: &TcpStream,
+    buf: &mut [u8],
     touch: &impl Fn(),
-    moving: &mut Option<watch::Receiver<bool>>,
-) -> PumpResult {
-    let mut buf = vec![0u8; COPY_BUF];
-    let mut total = 0u64;
+    moving: &Option<watch::Receiver<bool>>,
+    total: &mut u64,
+) -> Result<Burst, (bool, io::Error)> {
     loop {
-        let n = loop {
-            // The buffer is empty here: every byte read so far has been written.
-            if readable_or_moving(from, moving)
-                .await
-                .map_err(|e| (true, e))?
-            {
-                return Ok((total, true));
-            }
-            match from.try_read(&mut buf) {
-                Ok(n) => break n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err((true, e)),
-            }
-        };
-        if n == 0 {
-            return Ok((total, false));
+        // The buffer is empty here (see `splice_burst`).
+        from.readable().await.map_err(|e| (true, e))?;
+        if asked_to_move(moving) {
+            return Ok(Burst::Moving);
         }
+        let n = match from.try_read(buf) {
+            Ok(0) => return Ok(Burst::Eof),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Burst::Drained),
+            Err(e) => return Err((true, e)),
+        };
         touch();
         let mut off = 0;
         while off < n {
@@ -313,7 +394,7 @@ async fn copy_loop(
             match to.try_write(&buf[off..n]) {
                 Ok(m) => {
                     off += m;
-                    total += m as u64;
+                    *total += m as u64;
                     touch();
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,

@@ -59,7 +59,7 @@ enum Command {
         #[arg(long, conflicts_with = "only")]
         smoke: bool,
         /// Every data-path scenario once, briefly (about a second each), with the release
-        /// agent: fails if any scenario fails (a peer did not start, the agent returned
+        /// agent (or `MESH_AGENT_BIN` when set): fails if any scenario fails (a peer did not start, the agent returned
         /// errors). Checks that the benchmark works; not figures to quote.
         #[arg(long, conflicts_with_all = ["only", "smoke"])]
         quick: bool,
@@ -118,7 +118,12 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
         Command::Bench { only, smoke, quick } => {
             setup::run()?;
             if quick {
-                bench::quick(&util::build_release()?.0)
+                // An agent the caller built (as the tests take it), else the release build.
+                let agent = match std::env::var_os("MESH_AGENT_BIN") {
+                    Some(bin) => std::path::PathBuf::from(bin),
+                    None => util::build_release()?.0,
+                };
+                bench::quick(&agent)
             } else if smoke {
                 let agent = util::build_agent(false)?;
                 bench::kubernetes::smoke(&agent, &util::build_apiserver()?)

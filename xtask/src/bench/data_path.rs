@@ -126,7 +126,11 @@ impl Lab {
                 "--policy",
                 &policy_s,
             ],
-            &[("TOKIO_WORKER_THREADS", "2"), ("RUST_LOG", "warn")],
+            &[
+                ("TOKIO_WORKER_THREADS", "2"),
+                // No per-connection access log lines, as the peers run with access_log off.
+                ("RUST_LOG", "info,mesh_agent::access=warn"),
+            ],
         );
         let node = t.node.clone();
         let backend_addr = |port| format!("{}:{port}", server.ip4);
@@ -244,7 +248,11 @@ fn policy_text(server: Ipv4Addr) -> String {
     };
     service("web", WEB_VIP.into(), 80, BACKEND_H1, &[server.into()])
         + &route("web")
-        + &service("h2", H2_VIP.into(), 80, BACKEND_H2, &[server.into()])
+        // appProtocol h2c: the agent then speaks h2 upstream, as HAProxy does (`proto h2`).
+        + &service("h2", H2_VIP.into(), 80, BACKEND_H2, &[server.into()]).replace(
+            "protocol: TCP}\n---",
+            "protocol: TCP, appProtocol: kubernetes.io/h2c}\n---",
+        )
         + &route("h2")
         // x-request-id and traceparent, as the peers add; not x-forwarded-*, which they do not.
         + "---\napiVersion: skiff.dev/v1alpha1\nkind: MeshPolicy\nmetadata: {name: bench, namespace: mesh-system}\n\

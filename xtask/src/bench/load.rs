@@ -154,10 +154,10 @@ pub fn h2load(
             .and_then(|n| n.trim().parse::<u64>().ok())
     };
     let (done, ok) = (count("done"), count("succeeded"));
-    if done.is_none_or(|d| d == 0) || done != ok {
-        bail!("h2load: {requests}");
-    }
     let codes = line("status codes:")?;
+    if done.is_none_or(|d| d == 0) || done != ok {
+        bail!("h2load: {requests}; {codes}");
+    }
     if !codes.contains(" 0 3xx, 0 4xx, 0 5xx") {
         bail!("h2load: {codes}");
     }

@@ -163,7 +163,10 @@ impl Row {
             (Ok(v), Cell::Samples(s)) => s.push(v),
             (Ok(v), Cell::NotApplicable) => *cell = Cell::Samples(vec![v]),
             (Err(e), _) => {
-                eprintln!("  {} / {}: failed: {e:#}", self.name, t.name());
+                // One line on the console (a peer's whole log is in the report's cell).
+                let why = format!("{e:#}").replace('\n', " | ");
+                let short: String = why.chars().take(240).collect();
+                eprintln!("  {} / {}: failed: {short}", self.name, t.name());
                 *cell = Cell::Failed(format!("{e:#}"));
             }
         }

@@ -267,3 +267,54 @@ fn legend(c: &mut Canvas, y: i64, targets: impl Iterator<Item = table::Target>) 
         x += 22 + Canvas::text_width(label, 2) + 30;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::table::{Better, Row, Target, Unit};
+
+    #[test]
+    fn writes_the_table_the_machine_and_both_plots() {
+        let mut p99 = Row::new("p99 at 1,000 req/s", Unit::Micros, Better::Lower);
+        for (t, v) in [
+            (Target::Direct, 200.0),
+            (Target::Agent, 500.0),
+            (Target::Haproxy, 550.0),
+        ] {
+            p99.push(t, Ok(v));
+        }
+        p99.push(
+            Target::Nginx,
+            Err(anyhow::anyhow!("nginx exited\nlog line")),
+        );
+        let curve: Vec<f64> = (0..1000).map(f64::from).collect();
+        let results = Results {
+            rows: vec![p99],
+            curves: vec![(Target::Direct, curve.clone()), (Target::Agent, curve)],
+            rss: vec![(Target::Agent, [Some(15_000.0), Some(20_000.0), None])],
+        };
+        let dir = std::env::temp_dir().join(format!("bench-report-test-{}", std::process::id()));
+        write(&dir, &results, "test").expect("written");
+        let md = std::fs::read_to_string(dir.join("latest.md")).expect("latest.md");
+        assert!(
+            md.contains(
+                "| p99 at 1,000 req/s | 200 us | 500 us | 550 us | failed | 0.40x | 1.10x | - |"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains("added p99 at 1,000 req/s over direct: agent +300 us, HAProxy +350 us"),
+            "{md}"
+        );
+        assert!(
+            md.contains("- p99 at 1,000 req/s / nginx: nginx exited\n"),
+            "{md}"
+        );
+        assert!(md.contains("- kernel: "), "{md}");
+        for png in ["latency.png", "rss.png"] {
+            let bytes = std::fs::read(dir.join(png)).expect("png");
+            assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n"), "{png}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -113,7 +113,7 @@ impl Lab {
             || listening(&backend_ns, SocketAddr::from((server.ip4, BACKEND_H1))),
         )?;
         let policy = dir.join("policy.yaml");
-        std::fs::write(&policy, policy_text(server.ip4))?;
+        std::fs::write(&policy, policy_text(server.ip4, false))?;
         let policy_s = policy.display().to_string();
         let capture = format!("{}/32={IPERF_CAPTURED},{IDLE_CAPTURED}", server.ip4);
         let agent = t.start_agent_bin_env(
@@ -237,8 +237,10 @@ fn listening(ns: &mesh_tests::Netns, addr: SocketAddr) -> bool {
     ns.run(move || TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok())
 }
 
-/// Services for the two VIPs, an HTTPRoute on each, and the header settings.
-fn policy_text(server: Ipv4Addr) -> String {
+/// Services for the two VIPs, an HTTPRoute on each, and the header settings; `deny` adds an
+/// authorization rule, which attaches the XDP program (every packet on the client's link then
+/// goes through it, so only the last scenarios have it).
+fn policy_text(server: Ipv4Addr, deny: bool) -> String {
     let route = |name: &str| {
         format!(
             "---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {name}, namespace: mesh-test}}\n\
@@ -256,9 +258,13 @@ fn policy_text(server: Ipv4Addr) -> String {
         + &route("h2")
         // x-request-id and traceparent, as the peers add; not x-forwarded-*, which they do not.
         + "---\napiVersion: skiff.dev/v1alpha1\nkind: MeshPolicy\nmetadata: {name: bench, namespace: mesh-system}\n\
-           spec:\n  headers: {requestId: true, traceContext: true, forwarded: false}\n\
-           \x20 authorization:\n    rules:\n\
-           \x20   - {name: bench-deny, action: Deny, to: [10.201.2.0/24], ports: [5432], protocol: TCP}\n"
+           spec:\n  headers: {requestId: true, traceContext: true, forwarded: false}\n"
+        + if deny {
+            "\x20 authorization:\n    rules:\n\
+             \x20   - {name: bench-deny, action: Deny, to: [10.201.2.0/24], ports: [5432], protocol: TCP}\n"
+        } else {
+            ""
+        }
 }
 
 /// Runs every scenario under `plan` with the agent at `agent_bin`.
@@ -321,11 +327,8 @@ pub fn run(plan: Plan, agent_bin: &Path) -> anyhow::Result<Results> {
     }
     results.rows.extend(rss_rows);
     results.rows.extend(idle_connection_rows(&mut lab, plan));
-    results
-        .rows
-        .extend(super::ebpf::rows(&lab.t, lab.server_ip(), &lab.dir));
     results.rows.push(check);
-    // Last: it stops the agent and takes its programs off the interface.
+    // Last: they add the XDP program, then stop the agent and take its programs off.
     results.rows.extend(untargeted_rows(&mut lab, plan));
     Ok(results)
 }
@@ -701,33 +704,77 @@ fn raise_fd_limit() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Untargeted traffic (iperf3 to a port the agent does not capture) with the programs attached,
-/// then with the agent stopped and its links removed.
+/// The eBPF rows: untargeted traffic (iperf3 to a port the agent does not capture) with the TC
+/// program attached; then, with an authorization rule loaded, the per-packet costs and
+/// untargeted traffic with TC and XDP attached; then with the agent stopped and its links
+/// removed, the baseline both are a percentage of.
 fn untargeted_rows(lab: &mut Lab, plan: Plan) -> Vec<Row> {
-    let mut with = Row::new(
-        "untargeted iperf3 with programs attached / without",
+    let mut tc = Row::new(
+        "untargeted iperf3, TC attached / no programs",
+        Unit::Percent,
+        Better::Higher,
+    );
+    let mut xdp = Row::new(
+        "untargeted iperf3, TC + XDP attached / no programs",
         Unit::Percent,
         Better::Higher,
     );
     let server = lab.t.pod("server").ns.clone();
     let ip = lab.server_ip();
-    let mut attached = Vec::new();
-    for _ in 0..plan.rounds {
-        match load::iperf3(lab.client(), &server, ip, IPERF_DIRECT, 1, plan.secs) {
-            Ok(v) => attached.push(v),
-            Err(e) => {
-                with.push(Target::Agent, Err(e));
-                return vec![with];
-            }
-        }
+    let client = lab.client().clone();
+    let iperf = |n| -> anyhow::Result<Vec<f64>> {
+        (0..n)
+            .map(|_| load::iperf3(&client, &server, ip, IPERF_DIRECT, 1, plan.secs))
+            .collect()
+    };
+    let with_tc = iperf(plan.rounds);
+    let mut rows = Vec::new();
+    let with_xdp = deny_rule(lab).and_then(|()| {
+        rows = super::ebpf::rows(&lab.t, ip, &lab.dir);
+        iperf(plan.rounds)
+    });
+    if rows.is_empty() {
+        let mut r = Row::new("eBPF per packet", Unit::Nanos, Better::Lower);
+        r.push(
+            Target::Agent,
+            Err(anyhow::anyhow!("the XDP program was not attached")),
+        );
+        rows.push(r);
     }
     lab.agent.kill();
     // The links are pinned (they outlive the agent by design): unpinning detaches them.
     let _ = std::fs::remove_dir_all(&lab.t.bpffs_dir);
     thread::sleep(Duration::from_millis(300));
-    for a in attached {
-        let without = load::iperf3(lab.client(), &server, ip, IPERF_DIRECT, 1, plan.secs);
-        with.push(Target::Agent, without.map(|w| 100.0 * a / w));
+    let without = iperf(plan.rounds);
+    for (row, with) in [(&mut tc, with_tc), (&mut xdp, with_xdp)] {
+        match (&with, &without) {
+            (Ok(w), Ok(n)) => {
+                for (a, b) in w.iter().zip(n) {
+                    row.push(Target::Agent, Ok(100.0 * a / b));
+                }
+            }
+            (Err(e), _) | (_, Err(e)) => row.push(Target::Agent, Err(anyhow::anyhow!("{e:#}"))),
+        }
     }
-    vec![with]
+    rows.push(tc);
+    rows.push(xdp);
+    rows
+}
+
+/// Reloads the policy with the authorization rule and waits for the XDP program's link.
+fn deny_rule(lab: &Lab) -> anyhow::Result<()> {
+    mesh_tests::policy::write_atomically(
+        &lab.dir.join("policy.yaml"),
+        &policy_text(lab.server_ip(), true),
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if super::ebpf::has_xdp(&lab.t.bpffs_dir) {
+            // Its rules are written with the same reload; a moment for the map update.
+            thread::sleep(Duration::from_millis(500));
+            return Ok(());
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+    bail!("no XDP link pinned 15 s after adding an authorization rule")
 }

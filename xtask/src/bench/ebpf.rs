@@ -59,6 +59,11 @@ pub fn rows(t: &Topology, server: Ipv4Addr, scratch: &Path) -> Vec<Row> {
         .collect()
 }
 
+/// Whether an XDP program's link is pinned under `dir`.
+pub fn has_xdp(dir: &Path) -> bool {
+    programs(dir).is_ok_and(|p| p.iter().any(|(_, k)| k == "xdp"))
+}
+
 /// (program id, type) of every link pinned under `dir`.
 fn programs(dir: &Path) -> anyhow::Result<Vec<(u64, String)>> {
     let mut out = Vec::new();

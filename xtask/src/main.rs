@@ -47,7 +47,8 @@ enum Command {
     /// The privileged integration tests on Debian's 6.1 and 6.12 kernels (qemu VMs) and on the
     /// host: a kernel x test table.
     Kernels(kernels::Options),
-    /// End-to-end figures: throughput, latency and memory through the agent against direct;
+    /// End-to-end figures: the agent against direct, HAProxy and nginx (throughput, latency,
+    /// memory, CPU per request, eBPF per-packet cost), written to `bench/results/`;
     /// Kubernetes mode at scale (10,000 Services: time to ready, memory, route edit latency).
     Bench {
         /// Run only this section.
@@ -57,6 +58,11 @@ enum Command {
         /// at a twentieth of the scale (checks that the benchmark works; not figures to quote).
         #[arg(long, conflicts_with = "only")]
         smoke: bool,
+        /// Every data-path scenario once, briefly (about a second each), with the release
+        /// agent (or `MESH_AGENT_BIN` when set): fails if any scenario fails (a peer did not start, the agent returned
+        /// errors). Checks that the benchmark works; not figures to quote.
+        #[arg(long, conflicts_with_all = ["only", "smoke"])]
+        quick: bool,
     },
     /// Run every cargo-fuzz target (ClientHello, protocol detection, HTTP/1 scanner and
     /// server path, policy loading, authorization compiler) for the given time split evenly;
@@ -109,9 +115,16 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
             setup::run()?;
             kernels::run(&opts)
         }
-        Command::Bench { only, smoke } => {
+        Command::Bench { only, smoke, quick } => {
             setup::run()?;
-            if smoke {
+            if quick {
+                // An agent the caller built (as the tests take it), else the release build.
+                let agent = match std::env::var_os("MESH_AGENT_BIN") {
+                    Some(bin) => std::path::PathBuf::from(bin),
+                    None => util::build_release()?.0,
+                };
+                bench::quick(&agent)
+            } else if smoke {
                 let agent = util::build_agent(false)?;
                 bench::kubernetes::smoke(&agent, &util::build_apiserver()?)
             } else {

@@ -24,6 +24,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("iperf3", "iperf3"),
     ("bpftool", "bpftool"),
     ("h2load", "nghttp2-client"),
+    // `cargo xtask bench`: the peers the agent is measured against, and HTTP/1.1 load.
+    ("haproxy", "haproxy"),
+    ("nginx", "nginx"),
+    ("wrk", "wrk"),
     ("nghttp", "nghttp2-client"),
     ("prometheus", "prometheus"),
     ("promtool", "prometheus"),

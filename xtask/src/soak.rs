@@ -16,7 +16,7 @@
 //! Every sample goes to `soak.csv` and the curves to `soak.png` in the folder it prints. The
 //! backend closes keep-alive connections idle for a second, so the agent's upstream pool empties
 //! once the load stops and an idle agent's fds are a fixed number.
-mod chart;
+pub mod chart;
 
 use std::{
     fmt::Write as _,

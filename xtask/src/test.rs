@@ -59,6 +59,12 @@ fn run_steps(lint: bool, kernels: bool, steps: &mut Steps) -> anyhow::Result<()>
     clean_leftovers();
     result?;
     conformance(&agent, &apiserver, steps)?;
+    steps.time("data-path bench, quick", || {
+        // The debug agent CI already built: the quick run checks that every scenario
+        // completes, which needs no release build (one costs minutes on a CI machine).
+        crate::bench::quick(&agent)
+            .context("the data-path benchmark's quick run (cargo xtask bench --quick)")
+    })?;
     steps.time("Kubernetes scale smoke", || {
         crate::bench::kubernetes::smoke(&agent, &apiserver).context(
             "the Kubernetes scale benchmark's smoke run (cargo xtask bench --only kubernetes)",

@@ -319,7 +319,7 @@ pub fn draw(panels: &[Panel<'_>], marks: &[(f64, Rgb)], legend: &[(Rgb, &str)]) 
 }
 
 /// The round step (1, 2 or 5 times a power of ten) nearest above `raw`, for axis ticks.
-fn nice_step(raw: f64) -> f64 {
+pub fn nice_step(raw: f64) -> f64 {
     let raw = raw.max(1e-9);
     let power = 10f64.powf(raw.log10().floor());
     [1.0, 2.0, 5.0, 10.0]

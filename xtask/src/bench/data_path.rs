@@ -1,0 +1,780 @@
+//! `cargo xtask bench --only data-path`: the agent against direct, HAProxy and nginx on one
+//! topology, in one run.
+//!
+//! Client pod -> node namespace -> server pod (the harness's [`Topology`]). The server pod runs
+//! nginx answering 200 (`bench/peers/backend-nginx.conf`). The agent captures the client pod's
+//! traffic transparently: HTTP to two Service VIPs (HTTP/1.1 and h2c/gRPC), each through an
+//! HTTPRoute, and two L4 ports. HAProxy and nginx listen in the node namespace as explicit
+//! proxies to the same backend (`bench/peers/`). Every proxy adds the same two request headers
+//! (`x-request-id` and a W3C `traceparent`; the agent's `x-forwarded-*` is switched off by a
+//! MeshPolicy) and has two threads (`TOKIO_WORKER_THREADS=2`, `nbthread 2`, `worker_processes 2`).
+//!
+//! Each scenario runs every target once per round, rounds interleaved, and the table shows the
+//! median and the range over rounds. A scenario that fails marks its cells `failed` with the
+//! reason printed; the rest still runs.
+use std::{
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use mesh_tests::{Agent, Topology, policy::service};
+
+use super::{
+    load::{self, quantile},
+    procs::{self, Server, Spec},
+    table::{Better, Row, Target, Unit},
+};
+
+const WEB_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 80);
+const H2_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 81);
+const BACKEND_H1: u16 = 8080;
+const BACKEND_H2: u16 = 8081;
+/// The peers' listeners in the node namespace: HTTP/1.1 and h2c.
+const HAPROXY_PORTS: (u16, u16) = (8001, 8011);
+const NGINX_PORTS: (u16, u16) = (8002, 8012);
+/// L4 ports on the server pod: the captured one goes through the agent, the other is direct
+/// (and is the "untargeted" traffic the programs look at and pass).
+const IPERF_CAPTURED: u16 = 5201;
+const IPERF_DIRECT: u16 = 5202;
+const IDLE_CAPTURED: u16 = 7000;
+/// The fd limit (hard) on these machines; the bench raises its soft limit to it.
+const IDLE_CONNECTIONS: usize = 8000;
+/// The gRPC-shaped request body: a 5-byte gRPC frame header and a 5-byte message.
+const GRPC_BODY: &[u8] = b"\x00\x00\x00\x00\x05hello";
+
+/// How long and how often: the full run, or `--quick` (every scenario once, briefly, to check
+/// that each completes).
+#[derive(Debug, Clone, Copy)]
+pub struct Plan {
+    pub rounds: usize,
+    pub secs: f64,
+    pub new_connections: usize,
+    pub idle_connections: usize,
+}
+
+impl Plan {
+    pub const FULL: Plan = Plan {
+        rounds: 3,
+        secs: 5.0,
+        new_connections: 2000,
+        idle_connections: IDLE_CONNECTIONS,
+    };
+    pub const QUICK: Plan = Plan {
+        rounds: 1,
+        secs: 1.0,
+        new_connections: 100,
+        idle_connections: 200,
+    };
+}
+
+/// The running topology: backend, agent and peers.
+struct Lab {
+    t: Topology,
+    agent: Agent,
+    /// Kept for its lifetime (killed on drop).
+    _backend: Server,
+    haproxy: Result<Server, String>,
+    nginx: Result<Server, String>,
+    dir: PathBuf,
+}
+
+/// What the rounds measured: the table, and latency curves for the plots.
+pub struct Results {
+    pub rows: Vec<Row>,
+    /// Per target, the sorted latencies at 1,000 req/s of the last round.
+    pub curves: Vec<(Target, Vec<f64>)>,
+    /// Per proxy: RSS idle, at 1,000 req/s, after load (KiB).
+    pub rss: Vec<(Target, [Option<f64>; 3])>,
+}
+
+impl Lab {
+    fn start(agent_bin: &Path) -> anyhow::Result<Lab> {
+        let t = Topology::new(&["client", "server"]);
+        let dir = std::env::temp_dir().join(format!("{}-bench", t.id));
+        std::fs::create_dir_all(&dir)?;
+        let (client, server) = (t.pod("client").clone(), t.pod("server").clone());
+        let backend_ns = server.ns.clone();
+        let backend = Server::start(
+            Spec {
+                name: "backend nginx",
+                template: "backend-nginx.conf",
+                vars: vec![
+                    ("H1_PORT", BACKEND_H1.to_string()),
+                    ("H2_PORT", BACKEND_H2.to_string()),
+                ],
+                program: "nginx",
+                args: &["-c", "@CONF@", "-e", "stderr"],
+            },
+            &server.ns,
+            &dir,
+            || listening(&backend_ns, SocketAddr::from((server.ip4, BACKEND_H1))),
+        )?;
+        let policy = dir.join("policy.yaml");
+        std::fs::write(&policy, policy_text(server.ip4, false))?;
+        let policy_s = policy.display().to_string();
+        let capture = format!("{}/32={IPERF_CAPTURED},{IDLE_CAPTURED}", server.ip4);
+        let agent = t.start_agent_bin_env(
+            agent_bin,
+            &[
+                "--interface",
+                &client.host_if,
+                "--capture",
+                &capture,
+                "--policy",
+                &policy_s,
+            ],
+            &[
+                ("TOKIO_WORKER_THREADS", "2"),
+                // No per-connection access log lines, as the peers run with access_log off.
+                ("RUST_LOG", "info,mesh_agent::access=warn"),
+            ],
+        );
+        let node = t.node.clone();
+        let backend_addr = |port| format!("{}:{port}", server.ip4);
+        let haproxy = Server::start(
+            Spec {
+                name: "haproxy",
+                template: "haproxy.cfg",
+                vars: vec![
+                    ("LISTEN_H1", format!("{}:{}", client.gw4, HAPROXY_PORTS.0)),
+                    ("LISTEN_H2", format!("{}:{}", client.gw4, HAPROXY_PORTS.1)),
+                    ("BACKEND_H1", backend_addr(BACKEND_H1)),
+                    ("BACKEND_H2", backend_addr(BACKEND_H2)),
+                ],
+                program: "haproxy",
+                args: &["-db", "-f", "@CONF@"],
+            },
+            &t.node,
+            &dir,
+            || listening(&node, SocketAddr::from((client.gw4, HAPROXY_PORTS.0))),
+        )
+        .map_err(|e| format!("{e:#}"));
+        let nginx = Server::start(
+            Spec {
+                name: "nginx",
+                template: "nginx-proxy.conf",
+                vars: vec![
+                    ("LISTEN_H1", format!("{}:{}", client.gw4, NGINX_PORTS.0)),
+                    ("LISTEN_H2", format!("{}:{}", client.gw4, NGINX_PORTS.1)),
+                    ("BACKEND_H1", backend_addr(BACKEND_H1)),
+                    ("BACKEND_H2", backend_addr(BACKEND_H2)),
+                ],
+                program: "nginx",
+                args: &["-c", "@CONF@", "-e", "stderr"],
+            },
+            &t.node,
+            &dir,
+            || listening(&node, SocketAddr::from((client.gw4, NGINX_PORTS.0))),
+        )
+        .map_err(|e| format!("{e:#}"));
+        for (name, peer) in [("HAProxy", &haproxy), ("nginx", &nginx)] {
+            if let Err(e) = peer {
+                eprintln!("{name} did not start; its cells will say failed: {e}");
+            }
+        }
+        std::fs::write(dir.join("grpc-body"), GRPC_BODY)?;
+        Ok(Lab {
+            t,
+            agent,
+            _backend: backend,
+            haproxy,
+            nginx,
+            dir,
+        })
+    }
+
+    fn client(&self) -> &mesh_tests::Netns {
+        &self.t.pod("client").ns
+    }
+
+    fn server_ip(&self) -> Ipv4Addr {
+        self.t.pod("server").ip4
+    }
+
+    /// Where the client sends HTTP/1.1 (`h2 = false`) or h2c for `t`.
+    fn http_addr(&self, t: Target, h2: bool) -> SocketAddr {
+        let gw = self.t.pod("client").gw4;
+        let pick = |(a, b): (u16, u16)| if h2 { b } else { a };
+        match t {
+            Target::Direct => SocketAddr::from((self.server_ip(), pick((BACKEND_H1, BACKEND_H2)))),
+            Target::Agent => SocketAddr::from((if h2 { H2_VIP } else { WEB_VIP }, 80)),
+            Target::Haproxy => SocketAddr::from((gw, pick(HAPROXY_PORTS))),
+            Target::Nginx => SocketAddr::from((gw, pick(NGINX_PORTS))),
+        }
+    }
+
+    /// The processes whose CPU and memory count for `t`; an error if it is not running.
+    fn pids(&mut self, t: Target) -> anyhow::Result<Vec<u32>> {
+        let peer = match t {
+            Target::Direct => bail!("no proxy"),
+            Target::Agent => return Ok(vec![self.agent.pid()]),
+            Target::Haproxy => &mut self.haproxy,
+            Target::Nginx => &mut self.nginx,
+        };
+        match peer {
+            Ok(s) => {
+                s.check_alive()?;
+                Ok(s.pids())
+            }
+            Err(e) => bail!("did not start: {e}"),
+        }
+    }
+
+    /// Fails if `t` is a peer that is not running.
+    fn ready(&mut self, t: Target) -> anyhow::Result<()> {
+        if t != Target::Direct {
+            self.pids(t)?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether something accepts TCP connections at `addr` from `ns`.
+fn listening(ns: &mesh_tests::Netns, addr: SocketAddr) -> bool {
+    ns.run(move || TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok())
+}
+
+/// Services for the two VIPs, an HTTPRoute on each, and the header settings; `deny` adds an
+/// authorization rule, which attaches the XDP program (every packet on the client's link then
+/// goes through it, so only the last scenarios have it).
+fn policy_text(server: Ipv4Addr, deny: bool) -> String {
+    let route = |name: &str| {
+        format!(
+            "---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {name}, namespace: mesh-test}}\n\
+             spec:\n  parentRefs: [{{group: \"\", kind: Service, name: {name}, port: 80}}]\n  rules:\n\
+             \x20 - matches: [{{path: {{type: PathPrefix, value: /}}}}]\n    backendRefs: [{{name: {name}, port: 80}}]\n"
+        )
+    };
+    service("web", WEB_VIP.into(), 80, BACKEND_H1, &[server.into()])
+        + &route("web")
+        // appProtocol h2c: the agent then speaks h2 upstream, as HAProxy does (`proto h2`).
+        + &service("h2", H2_VIP.into(), 80, BACKEND_H2, &[server.into()]).replace(
+            "protocol: TCP}\n---",
+            "protocol: TCP, appProtocol: kubernetes.io/h2c}\n---",
+        )
+        + &route("h2")
+        // x-request-id and traceparent, as the peers add; not x-forwarded-*, which they do not.
+        + "---\napiVersion: skiff.dev/v1alpha1\nkind: MeshPolicy\nmetadata: {name: bench, namespace: mesh-system}\n\
+           spec:\n  headers: {requestId: true, traceContext: true, forwarded: false}\n"
+        + if deny {
+            "\x20 authorization:\n    rules:\n\
+             \x20   - {name: bench-deny, action: Deny, to: [10.201.2.0/24], ports: [5432], protocol: TCP}\n"
+        } else {
+            ""
+        }
+}
+
+/// Runs every scenario under `plan` with the agent at `agent_bin`.
+pub fn run(plan: Plan, agent_bin: &Path) -> anyhow::Result<Results> {
+    let mut lab = Lab::start(agent_bin)?;
+    let mut results = Results {
+        rows: Vec::new(),
+        curves: Vec::new(),
+        rss: Vec::new(),
+    };
+    let idle_rss: Vec<(Target, anyhow::Result<f64>)> = Target::PROXIES
+        .into_iter()
+        .map(|t| (t, lab.pids(t).map(|p| procs::rss_kib(&p) as f64)))
+        .collect();
+
+    // Each check proves the target serves and adds both headers before anything is measured.
+    let mut check = Row::new(
+        "serves 200 with both headers added",
+        Unit::Count,
+        Better::Higher,
+    );
+    for t in Target::ALL {
+        check.push(t, headers_check(&mut lab, t).map(|()| 1.0));
+    }
+
+    for conns in [50, 16] {
+        results.rows.extend(wrk_rows(&mut lab, plan, conns));
+    }
+    let mut rss_1k = Vec::new();
+    for rate in [1000.0, 10_000.0] {
+        let (rows, curves, rss) = rate_rows(&mut lab, plan, rate);
+        results.rows.extend(rows);
+        if rate == 1000.0 {
+            results.curves = curves;
+            rss_1k = rss;
+        }
+    }
+    results.rows.extend(new_connection_rows(&mut lab, plan));
+    results.rows.extend(h2_rows(&mut lab, plan));
+    results.rows.extend(iperf_rows(&mut lab, plan));
+
+    let mut rss_rows = [
+        Row::new("RSS idle", Unit::Kib, Better::Lower),
+        Row::new("RSS at 1,000 req/s", Unit::Kib, Better::Lower),
+        Row::new("RSS after load", Unit::Kib, Better::Lower),
+    ];
+    for (t, v) in idle_rss {
+        rss_rows[0].push(t, v);
+    }
+    for (t, v) in rss_1k {
+        rss_rows[1].push(t, v);
+    }
+    for t in Target::PROXIES {
+        let after = lab.pids(t).map(|p| procs::rss_kib(&p) as f64);
+        rss_rows[2].push(t, after);
+    }
+    for t in Target::PROXIES {
+        let v = |i: usize| rss_rows[i].cell(t).median();
+        results.rss.push((t, [v(0), v(1), v(2)]));
+    }
+    results.rows.extend(rss_rows);
+    results.rows.extend(idle_connection_rows(&mut lab, plan));
+    results.rows.push(check);
+    // Last: they add the XDP program, then stop the agent and take its programs off.
+    results.rows.extend(untargeted_rows(&mut lab, plan));
+    Ok(results)
+}
+
+fn headers_check(lab: &mut Lab, t: Target) -> anyhow::Result<()> {
+    lab.ready(t)?;
+    let (status, body) = load::http_get(lab.client(), lab.http_addr(t, false), "/check")?;
+    if status != 200 {
+        bail!("GET /check: status {status}");
+    }
+    if t != Target::Direct
+        && (body.contains("x-request-id= ") || body.trim_end().ends_with("traceparent="))
+    {
+        bail!("a header is missing: the backend saw {}", body.trim());
+    }
+    Ok(())
+}
+
+/// wrk at `conns` connections: requests/s, p99, and (at 16) CPU per request.
+fn wrk_rows(lab: &mut Lab, plan: Plan, conns: u32) -> Vec<Row> {
+    let mut rps = Row::new(
+        format!("HTTP/1.1 req/s, {conns} conns"),
+        Unit::PerSecond,
+        Better::Higher,
+    );
+    let mut p99 = Row::new(
+        format!("p99 at saturation, {conns} conns"),
+        Unit::Micros,
+        Better::Lower,
+    );
+    let mut cpu = Row::new(
+        format!("CPU per request at saturation, {conns} conns"),
+        Unit::Micros,
+        Better::Lower,
+    );
+    for _ in 0..plan.rounds {
+        for t in Target::ALL {
+            let run = |lab: &mut Lab| -> anyhow::Result<(load::Wrk, Option<f64>)> {
+                lab.ready(t)?;
+                let pids = lab.pids(t).ok();
+                let before = pids.as_deref().map(procs::cpu_seconds);
+                let url = format!("http://{}/", lab.http_addr(t, false));
+                let w = load::wrk(lab.client(), &url, conns, plan.secs)?;
+                let per_req = pids
+                    .as_deref()
+                    .zip(before)
+                    .map(|(p, b)| (procs::cpu_seconds(p) - b) * 1e6 / w.requests as f64);
+                Ok((w, per_req))
+            };
+            match run(lab) {
+                Ok((w, per_req)) => {
+                    rps.push(t, Ok(w.rps));
+                    p99.push(t, Ok(w.p99_us));
+                    if let Some(c) = per_req {
+                        cpu.push(t, Ok(c));
+                    }
+                }
+                Err(e) => {
+                    let why = format!("{e:#}");
+                    rps.push(t, Err(anyhow::anyhow!("{why}")));
+                    p99.push(t, Err(anyhow::anyhow!("{why}")));
+                    if t != Target::Direct {
+                        cpu.push(t, Err(e));
+                    }
+                }
+            }
+        }
+    }
+    vec![rps, p99, cpu]
+}
+
+/// The constant-rate client at `rate`: p99 (and, at 1,000, p50, CPU per request and RSS).
+#[allow(clippy::type_complexity)]
+fn rate_rows(
+    lab: &mut Lab,
+    plan: Plan,
+    rate: f64,
+) -> (
+    Vec<Row>,
+    Vec<(Target, Vec<f64>)>,
+    Vec<(Target, anyhow::Result<f64>)>,
+) {
+    let label = if rate >= 10_000.0 { "10,000" } else { "1,000" };
+    // Enough connections that a request is rarely due while its connection is still busy.
+    let conns = if rate >= 10_000.0 { 32 } else { 8 };
+    let mut p50 = Row::new(format!("p50 at {label} req/s"), Unit::Micros, Better::Lower);
+    let mut p99 = Row::new(format!("p99 at {label} req/s"), Unit::Micros, Better::Lower);
+    let mut cpu = Row::new(
+        format!("CPU per request at {label} req/s"),
+        Unit::Micros,
+        Better::Lower,
+    );
+    let mut curves = Vec::new();
+    let mut rss = Vec::new();
+    for round in 0..plan.rounds {
+        for t in Target::ALL {
+            let last = round + 1 == plan.rounds;
+            let run = |lab: &mut Lab| -> anyhow::Result<(load::Rated, Option<(f64, u64)>)> {
+                lab.ready(t)?;
+                let pids = lab.pids(t).ok();
+                let before = pids.as_deref().map(procs::cpu_seconds);
+                let addr = lab.http_addr(t, false);
+                let ns = lab.client().clone();
+                let secs = plan.secs;
+                // RSS sampled halfway through, while the load runs.
+                let sampler = pids.clone().map(|p| {
+                    thread::spawn(move || {
+                        thread::sleep(Duration::from_secs_f64(0.3 + secs / 2.0));
+                        procs::rss_kib(&p)
+                    })
+                });
+                let r = load::constant_rate(
+                    &ns,
+                    addr,
+                    rate,
+                    conns,
+                    Duration::from_secs_f64(plan.secs),
+                )?;
+                let rss = sampler.and_then(|s| s.join().ok());
+                let used = pids
+                    .as_deref()
+                    .zip(before)
+                    .map(|(p, b)| (procs::cpu_seconds(p) - b) * 1e6 / r.latencies_us.len() as f64);
+                Ok((r, used.zip(rss)))
+            };
+            match run(lab) {
+                Ok((r, proc_figures)) => {
+                    p50.push(t, Ok(quantile(&r.latencies_us, 0.50)));
+                    p99.push(t, Ok(quantile(&r.latencies_us, 0.99)));
+                    if let Some((c, kib)) = proc_figures {
+                        cpu.push(t, Ok(c));
+                        if last {
+                            rss.push((t, Ok(kib as f64)));
+                        }
+                    }
+                    if last {
+                        curves.push((t, r.latencies_us));
+                    }
+                }
+                Err(e) => {
+                    let why = format!("{e:#}");
+                    p50.push(t, Err(anyhow::anyhow!("{why}")));
+                    p99.push(t, Err(anyhow::anyhow!("{why}")));
+                    if t != Target::Direct {
+                        cpu.push(t, Err(anyhow::anyhow!("{why}")));
+                        if last {
+                            rss.push((t, Err(e)));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let mut rows = vec![p50, p99];
+    if rate < 10_000.0 {
+        rows.push(cpu);
+    }
+    (rows, curves, rss)
+}
+
+/// A new connection per request: connect, GET, whole response; p50 and p99.
+fn new_connection_rows(lab: &mut Lab, plan: Plan) -> Vec<Row> {
+    let mut p50 = Row::new(
+        "new connection + first response, p50",
+        Unit::Micros,
+        Better::Lower,
+    );
+    let mut p99 = Row::new(
+        "new connection + first response, p99",
+        Unit::Micros,
+        Better::Lower,
+    );
+    for _ in 0..plan.rounds {
+        for t in Target::ALL {
+            let run = |lab: &mut Lab| -> anyhow::Result<Vec<f64>> {
+                lab.ready(t)?;
+                let mut v = load::new_connections(
+                    lab.client(),
+                    lab.http_addr(t, false),
+                    plan.new_connections,
+                )?;
+                v.sort_by(f64::total_cmp);
+                Ok(v)
+            };
+            match run(lab) {
+                Ok(v) => {
+                    p50.push(t, Ok(quantile(&v, 0.5)));
+                    p99.push(t, Ok(quantile(&v, 0.99)));
+                }
+                Err(e) => {
+                    p50.push(t, Err(anyhow::anyhow!("{e:#}")));
+                    p99.push(t, Err(e));
+                }
+            }
+        }
+    }
+    vec![p50, p99]
+}
+
+/// h2load: h2c GETs and gRPC-shaped unary POSTs.
+fn h2_rows(lab: &mut Lab, plan: Plan) -> Vec<Row> {
+    let mut h2c = Row::new(
+        "h2c req/s (h2load, 16 conns x 10 streams)",
+        Unit::PerSecond,
+        Better::Higher,
+    );
+    let mut grpc = Row::new(
+        "gRPC unary req/s (h2load, 16 conns x 10 streams)",
+        Unit::PerSecond,
+        Better::Higher,
+    );
+    let body = lab.dir.join("grpc-body");
+    for _ in 0..plan.rounds {
+        for t in Target::ALL {
+            let url = format!("http://{}/", lab.http_addr(t, true));
+            let r = lab
+                .ready(t)
+                .and_then(|()| load::h2load(lab.client(), &url, 16, 10, plan.secs, None));
+            h2c.push(t, r);
+            let url = format!("{url}bench.Bench/Unary");
+            let r = lab
+                .ready(t)
+                .and_then(|()| load::h2load(lab.client(), &url, 16, 10, plan.secs, Some(&body)));
+            grpc.push(t, r);
+        }
+    }
+    vec![h2c, grpc]
+}
+
+/// iperf3 through the agent (captured port) and direct, one stream and eight.
+fn iperf_rows(lab: &mut Lab, plan: Plan) -> Vec<Row> {
+    let mut rows = Vec::new();
+    for streams in [1u32, 8] {
+        let mut row = Row::new(
+            format!(
+                "iperf3, {streams} stream{}",
+                if streams > 1 { "s" } else { "" }
+            ),
+            Unit::Gbits,
+            Better::Higher,
+        );
+        for _ in 0..plan.rounds {
+            for (t, port) in [
+                (Target::Direct, IPERF_DIRECT),
+                (Target::Agent, IPERF_CAPTURED),
+            ] {
+                let server = lab.t.pod("server").ns.clone();
+                let r = load::iperf3(
+                    lab.client(),
+                    &server,
+                    lab.server_ip(),
+                    port,
+                    streams,
+                    plan.secs,
+                );
+                row.push(t, r);
+            }
+        }
+        rows.push(row);
+    }
+    rows
+}
+
+/// As many idle L4 connections through the agent as the fd limit allows: its RSS and fds per
+/// connection.
+fn idle_connection_rows(lab: &mut Lab, plan: Plan) -> Vec<Row> {
+    let mut count = Row::new("idle L4 connections proxied", Unit::Count, Better::Higher);
+    let mut kb = Row::new(
+        "agent RSS per idle L4 connection",
+        Unit::KbEach,
+        Better::Lower,
+    );
+    let mut fds = Row::new(
+        "agent fds per idle L4 connection",
+        Unit::Count,
+        Better::Lower,
+    );
+    let r = idle_connections(lab, plan.idle_connections);
+    match r {
+        Ok((n, kib_each, fds_each)) => {
+            count.push(Target::Agent, Ok(n as f64));
+            kb.push(Target::Agent, Ok(kib_each * 1.024));
+            fds.push(Target::Agent, Ok(fds_each));
+        }
+        Err(e) => {
+            let why = format!("{e:#}");
+            count.push(Target::Agent, Err(anyhow::anyhow!("{why}")));
+            kb.push(Target::Agent, Err(anyhow::anyhow!("{why}")));
+            fds.push(Target::Agent, Err(e));
+        }
+    }
+    vec![count, kb, fds]
+}
+
+/// Opens up to `want` connections to the captured idle port (each sends one byte, so the agent
+/// has decided what it is and connected upstream), waits for the server to have accepted
+/// them, and measures the agent. Returns (connections, KiB each, fds each).
+fn idle_connections(lab: &mut Lab, want: usize) -> anyhow::Result<(usize, f64, f64)> {
+    raise_fd_limit()?;
+    let pid = lab.agent.pid();
+    let server = lab.t.pod("server");
+    let addr = SocketAddr::from((server.ip4, IDLE_CAPTURED));
+    let listener = server.ns.run(move || TcpListener::bind(addr))?;
+    // The server holds what it accepts (the bench process holds both ends: hence the limit).
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let acc = accepted.clone();
+    let holder = thread::spawn(move || {
+        let mut held = Vec::new();
+        listener.set_nonblocking(true).ok();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < deadline {
+            match listener.accept() {
+                Ok((s, _)) => {
+                    held.push(s);
+                    acc.store(held.len(), std::sync::atomic::Ordering::Relaxed);
+                }
+                Err(_) if held.len() >= want => break,
+                Err(_) => thread::sleep(Duration::from_millis(5)),
+            }
+        }
+        held
+    });
+    thread::sleep(Duration::from_millis(500));
+    let (rss0, fds0) = (procs::rss_kib(&[pid]), procs::fd_count(pid));
+    let clients: Vec<TcpStream> = lab.client().run(move || {
+        let mut v = Vec::new();
+        for _ in 0..want {
+            match TcpStream::connect_timeout(&addr, Duration::from_secs(3)) {
+                Ok(mut s) => {
+                    let _ = std::io::Write::write_all(&mut s, b"x");
+                    v.push(s);
+                }
+                Err(e) => {
+                    eprintln!("  idle connections: stopped at {}: {e}", v.len());
+                    break;
+                }
+            }
+        }
+        v
+    });
+    let n = clients.len();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while accepted.load(std::sync::atomic::Ordering::Relaxed) < n && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+    }
+    let upstream = accepted.load(std::sync::atomic::Ordering::Relaxed);
+    // Past the protocol detection timeout, so each connection is in its steady idle state.
+    thread::sleep(Duration::from_millis(1500));
+    let (rss1, fds1) = (procs::rss_kib(&[pid]), procs::fd_count(pid));
+    drop(clients);
+    let _ = holder.join();
+    if upstream == 0 {
+        bail!("{n} connections opened, none reached the server");
+    }
+    if upstream < n {
+        // Not a failure of the bench: the agent's own limit (EMFILE at its fd limit) is the
+        // figure. The rest wait in its accept queue and do not count.
+        eprintln!("  idle connections: {n} opened, {upstream} proxied to the server");
+    }
+    Ok((
+        upstream,
+        (rss1.saturating_sub(rss0)) as f64 / upstream as f64,
+        fds1.saturating_sub(fds0) as f64 / upstream as f64,
+    ))
+}
+
+/// Raises this process's soft open-file limit to the hard one: the idle-connection scenario
+/// holds both ends of every connection.
+fn raise_fd_limit() -> anyhow::Result<()> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).context("getrlimit")?;
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).context("setrlimit")?;
+    Ok(())
+}
+
+/// The eBPF rows: untargeted traffic (iperf3 to a port the agent does not capture) with the TC
+/// program attached; then, with an authorization rule loaded, the per-packet costs and
+/// untargeted traffic with TC and XDP attached; then with the agent stopped and its links
+/// removed, the baseline both are a percentage of.
+fn untargeted_rows(lab: &mut Lab, plan: Plan) -> Vec<Row> {
+    let mut tc = Row::new(
+        "untargeted iperf3, TC attached / no programs",
+        Unit::Percent,
+        Better::Higher,
+    );
+    let mut xdp = Row::new(
+        "untargeted iperf3, TC + XDP attached / no programs",
+        Unit::Percent,
+        Better::Higher,
+    );
+    let server = lab.t.pod("server").ns.clone();
+    let ip = lab.server_ip();
+    let client = lab.client().clone();
+    let iperf = |n| -> anyhow::Result<Vec<f64>> {
+        (0..n)
+            .map(|_| load::iperf3(&client, &server, ip, IPERF_DIRECT, 1, plan.secs))
+            .collect()
+    };
+    let with_tc = iperf(plan.rounds);
+    let mut rows = Vec::new();
+    let with_xdp = deny_rule(lab).and_then(|()| {
+        rows = super::ebpf::rows(&lab.t, ip, &lab.dir);
+        iperf(plan.rounds)
+    });
+    if rows.is_empty() {
+        let mut r = Row::new("eBPF per packet", Unit::Nanos, Better::Lower);
+        r.push(
+            Target::Agent,
+            Err(anyhow::anyhow!("the XDP program was not attached")),
+        );
+        rows.push(r);
+    }
+    lab.agent.kill();
+    // The links are pinned (they outlive the agent by design): unpinning detaches them.
+    let _ = std::fs::remove_dir_all(&lab.t.bpffs_dir);
+    thread::sleep(Duration::from_millis(300));
+    let without = iperf(plan.rounds);
+    for (row, with) in [(&mut tc, with_tc), (&mut xdp, with_xdp)] {
+        match (&with, &without) {
+            (Ok(w), Ok(n)) => {
+                for (a, b) in w.iter().zip(n) {
+                    row.push(Target::Agent, Ok(100.0 * a / b));
+                }
+            }
+            (Err(e), _) | (_, Err(e)) => row.push(Target::Agent, Err(anyhow::anyhow!("{e:#}"))),
+        }
+    }
+    rows.push(tc);
+    rows.push(xdp);
+    rows
+}
+
+/// Reloads the policy with the authorization rule and waits for the XDP program's link.
+fn deny_rule(lab: &Lab) -> anyhow::Result<()> {
+    mesh_tests::policy::write_atomically(
+        &lab.dir.join("policy.yaml"),
+        &policy_text(lab.server_ip(), true),
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if super::ebpf::has_xdp(&lab.t.bpffs_dir) {
+            // Its rules are written with the same reload; a moment for the map update.
+            thread::sleep(Duration::from_millis(500));
+            return Ok(());
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+    bail!("no XDP link pinned 15 s after adding an authorization rule")
+}

@@ -110,9 +110,7 @@ fn build() -> anyhow::Result<()> {
     let mut c = cargo_fuzz();
     c.arg("build");
     build_args(&mut c);
-    let status = c
-        .status()
-        .context("running cargo +nightly fuzz build")?;
+    let status = c.status().context("running cargo +nightly fuzz build")?;
     if !status.success() {
         bail!("building the fuzz targets failed: {status}");
     }

@@ -7,7 +7,7 @@
 //! HTTPRoute, and two L4 ports. HAProxy and nginx listen in the node namespace as explicit
 //! proxies to the same backend (`bench/peers/`). Every proxy adds the same two request headers
 //! (`x-request-id` and a W3C `traceparent`; the agent's `x-forwarded-*` is switched off by a
-//! MeshPolicy) and has two threads (`TOKIO_WORKER_THREADS=2`, `nbthread 2`, `worker_processes 2`).
+//! MeshPolicy) and has two threads (`MESH_WORKERS=2`, `nbthread 2`, `worker_processes 2`).
 //!
 //! Each scenario runs every target once per round, rounds interleaved, and the table shows the
 //! median and the range over rounds. A scenario that fails marks its cells `failed` with the
@@ -127,9 +127,9 @@ impl Lab {
                 &policy_s,
             ],
             &[
-                ("TOKIO_WORKER_THREADS", "2"),
-                // No per-connection access log lines, as the peers run with access_log off.
-                ("RUST_LOG", "info,mesh_agent::access=warn"),
+                ("MESH_WORKERS", "2"),
+                // No access log lines (per connection or per request), as the peers log none.
+                ("MESH_ACCESS_LOG", "false"),
             ],
         );
         let node = t.node.clone();

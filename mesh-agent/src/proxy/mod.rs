@@ -287,7 +287,8 @@ enum Shed {
     Refused,
     /// Nothing was queued: accept fails with EMFILE whether or not a connection waits.
     NothingQueued,
-    /// No reserve fd (another fd took its place): cannot tell whether one waits.
+    /// No reserve fd (another fd took its place, e.g. another worker's accept): cannot tell
+    /// whether one waits, and none was refused.
     NoReserve,
 }
 
@@ -341,7 +342,9 @@ pub async fn serve(
                         "other" => Shed::NoReserve,
                         _ => Reserve::shed(&listener),
                     };
-                    if shed != Shed::NothingQueued {
+                    // Counted when a connection was refused; "no reserve" refused none: with
+                    // several workers, another one's accept took the fd the reserve gave up.
+                    if shed == Shed::Refused || reason == "other" {
                         settings
                             .metrics
                             .accept_errors

@@ -33,7 +33,11 @@ pub fn run(only: Option<Section>) -> anyhow::Result<()> {
         bail!("the benchmark needs root (BPF, network namespaces)");
     }
     if only.is_none_or(|s| s == Section::DataPath) {
-        let (agent, _) = build_release()?;
+        // An agent the caller built (a release build to compare with), else this tree's.
+        let agent = match std::env::var_os("MESH_AGENT_BIN") {
+            Some(bin) => std::path::PathBuf::from(bin),
+            None => build_release()?.0,
+        };
         let plan = data_path::Plan::FULL;
         let results = data_path::run(plan, &agent)?;
         print(&results);

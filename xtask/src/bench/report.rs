@@ -150,20 +150,7 @@ fn latency_plot(results: &Results) -> Canvas {
         chart::BLACK,
         2,
     );
-    let step = chart::nice_step(y_max / 6.0);
-    let mut y = 0.0;
-    while y <= y_max {
-        c.line((LEFT, py(y)), (W - RIGHT, py(y)), chart::GRID, 1);
-        let label = format!("{y:.0}");
-        c.text(
-            LEFT - 10 - Canvas::text_width(&label, 2),
-            py(y) - 7,
-            &label,
-            chart::BLACK,
-            2,
-        );
-        y += step;
-    }
+    y_grid(&mut c, y_max, 6.0, (LEFT, W - RIGHT), py);
     for (q, label) in [
         (0.0, "P0"),
         (0.5, "P50"),
@@ -227,20 +214,7 @@ fn rss_plot(results: &Results) -> Canvas {
         .fold(1.0f64, f64::max)
         * 1.15;
     let py = |mb: f64| TOP + PH - ((mb / y_max) * PH as f64).round() as i64;
-    let step = chart::nice_step(y_max / 5.0);
-    let mut y = 0.0;
-    while y <= y_max {
-        c.line((LEFT, py(y)), (W - 30, py(y)), chart::GRID, 1);
-        let label = format!("{y:.0}");
-        c.text(
-            LEFT - 10 - Canvas::text_width(&label, 2),
-            py(y) - 7,
-            &label,
-            chart::BLACK,
-            2,
-        );
-        y += step;
-    }
+    y_grid(&mut c, y_max, 5.0, (LEFT, W - 30), py);
     let group_w = (W - LEFT - 30) / 3;
     for (g, phase) in ["IDLE", "1,000 REQ/S", "AFTER LOAD"].iter().enumerate() {
         let x0 = LEFT + g as i64 * group_w + 20;
@@ -265,6 +239,31 @@ fn legend(c: &mut Canvas, y: i64, targets: impl Iterator<Item = table::Target>) 
         c.rect(x, y + 4, x + 16, y + 8, COLOURS[t as usize]);
         c.text(x + 22, y, label, chart::BLACK, 2);
         x += 22 + Canvas::text_width(label, 2) + 30;
+    }
+}
+
+/// Horizontal grid lines with their values on the left, about `ticks` of them up to `y_max`,
+/// across the plot from `left` to `right`.
+fn y_grid(
+    c: &mut Canvas,
+    y_max: f64,
+    ticks: f64,
+    (left, right): (i64, i64),
+    py: impl Fn(f64) -> i64,
+) {
+    let step = chart::nice_step(y_max / ticks);
+    let mut y = 0.0;
+    while y <= y_max {
+        c.line((left, py(y)), (right, py(y)), chart::GRID, 1);
+        let label = format!("{y:.0}");
+        c.text(
+            left - 10 - Canvas::text_width(&label, 2),
+            py(y) - 7,
+            &label,
+            chart::BLACK,
+            2,
+        );
+        y += step;
     }
 }
 

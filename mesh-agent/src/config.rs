@@ -746,6 +746,14 @@ mod tests {
     }
 
     #[test]
+    fn workers_default_to_two_and_must_be_between_1_and_64() {
+        assert_eq!(build("").expect("valid").workers, 2);
+        assert_eq!(build("workers: 1\n").expect("valid").workers, 1);
+        assert_eq!(fields(build("workers: 0\n")), ["workers"]);
+        assert_eq!(fields(build("workers: 65\n")), ["workers"]);
+    }
+
+    #[test]
     fn unknown_field_is_a_syntax_error_naming_it() {
         match build("interfacez: [a]\n") {
             Err(Error::Syntax { message, .. }) => {

@@ -373,7 +373,6 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Each proxied connection holds two sockets and, with splice, four pipe fds.
 /// Each proxied L4 connection holds two fds (more while bytes move), so the soft open-file
 /// limit (often 1,024) would cap the agent long before the memory does: it is raised to the hard
 /// limit, which the agent cannot raise itself (no CAP_SYS_RESOURCE in a pod).

@@ -226,7 +226,7 @@ struct Pipe {
 impl Pipe {
     /// A pooled pipe, or a new one.
     fn take() -> io::Result<Self> {
-        if let Some(p) = PIPES.with(|p| p.borrow_mut().pop()) {
+        if let Some(p) = PIPES.with(pooled) {
             return Ok(p);
         }
         let (read, write) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
@@ -236,28 +236,31 @@ impl Pipe {
     /// Pools an empty pipe (one still holding bytes must be dropped instead); closes it when
     /// the pool is full.
     fn give_back(self) {
-        PIPES.with(|p| {
-            let mut p = p.borrow_mut();
-            if p.len() < POOL_PER_THREAD {
-                p.push(self);
-            }
-        });
+        PIPES.with(|p| pool(p, self));
     }
 }
 
 fn take_buffer() -> Box<[u8]> {
     BUFFERS
-        .with(|b| b.borrow_mut().pop())
+        .with(pooled)
         .unwrap_or_else(|| vec![0u8; COPY_BUF].into_boxed_slice())
 }
 
 fn give_back_buffer(buf: Box<[u8]>) {
-    BUFFERS.with(|b| {
-        let mut b = b.borrow_mut();
-        if b.len() < POOL_PER_THREAD {
-            b.push(buf);
-        }
-    });
+    BUFFERS.with(|b| pool(b, buf));
+}
+
+/// The last thing put in a per-thread pool, if any.
+fn pooled<T>(pool: &RefCell<Vec<T>>) -> Option<T> {
+    pool.borrow_mut().pop()
+}
+
+/// Keeps `item` in a per-thread pool, or drops (closes) it when the pool is full.
+fn pool<T>(pool: &RefCell<Vec<T>>, item: T) {
+    let mut pool = pool.borrow_mut();
+    if pool.len() < POOL_PER_THREAD {
+        pool.push(item);
+    }
 }
 
 /// `(bytes, paused)`, or the error tuple (`true` if the read side failed, error).

@@ -95,7 +95,7 @@ pub(crate) struct AccessLog {
 }
 
 impl AccessLog {
-    fn emit(&self, bytes_out: u64, complete: bool) {
+    pub(crate) fn emit(&self, bytes_out: u64, complete: bool) {
         let elapsed = self.start.elapsed();
         if let Some(o) = &self.observer {
             o.request(&crate::RequestRecord {

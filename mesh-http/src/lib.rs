@@ -45,6 +45,7 @@ mod config;
 #[doc(hidden)]
 pub mod fuzzing;
 mod guard;
+mod h1;
 pub mod headers;
 mod io;
 mod proxy;
@@ -374,6 +375,40 @@ impl Proxy {
         let config = &shared.config;
         shared.stats.connections.fetch_add(1, Ordering::Relaxed);
         let state = Arc::new(ConnState::new(!h2 && !resumed));
+        let ctx = Arc::new(ConnCtx {
+            shared: shared.clone(),
+            src,
+            dst,
+            h2,
+            state: state.clone(),
+        });
+        let span = tracing::debug_span!("http", %src, %dst, h2);
+        let mut client = client;
+        let mut moving = moving;
+        let mut prefix = prefix;
+        // HTTP/1 starts on the fast path; hyper takes over at the first request it leaves.
+        let mut fast_requests = 0;
+        if !h2 {
+            let (served, end) = h1::serve(&ctx, &mut client, prefix, &mut moving, resumed)
+                .instrument(span.clone())
+                .await;
+            fast_requests = served;
+            match end? {
+                h1::End::Closed => {
+                    return Ok(ConnSummary {
+                        requests: served,
+                        moved: false,
+                    });
+                }
+                h1::End::Moved => {
+                    return Ok(ConnSummary {
+                        requests: served,
+                        moved: true,
+                    });
+                }
+                h1::End::Hyper(read) => prefix = read,
+            }
+        }
         let scanner = (!h2).then(|| HeadScanner::new(config.max_header_bytes, config.max_headers));
         let io = TokioIo::new(ClientIo::new(
             client,
@@ -382,18 +417,10 @@ impl Proxy {
             state.clone(),
             shared.stats.clone(),
         ));
-        let ctx = Arc::new(ConnCtx {
-            shared: shared.clone(),
-            src,
-            dst,
-            h2,
-            state: state.clone(),
-        });
         let service = service_fn(move |request| {
             let ctx = ctx.clone();
             async move { Ok::<_, Infallible>(ctx.handle(request).await) }
         });
-        let span = tracing::debug_span!("http", %src, %dst, h2);
         let watched = state.clone();
         let served = async move {
             if h2 {
@@ -436,7 +463,7 @@ impl Proxy {
         let moved = matches!(result, Ok(true));
         let result = result.map(|_| ());
         let summary = ConnSummary {
-            requests: state.requests.load(Ordering::Relaxed),
+            requests: fast_requests + state.requests.load(Ordering::Relaxed),
             moved,
         };
         // A refusal is what the connection ended with, whether hyper then reported an error

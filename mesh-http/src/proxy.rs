@@ -22,7 +22,7 @@ use mesh_policy::{
 };
 use tokio::sync::Semaphore;
 
-use crate::balance::{Balancer, InFlight, Pick, RetryBudget};
+use crate::balance::{Balancer, EndpointState, InFlight, Pick, RetryBudget};
 use crate::body::{AccessLog, Active, Counted, Logged, empty, full};
 use crate::config::{Config, MIRROR_BODY_LIMIT, MIRROR_TIMEOUT};
 use crate::headers::{
@@ -56,15 +56,15 @@ pub(crate) struct ConnCtx {
 }
 
 /// Per-request state carried to the response body.
-struct Exchange {
-    log: AccessLog,
-    deadline: Option<tokio::time::Instant>,
+pub(crate) struct Exchange {
+    pub log: AccessLog,
+    pub deadline: Option<tokio::time::Instant>,
     in_flight: Option<InFlight>,
-    grpc: bool,
+    pub grpc: bool,
     /// HTTP/2 to the upstream: only when the client spoke HTTP/2 and the request is gRPC or the
     /// Service port declares HTTP/2 (`appProtocol`); otherwise HTTP/1.1, since most backends
     /// behind a mesh speak only that.
-    upstream_h2: bool,
+    pub upstream_h2: bool,
 }
 
 /// What the route table says.
@@ -79,6 +79,36 @@ enum Routed<'p> {
         rule: &'p HttpRule,
         matched: Option<&'p MatchedPath>,
     },
+}
+
+/// The endpoints a request may go to.
+pub(crate) enum Endpoints<'p> {
+    /// A backend's or Service's endpoints, from the policy.
+    Listed(&'p [SocketAddr]),
+    /// No Service: the original destination itself.
+    Own(SocketAddr),
+}
+
+impl Endpoints<'_> {
+    pub(crate) fn as_slice(&self) -> &[SocketAddr] {
+        match self {
+            Endpoints::Listed(endpoints) => endpoints,
+            Endpoints::Own(endpoint) => std::slice::from_ref(endpoint),
+        }
+    }
+}
+
+/// Where a request goes and how, decided from its head ([`ConnCtx::plan`]).
+pub(crate) struct Plan<'p> {
+    pub endpoints: Endpoints<'p>,
+    /// Path and query for the upstream, after any rewrite.
+    pub target: String,
+    /// Authority for the upstream, after any hostname rewrite.
+    pub authority: String,
+    pub response_modifiers: Vec<&'p HeaderModifier>,
+    /// The rule's mirrors, each still to sample the request by its fraction.
+    pub mirrors: Vec<&'p Mirror>,
+    pub backend_timeout: Option<std::time::Duration>,
 }
 
 /// The request body as far as the proxy holds it.
@@ -103,7 +133,7 @@ fn buffered_body(data: &Bytes, trailers: &Option<HeaderMap>) -> Body {
     }
 }
 
-fn is_idempotent(method: &Method) -> bool {
+pub(crate) fn is_idempotent(method: &Method) -> bool {
     matches!(
         *method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
@@ -164,32 +194,7 @@ impl ConnCtx {
             .uri
             .path_and_query()
             .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned());
-        let mut exchange = Exchange {
-            log: AccessLog {
-                observer: shared.observer.clone(),
-                start,
-                src: self.src,
-                dst: self.dst,
-                proto: if self.h2 { "HTTP/2" } else { "HTTP/1.1" },
-                method: parts.method.clone(),
-                authority: authority.clone(),
-                path: pq.split('?').next().unwrap_or("/").to_owned(),
-                route: None,
-                upstream: None,
-                status: 0,
-                request_id: HeaderValue::from_static("-"),
-                retries: 0,
-                bytes_in: Arc::new(AtomicU64::new(0)),
-                local_reason: None,
-            },
-            deadline: None,
-            in_flight: None,
-            grpc: self.h2 && is_grpc(&parts.headers),
-            upstream_h2: false,
-        };
-        if let Some(id) = parts.headers.get(X_REQUEST_ID) {
-            exchange.log.request_id = id.clone();
-        }
+        let mut exchange = self.exchange(start, &parts.method, &parts.headers, &authority, &pq);
         // The raw-head scanner stops at an Upgrade or CONNECT head (what follows may be a
         // tunnel); unless a tunnel is really set up, no further head may be read.
         let connect = parts.method == Method::CONNECT;
@@ -200,16 +205,7 @@ impl ConnCtx {
                 || policy
                     .service_port(self.dst)
                     .is_some_and(mesh_policy::ServicePort::declares_http2));
-        let path = pq.split('?').next().unwrap_or("/");
-        let denied = policy.settings().authorization.http.iter().find(|rule| {
-            rule.matches(parts.method.as_str(), path, |name| {
-                parts
-                    .headers
-                    .get(name)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned)
-            })
-        });
+        let denied = denied_by(&policy, &parts.method, &pq, &parts.headers);
         let mut response = if let Some(why) = self.state.body_rejection(number) {
             // The broken body arrived with its head: nothing goes upstream.
             self.local(&mut exchange, StatusCode::BAD_REQUEST, why.reason())
@@ -249,7 +245,44 @@ impl ConnCtx {
             .map(|body| Logged::wrap(body, deadline, log, shared.stats.clone(), in_flight, active))
     }
 
-    fn local(
+    /// The state of a request that starts now; `pq` is its path and query.
+    pub(crate) fn exchange(
+        &self,
+        start: Instant,
+        method: &Method,
+        headers: &HeaderMap,
+        authority: &str,
+        pq: &str,
+    ) -> Exchange {
+        Exchange {
+            log: AccessLog {
+                observer: self.shared.observer.clone(),
+                start,
+                src: self.src,
+                dst: self.dst,
+                proto: if self.h2 { "HTTP/2" } else { "HTTP/1.1" },
+                method: method.clone(),
+                authority: authority.to_owned(),
+                path: pq.split('?').next().unwrap_or("/").to_owned(),
+                route: None,
+                upstream: None,
+                status: 0,
+                request_id: headers
+                    .get(X_REQUEST_ID)
+                    .cloned()
+                    .unwrap_or_else(|| HeaderValue::from_static("-")),
+                retries: 0,
+                bytes_in: Arc::new(AtomicU64::new(0)),
+                local_reason: None,
+            },
+            deadline: None,
+            in_flight: None,
+            grpc: self.h2 && is_grpc(headers),
+            upstream_h2: false,
+        }
+    }
+
+    pub(crate) fn local(
         &self,
         exchange: &mut Exchange,
         status: StatusCode,
@@ -279,17 +312,18 @@ impl ConnCtx {
     fn route<'p>(
         &self,
         policy: &'p Compiled,
-        parts: &Parts,
+        method: &Method,
+        headers: &HeaderMap,
         authority: &str,
         pq: &str,
         grpc: bool,
     ) -> Routed<'p> {
-        let headers: Vec<(&str, &str)> = parts
-            .headers
+        let headers: Vec<(&str, &str)> = headers
             .iter()
             .filter_map(|(n, v)| v.to_str().ok().map(|v| (n.as_str(), v)))
             .collect();
-        if grpc && let Some((service, method)) = split_grpc_path(parts.uri.path()) {
+        let path = pq.split('?').next().unwrap_or("/");
+        if grpc && let Some((service, method)) = split_grpc_path(path) {
             let request = GrpcRequest {
                 authority,
                 service,
@@ -309,7 +343,7 @@ impl ConnCtx {
             }
         }
         let request = RequestParts {
-            method: parts.method.as_str(),
+            method: method.as_str(),
             host: authority,
             path: pq,
             headers: &headers,
@@ -325,30 +359,37 @@ impl ConnCtx {
         }
     }
 
-    async fn forward(
+    /// Decides where a request goes from its head alone: routes it, applies the rule's action
+    /// (a redirect or a missing backend is answered here), picks a weighted backend, sets the
+    /// deadlines on `exchange`, and edits `headers` for the upstream (hop-by-hop out, injected
+    /// headers in, the request filters in route order). Shared by the hyper path and the
+    /// HTTP/1 fast path (`crate::h1`).
+    #[allow(
+        clippy::too_many_arguments,
+        clippy::result_large_err,
+        reason = "the parts of one request head, borrowed from two different request types; \
+                  the answer goes straight back to the caller"
+    )]
+    pub(crate) fn plan<'p>(
         &self,
-        policy: &Compiled,
+        policy: &'p Compiled,
         exchange: &mut Exchange,
-        mut parts: Parts,
-        body: Incoming,
+        method: &Method,
+        headers: &mut HeaderMap,
         authority: String,
-        pq: String,
-    ) -> Response<Body> {
-        let connect = parts.method == Method::CONNECT;
-        let upgrade = !self.h2
-            && (connect
-                || (parts.headers.contains_key(header::UPGRADE)
-                    && connection_has(&parts.headers, "upgrade")));
-
+        pq: &str,
+        upgrade: bool,
+    ) -> Result<Plan<'p>, Response<Body>> {
+        let connect = *method == Method::CONNECT;
         let routed = if connect {
             // CONNECT has no path to match: it goes to the Service (or destination) as is.
             Routed::Direct
         } else {
-            self.route(policy, &parts, &authority, &pq, exchange.grpc)
+            self.route(policy, method, headers, &authority, pq, exchange.grpc)
         };
         let (rule, matched) = match routed {
             Routed::NotFound => {
-                return self.local(exchange, StatusCode::NOT_FOUND, "no route matched");
+                return Err(self.local(exchange, StatusCode::NOT_FOUND, "no route matched"));
             }
             Routed::Direct => (None, None),
             Routed::Rule {
@@ -367,13 +408,13 @@ impl ConnCtx {
             match rule.action() {
                 HttpAction::Redirect(redirect) => {
                     let location =
-                        redirect.location("http", &authority, self.dst.port(), &pq, matched);
+                        redirect.location("http", &authority, self.dst.port(), pq, matched);
                     let Ok(location) = HeaderValue::from_str(&location) else {
-                        return self.local(
+                        return Err(self.local(
                             exchange,
                             StatusCode::INTERNAL_SERVER_ERROR,
                             "invalid redirect location",
-                        );
+                        ));
                     };
                     let mut response = Response::new(empty());
                     *response.status_mut() =
@@ -385,44 +426,43 @@ impl ConnCtx {
                         }
                     }
                     exchange.log.local_reason = Some("redirect");
-                    return response;
+                    return Err(response);
                 }
                 HttpAction::NoBackends => {
-                    return self.local(
+                    return Err(self.local(
                         exchange,
                         StatusCode::INTERNAL_SERVER_ERROR,
                         "no usable backend",
-                    );
+                    ));
                 }
                 HttpAction::Forward => {}
             }
         }
 
         // The backend: a weighted pick among the rule's, or the Service / destination itself.
-        let own_endpoint = [self.dst];
-        let (endpoints, backend_filters): (&[SocketAddr], &[HttpFilter]) = match rule {
+        let (endpoints, backend_filters): (Endpoints<'p>, &[HttpFilter]) = match rule {
             Some(rule) => match pick_weighted(&rule.backends, random_u32()) {
                 // Gateway API: requests that would go to an unresolved backendRef get 500; the
                 // rule's other backends keep their share.
                 Some(backend) if backend.unresolved => {
-                    return self.local(
+                    return Err(self.local(
                         exchange,
                         StatusCode::INTERNAL_SERVER_ERROR,
                         "backendRef not resolved",
-                    );
+                    ));
                 }
-                Some(backend) => (&backend.endpoints, &backend.filters),
+                Some(backend) => (Endpoints::Listed(&backend.endpoints), &backend.filters),
                 None => {
-                    return self.local(
+                    return Err(self.local(
                         exchange,
                         StatusCode::INTERNAL_SERVER_ERROR,
                         "no usable backend",
-                    );
+                    ));
                 }
             },
             None => match policy.service_port(self.dst) {
-                Some(service) => (&service.endpoints, &[]),
-                None => (&own_endpoint, &[]),
+                Some(service) => (Endpoints::Listed(&service.endpoints), &[]),
+                None => (Endpoints::Own(self.dst), &[]),
             },
         };
 
@@ -432,21 +472,16 @@ impl ConnCtx {
         let backend_timeout = timeouts.backend_request.filter(|d| !d.is_zero());
 
         // Headers: hop-by-hop out, injected headers in, then the filters in route order.
-        let client_upgrade = parts.extensions.remove::<OnUpgrade>();
-        strip_hop_by_hop(&mut parts.headers, upgrade && !connect);
-        parts.headers.remove(header::EXPECT);
-        exchange.log.request_id = inject(
-            &mut parts.headers,
-            &policy.settings().headers,
-            self.src.ip(),
-        );
+        strip_hop_by_hop(headers, upgrade && !connect);
+        headers.remove(header::EXPECT);
+        exchange.log.request_id = inject(headers, &policy.settings().headers, self.src.ip());
         let (mut path, query) = match pq.split_once('?') {
             Some((p, q)) => (p.to_owned(), Some(q)),
-            None => (pq.clone(), None),
+            None => (pq.to_owned(), None),
         };
         let mut upstream_authority = authority;
-        let mut response_modifiers: Vec<&HeaderModifier> = Vec::new();
-        let mut mirrors: Vec<&Mirror> = Vec::new();
+        let mut response_modifiers: Vec<&'p HeaderModifier> = Vec::new();
+        let mut mirrors: Vec<&'p Mirror> = Vec::new();
         let rule_filters = rule.map_or(&[][..], |r| r.filters.as_slice());
         for filter in rule_filters.iter().chain(backend_filters) {
             match filter {
@@ -455,15 +490,15 @@ impl ConnCtx {
                         && let Ok(value) = HeaderValue::from_str(hostname)
                     {
                         upstream_authority = hostname.clone();
-                        if !self.h2 || parts.headers.contains_key(header::HOST) {
-                            parts.headers.insert(header::HOST, value);
+                        if !self.h2 || headers.contains_key(header::HOST) {
+                            headers.insert(header::HOST, value);
                         }
                     }
                     if let Some(modifier) = &rewrite.path {
                         path = modifier.apply(matched, &path);
                     }
                 }
-                HttpFilter::RequestHeaderModifier(m) => apply_modifier(m, &mut parts.headers),
+                HttpFilter::RequestHeaderModifier(m) => apply_modifier(m, headers),
                 HttpFilter::ResponseHeaderModifier(m) => response_modifiers.push(m),
                 HttpFilter::RequestMirror(m) => mirrors.push(m),
                 HttpFilter::RequestRedirect(_) => {}
@@ -473,6 +508,49 @@ impl ConnCtx {
             Some(q) => format!("{path}?{q}"),
             None => path,
         };
+        Ok(Plan {
+            endpoints,
+            target,
+            authority: upstream_authority,
+            response_modifiers,
+            mirrors,
+            backend_timeout,
+        })
+    }
+
+    async fn forward(
+        &self,
+        policy: &Compiled,
+        exchange: &mut Exchange,
+        mut parts: Parts,
+        body: Incoming,
+        authority: String,
+        pq: String,
+    ) -> Response<Body> {
+        let connect = parts.method == Method::CONNECT;
+        let upgrade = !self.h2
+            && (connect
+                || (parts.headers.contains_key(header::UPGRADE)
+                    && connection_has(&parts.headers, "upgrade")));
+        let plan = match self.plan(
+            policy,
+            exchange,
+            &parts.method,
+            &mut parts.headers,
+            authority,
+            &pq,
+            upgrade,
+        ) {
+            Ok(plan) => plan,
+            Err(answered) => return answered,
+        };
+        let client_upgrade = parts.extensions.remove::<OnUpgrade>();
+        let mirrors: Vec<&Mirror> = plan
+            .mirrors
+            .iter()
+            .copied()
+            .filter(|m| m.fraction.sample(random_u32()))
+            .collect();
 
         // The body: known in full when empty or small enough to buffer for mirroring.
         let mut request_body = if body.is_end_stream() {
@@ -480,10 +558,6 @@ impl ConnCtx {
         } else {
             RequestBody::Streaming(Some(body))
         };
-        let mirrors: Vec<&Mirror> = mirrors
-            .into_iter()
-            .filter(|m| m.fraction.sample(random_u32()))
-            .collect();
         if !mirrors.is_empty() && !upgrade {
             let small = content_length(&parts.headers).is_some_and(|n| n <= MIRROR_BODY_LIMIT);
             if small
@@ -530,7 +604,7 @@ impl ConnCtx {
                     RequestBody::Buffered(data, trailers) => {
                         let body = buffered_body(data, trailers);
                         let h2 = exchange.upstream_h2;
-                        self.mirror(mirror, &parts, &target, &upstream_authority, body, h2);
+                        self.mirror(mirror, &parts, &plan.target, &plan.authority, body, h2);
                     }
                     RequestBody::Streaming(_) => {
                         tracing::debug!("request body too large or unknown: not mirrored");
@@ -547,13 +621,13 @@ impl ConnCtx {
             exchange,
             &parts,
             request_body,
-            endpoints,
-            &target,
-            &upstream_authority,
-            backend_timeout,
+            plan.endpoints.as_slice(),
+            &plan.target,
+            &plan.authority,
+            plan.backend_timeout,
             upgrade.then_some(client_upgrade).flatten(),
             upgrade,
-            &response_modifiers,
+            &plan.response_modifiers,
         )
         .await
     }
@@ -634,6 +708,136 @@ impl ConnCtx {
         true
     }
 
+    /// Picks the endpoint for the next attempt, or answers 503 when there is none.
+    #[allow(
+        clippy::result_large_err,
+        reason = "the answer goes straight back to the caller, once per request"
+    )]
+    pub(crate) fn pick(
+        &self,
+        exchange: &mut Exchange,
+        endpoints: &[SocketAddr],
+        tried: &[SocketAddr],
+    ) -> Result<(SocketAddr, Arc<EndpointState>), Response<Body>> {
+        let stats = &self.shared.stats;
+        let reason = match self.shared.balancer.pick(endpoints, tried) {
+            Pick::Endpoint(endpoint, state) => {
+                exchange.log.upstream = Some(endpoint);
+                return Ok((endpoint, state));
+            }
+            Pick::Empty => "no endpoints",
+            Pick::AllEjected => "no healthy endpoint",
+        };
+        stats.no_healthy_endpoint.fetch_add(1, Ordering::Relaxed);
+        Err(self.local(exchange, StatusCode::SERVICE_UNAVAILABLE, reason))
+    }
+
+    /// When the next attempt must have its response headers: the backend request timeout from
+    /// now, capped by the request's deadline.
+    pub(crate) fn attempt_deadline(
+        exchange: &Exchange,
+        backend_timeout: Option<std::time::Duration>,
+    ) -> Option<tokio::time::Instant> {
+        match (backend_timeout, exchange.deadline) {
+            (Some(t), Some(d)) => Some((tokio::time::Instant::now() + t).min(d)),
+            (Some(t), None) => Some(tokio::time::Instant::now() + t),
+            (None, d) => d,
+        }
+    }
+
+    /// The answer when an attempt's deadline `at` passed before response headers.
+    pub(crate) fn timed_out(
+        &self,
+        exchange: &mut Exchange,
+        at: tokio::time::Instant,
+    ) -> Response<Body> {
+        self.shared.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+        let reason = if exchange.deadline == Some(at) {
+            "request timeout"
+        } else {
+            "backend request timeout"
+        };
+        self.local(exchange, StatusCode::GATEWAY_TIMEOUT, reason)
+    }
+
+    /// Accounts an attempt's response headers to its endpoint; true when the request is to be
+    /// tried again elsewhere (a `retry_on_status` status, for a request that can be sent again).
+    pub(crate) fn answered(
+        &self,
+        exchange: &mut Exchange,
+        status: StatusCode,
+        endpoint: SocketAddr,
+        state: &EndpointState,
+        endpoints: &[SocketAddr],
+        retryable: bool,
+    ) -> bool {
+        let shared = &self.shared;
+        if status.is_server_error() {
+            shared
+                .balancer
+                .failure(endpoint, state, endpoints, &shared.stats);
+        } else {
+            shared.balancer.success(state);
+        }
+        retryable
+            && shared
+                .balancer
+                .resilience()
+                .retry_on_status
+                .contains(&status.as_u16())
+            && self.take_retry(exchange)
+    }
+
+    /// Accounts a failed attempt to its endpoint: `Ok` when the request is to be tried again
+    /// elsewhere, otherwise the answer to give. `replayable`: the body can be sent again.
+    #[allow(
+        clippy::result_large_err,
+        clippy::too_many_arguments,
+        reason = "the answer goes straight back to the caller, once per request; the parts \
+                  of one attempt"
+    )]
+    pub(crate) fn failed(
+        &self,
+        exchange: &mut Exchange,
+        error: SendError,
+        endpoint: SocketAddr,
+        state: &EndpointState,
+        endpoints: &[SocketAddr],
+        replayable: bool,
+        idempotent: bool,
+    ) -> Result<(), Response<Body>> {
+        let shared = &self.shared;
+        shared.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
+        shared
+            .balancer
+            .failure(endpoint, state, endpoints, &shared.stats);
+        let retryable = match &error {
+            SendError::Connect { .. } => replayable,
+            SendError::Reset { .. } => replayable && idempotent,
+            SendError::Protocol { .. } => false,
+        };
+        if retryable && self.take_retry(exchange) {
+            tracing::debug!(%error, "retrying");
+            return Ok(());
+        }
+        tracing::debug!(%error, "upstream failed");
+        Err(match error {
+            SendError::Protocol { .. } => {
+                self.local(exchange, StatusCode::BAD_GATEWAY, "upstream protocol error")
+            }
+            SendError::Connect { .. } => self.local(
+                exchange,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream connect failure",
+            ),
+            SendError::Reset { .. } => self.local(
+                exchange,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream reset before response headers",
+            ),
+        })
+    }
+
     #[allow(
         clippy::too_many_arguments,
         reason = "one call site; the parts of one request"
@@ -651,32 +855,13 @@ impl ConnCtx {
         upgrade: bool,
         response_modifiers: &[&HeaderModifier],
     ) -> Response<Body> {
-        let shared = &self.shared;
         let idempotent = is_idempotent(&parts.method);
         let mut tried: Vec<SocketAddr> = Vec::new();
         loop {
-            let (endpoint, state) = match shared.balancer.pick(endpoints, &tried) {
-                Pick::Endpoint(endpoint, state) => (endpoint, state),
-                Pick::Empty => {
-                    shared
-                        .stats
-                        .no_healthy_endpoint
-                        .fetch_add(1, Ordering::Relaxed);
-                    return self.local(exchange, StatusCode::SERVICE_UNAVAILABLE, "no endpoints");
-                }
-                Pick::AllEjected => {
-                    shared
-                        .stats
-                        .no_healthy_endpoint
-                        .fetch_add(1, Ordering::Relaxed);
-                    return self.local(
-                        exchange,
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "no healthy endpoint",
-                    );
-                }
+            let (endpoint, state) = match self.pick(exchange, endpoints, &tried) {
+                Ok(picked) => picked,
+                Err(answer) => return answer,
             };
-            exchange.log.upstream = Some(endpoint);
             let (attempt_body, replayable) = match &mut body {
                 RequestBody::Buffered(data, trailers) => (buffered_body(data, trailers), true),
                 RequestBody::Streaming(incoming) => match incoming.take() {
@@ -703,45 +888,25 @@ impl ConnCtx {
                 return self.local(exchange, StatusCode::BAD_REQUEST, "invalid request target");
             };
             let in_flight = InFlight::new(state.clone());
-            let attempt_deadline = match (backend_timeout, exchange.deadline) {
-                (Some(t), Some(d)) => Some((tokio::time::Instant::now() + t).min(d)),
-                (Some(t), None) => Some(tokio::time::Instant::now() + t),
-                (None, d) => d,
-            };
+            let attempt_deadline = Self::attempt_deadline(exchange, backend_timeout);
             let sent = self.send(endpoint, request, upgrade, h2);
             let result = match attempt_deadline {
                 Some(at) => match tokio::time::timeout_at(at, sent).await {
                     Ok(result) => result,
-                    Err(_) => {
-                        shared.stats.timeouts.fetch_add(1, Ordering::Relaxed);
-                        let reason = if exchange.deadline == Some(at) {
-                            "request timeout"
-                        } else {
-                            "backend request timeout"
-                        };
-                        return self.local(exchange, StatusCode::GATEWAY_TIMEOUT, reason);
-                    }
+                    Err(_) => return self.timed_out(exchange, at),
                 },
                 None => sent.await,
             };
             match result {
                 Ok(response) => {
-                    let status = response.status();
-                    if status.is_server_error() {
-                        shared
-                            .balancer
-                            .failure(endpoint, &state, endpoints, &shared.stats);
-                    } else {
-                        shared.balancer.success(&state);
-                    }
-                    let retry_status = replayable
-                        && idempotent
-                        && shared
-                            .balancer
-                            .resilience()
-                            .retry_on_status
-                            .contains(&status.as_u16());
-                    if retry_status && self.take_retry(exchange) {
+                    if self.answered(
+                        exchange,
+                        response.status(),
+                        endpoint,
+                        &state,
+                        endpoints,
+                        replayable && idempotent,
+                    ) {
                         tried.push(endpoint);
                         continue;
                     }
@@ -756,36 +921,12 @@ impl ConnCtx {
                     );
                 }
                 Err(error) => {
-                    shared.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
-                    shared
-                        .balancer
-                        .failure(endpoint, &state, endpoints, &shared.stats);
-                    let retryable = match &error {
-                        SendError::Connect { .. } => replayable,
-                        SendError::Reset { .. } => replayable && idempotent,
-                        SendError::Protocol { .. } => false,
-                    };
-                    if retryable && self.take_retry(exchange) {
-                        tracing::debug!(%error, "retrying");
-                        tried.push(endpoint);
-                        continue;
+                    match self.failed(
+                        exchange, error, endpoint, &state, endpoints, replayable, idempotent,
+                    ) {
+                        Ok(()) => tried.push(endpoint),
+                        Err(answer) => return answer,
                     }
-                    tracing::debug!(%error, "upstream failed");
-                    return match error {
-                        SendError::Protocol { .. } => {
-                            self.local(exchange, StatusCode::BAD_GATEWAY, "upstream protocol error")
-                        }
-                        SendError::Connect { .. } => self.local(
-                            exchange,
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "upstream connect failure",
-                        ),
-                        SendError::Reset { .. } => self.local(
-                            exchange,
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "upstream reset before response headers",
-                        ),
-                    };
                 }
             }
         }
@@ -873,6 +1014,24 @@ impl ConnCtx {
             }
         });
     }
+}
+
+/// The MeshPolicy's HTTP authorization rule that denies this request, if one does.
+pub(crate) fn denied_by<'p>(
+    policy: &'p Compiled,
+    method: &Method,
+    pq: &str,
+    headers: &HeaderMap,
+) -> Option<&'p mesh_policy::HttpDeny> {
+    let path = pq.split('?').next().unwrap_or("/");
+    policy.settings().authorization.http.iter().find(|rule| {
+        rule.matches(method.as_str(), path, |name| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        })
+    })
 }
 
 /// Host header (HTTP/1) or `:authority` (HTTP/2), whichever the request has, preferring the

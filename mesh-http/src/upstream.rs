@@ -7,7 +7,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -86,7 +86,12 @@ struct Pools {
     owner: Weak<()>,
     h1: Client<HttpConnector, Body>,
     h2: HashMap<SocketAddr, SendRequest<Body>>,
+    /// Idle HTTP/1.1 connections of the fast path (`crate::h1`), newest last.
+    raw: HashMap<SocketAddr, Vec<(TcpStream, Instant)>>,
 }
+
+/// Idle fast-path connections kept per endpoint and thread.
+const RAW_IDLE_PER_ENDPOINT: usize = 64;
 
 thread_local! {
     static POOLS: RefCell<Vec<Pools>> = const { RefCell::new(Vec::new()) };
@@ -98,6 +103,14 @@ impl std::fmt::Debug for Upstream {
             .field("connect_timeout", &self.connect_timeout)
             .finish_non_exhaustive()
     }
+}
+
+/// Whether an idle connection is still open: the endpoint may have closed it (its FIN, or
+/// stray bytes, make the socket readable; tokio answers from the readiness it already knows,
+/// without a system call when nothing arrived).
+fn is_open(stream: &TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    matches!(stream.try_read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }
 
 impl Upstream {
@@ -132,12 +145,46 @@ impl Upstream {
                         owner: Arc::downgrade(&self.id),
                         h1,
                         h2: HashMap::new(),
+                        raw: HashMap::new(),
                     });
                     pools.len() - 1
                 }
             };
             f(&mut pools[mine])
         })
+    }
+
+    /// An idle HTTP/1.1 connection to `endpoint` from this thread's pool that is still open
+    /// and not idle for too long, or a new one. The flag says whether it was reused.
+    pub(crate) async fn checkout(
+        &self,
+        endpoint: SocketAddr,
+    ) -> Result<(TcpStream, bool), SendError> {
+        let pooled = self.with_pools(|p| {
+            let idle = p.raw.get_mut(&endpoint)?;
+            while let Some((stream, since)) = idle.pop() {
+                if since.elapsed() < UPSTREAM_POOL_IDLE_TIMEOUT && is_open(&stream) {
+                    return Some(stream);
+                }
+            }
+            None
+        });
+        match pooled {
+            Some(stream) => Ok((stream, true)),
+            None => Ok((self.connect(endpoint).await?, false)),
+        }
+    }
+
+    /// Returns a connection whose last response was read to its end, ready for another
+    /// request.
+    pub(crate) fn checkin(&self, endpoint: SocketAddr, stream: TcpStream) {
+        self.with_pools(|p| {
+            let idle = p.raw.entry(endpoint).or_default();
+            idle.retain(|(_, since)| since.elapsed() < UPSTREAM_POOL_IDLE_TIMEOUT);
+            if idle.len() < RAW_IDLE_PER_ENDPOINT {
+                idle.push((stream, Instant::now()));
+            }
+        });
     }
 
     async fn connect(&self, endpoint: SocketAddr) -> Result<TcpStream, SendError> {

@@ -928,3 +928,150 @@ async fn h2_header_list_limit_answers_431() {
     assert_eq!(a.status, 200);
     assert_eq!(web.count(), 1);
 }
+
+/// A backend that answers by path, in the framings a real server may choose, and can close
+/// a kept-alive connection without saying so (as servers do with idle connections).
+async fn framings_backend(addr: SocketAddr) {
+    let listener = TcpListener::bind(addr).await.unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                loop {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        if s.read(&mut byte).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        head.push(byte[0]);
+                    }
+                    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                    let line = head.lines().next().unwrap_or_default().to_owned();
+                    let (answer, then_close): (&[u8], bool) = match line.as_str() {
+                        "get /chunked http/1.1" => (
+                            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
+                              5;x=y\r\nhello\r\n0\r\nx-t: 1\r\n\r\n",
+                            false,
+                        ),
+                        "head /len http/1.1" => {
+                            (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n", false)
+                        }
+                        "get /once http/1.1" => {
+                            (b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nonce", true)
+                        }
+                        "get /close http/1.1" => (b"HTTP/1.1 200 OK\r\n\r\nuntil-close", true),
+                        "get /chat http/1.1" => {
+                            s.write_all(
+                                b"HTTP/1.1 101 Switching Protocols\r\n\
+                                  Connection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+                            )
+                            .await
+                            .unwrap();
+                            let mut buf = [0u8; 64];
+                            while let Ok(n) = s.read(&mut buf).await
+                                && n > 0
+                            {
+                                s.write_all(&buf[..n].to_ascii_uppercase()).await.unwrap();
+                            }
+                            return;
+                        }
+                        _ => (
+                            b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n",
+                            false,
+                        ),
+                    };
+                    if s.write_all(answer).await.is_err() || then_close {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// Reads from `s` until `text` has arrived; returns all that was read.
+async fn read_until(s: &mut TcpStream, text: &str) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&out).contains(text) {
+        let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "waiting for {text:?}, got {:?}",
+                    String::from_utf8_lossy(&out)
+                )
+            })
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed before {text:?}: {:?}",
+            String::from_utf8_lossy(&out)
+        );
+        out.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// One kept-alive client connection through the HTTP/1 fast path: a chunked response passes
+/// with its trailers, a HEAD answer has no body, an upstream connection the backend closed
+/// while pooled is replaced without an error, and an upgrade on the same connection (left to
+/// hyper) still works; a close-delimited response closes the client connection after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fast_path_framings_stale_connections_and_handoff() {
+    let ep = lo(41, 0, 1);
+    framings_backend(ep).await;
+    let yaml = service("fr", NS, "10.96.0.1", &[ep]);
+    let h = harness(&yaml, vip(), false).await;
+    let mut s = TcpStream::connect(h.listen).await.unwrap();
+
+    s.write_all(b"GET /chunked HTTP/1.1\r\nHost: fr\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_until(&mut s, "0\r\nx-t: 1\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer.contains("transfer-encoding: chunked\r\n"),
+        "{answer}"
+    );
+    assert!(answer.contains("\r\n\r\n5;x=y\r\nhello\r\n"), "{answer}");
+
+    s.write_all(b"HEAD /len HTTP/1.1\r\nHost: fr\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_until(&mut s, "\r\n\r\n").await;
+    assert!(answer.contains("content-length: 10\r\n"), "{answer}");
+    assert!(
+        answer.ends_with("\r\n\r\n"),
+        "no body after a HEAD answer: {answer}"
+    );
+
+    for round in 0..3 {
+        s.write_all(b"GET /once HTTP/1.1\r\nHost: fr\r\n\r\n")
+            .await
+            .unwrap();
+        let answer = read_until(&mut s, "once").await;
+        assert!(
+            answer.starts_with("HTTP/1.1 200"),
+            "round {round}: {answer}"
+        );
+        // Give the backend's FIN time to arrive, as with a server's idle timeout.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    s.write_all(
+        b"GET /chat HTTP/1.1\r\nHost: fr\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let answer = read_until(&mut s, "\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 101"), "{answer}");
+    s.write_all(b"after upgrade").await.unwrap();
+    read_until(&mut s, "AFTER UPGRADE").await;
+
+    let answer = raw_exchange(h.listen, b"GET /close HTTP/1.1\r\nHost: fr\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("connection: close\r\n"), "{answer}");
+    assert!(answer.ends_with("\r\n\r\nuntil-close"), "{answer}");
+    assert_eq!(h.proxy.stats().snapshot().upstream_errors, 0);
+}

@@ -356,6 +356,8 @@ where
             ctx.shared.config.max_headers,
         ),
         out: Vec::with_capacity(1024),
+        rbuf: BytesMut::new(),
+        req: Vec::new(),
         head_request: false,
     };
     // The first head is due from the connection's start, unless it moved here idle.
@@ -393,6 +395,10 @@ struct Conn<'a, S> {
     scanner: HeadScanner,
     /// Reused for every write.
     out: Vec<u8>,
+    /// Reused for every upstream response.
+    rbuf: BytesMut,
+    /// Reused for every request sent upstream.
+    req: Vec<u8>,
     /// The request being served is a HEAD: answers carry no body.
     head_request: bool,
 }
@@ -540,7 +546,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
         };
 
         // The request as the endpoint gets it: built once, sent as is by every attempt.
-        let mut request = Vec::with_capacity(raw.len() + 256 + body.len());
+        let mut request = std::mem::take(&mut self.req);
+        request.clear();
         request.extend_from_slice(head.method.as_str().as_bytes());
         request.push(b' ');
         request.extend_from_slice(plan.target.as_bytes());
@@ -562,7 +569,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
                 }
             };
             let in_flight = InFlight::new(state.clone());
-            let attempt = send(ctx, endpoint, &request, head_request, idempotent);
+            let mut rbuf = std::mem::take(&mut self.rbuf);
+            rbuf.clear();
+            let attempt = send(ctx, endpoint, &request, &mut rbuf, head_request, idempotent);
             let result = match ConnCtx::attempt_deadline(&exchange, plan.backend_timeout) {
                 Some(at) => match tokio::time::timeout_at(at, attempt).await {
                     Ok(result) => result,
@@ -575,7 +584,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
                 None => attempt.await,
             };
             match result {
-                Ok((upstream, rbuf, response)) => {
+                Ok((upstream, response)) => {
                     if ctx.answered(
                         &mut exchange,
                         response.status,
@@ -593,12 +602,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
                             &plan.response_modifiers,
                             endpoint,
                             upstream,
-                            rbuf,
+                            &mut rbuf,
                             response,
                             head.close,
                         )
                         .await;
                     drop(in_flight);
+                    self.rbuf = rbuf;
+                    self.req = request;
                     return Ok(Some(Next::Served { close }));
                 }
                 Err(error) => {
@@ -699,7 +710,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
         modifiers: &[&mesh_policy::HeaderModifier],
         endpoint: SocketAddr,
         mut upstream: TcpStream,
-        mut rbuf: BytesMut,
+        rbuf: &mut BytesMut,
         mut response: ResponseHead,
         client_close: bool,
     ) -> bool {
@@ -722,7 +733,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
         self.out.extend_from_slice(b"\r\n");
         let relayed = match exchange.deadline {
             Some(at) => {
-                match tokio::time::timeout_at(at, self.relay(&mut upstream, &mut rbuf, framing))
+                match tokio::time::timeout_at(at, self.relay(&mut upstream, rbuf, framing))
                     .await
                 {
                     Ok(relayed) => relayed,
@@ -737,7 +748,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
                     }
                 }
             }
-            None => self.relay(&mut upstream, &mut rbuf, framing).await,
+            None => self.relay(&mut upstream, rbuf, framing).await,
         };
         match relayed {
             Ok(bytes_out) => {
@@ -835,13 +846,15 @@ async fn send(
     ctx: &ConnCtx,
     endpoint: SocketAddr,
     request: &[u8],
+    rbuf: &mut BytesMut,
     head_request: bool,
     idempotent: bool,
-) -> Result<(TcpStream, BytesMut, ResponseHead), SendError> {
+) -> Result<(TcpStream, ResponseHead), SendError> {
     let upstream = &ctx.shared.upstream;
     let (mut stream, mut reused) = upstream.checkout(endpoint).await?;
     loop {
-        let mut rbuf = BytesMut::with_capacity(READ_SIZE);
+        rbuf.clear();
+        rbuf.reserve(READ_SIZE);
         let reset = |reason: String| SendError::Reset { endpoint, reason };
         let exchanged = async {
             stream
@@ -849,19 +862,19 @@ async fn send(
                 .await
                 .map_err(|e| reset(e.to_string()))?;
             loop {
-                match stream.read_buf(&mut rbuf).await {
+                match stream.read_buf(rbuf).await {
                     Ok(0) => return Err(reset("closed before response headers".into())),
                     Ok(_) => {}
                     Err(e) => return Err(reset(e.to_string())),
                 }
-                if let Some(head) = parse_response(&mut rbuf, head_request, endpoint)? {
+                if let Some(head) = parse_response(rbuf, head_request, endpoint)? {
                     return Ok(head);
                 }
             }
         }
         .await;
         match exchanged {
-            Ok(head) => return Ok((stream, rbuf, head)),
+            Ok(head) => return Ok((stream, head)),
             Err(SendError::Reset { .. }) if reused && idempotent && rbuf.is_empty() => {
                 stream = upstream.checkout(endpoint).await?.0;
                 reused = false;

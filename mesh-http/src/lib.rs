@@ -21,6 +21,10 @@
 //! 5. streams the response back (trailers, upgrades and `CONNECT` tunnels included) and writes
 //!    one access log line when it ends.
 //!
+//! HTTP/1.1 connections start on a fast path without hyper (`h1`) for requests in origin form
+//! with no body or a small `Content-Length` body; it makes the same decisions with the same
+//! functions, and hands the connection to hyper at the first request it does not take.
+//!
 //! HTTP/1 input passes a strict scanner first (see `guard`): ambiguous framing, malformed
 //! heads and Host fields (RFC 9112) that hyper would tolerate are answered 400 with
 //! `Connection: close` before any routing, and a malformed chunked body is answered 400 unless

@@ -180,9 +180,15 @@ impl Upstream {
     pub(crate) fn checkin(&self, endpoint: SocketAddr, stream: TcpStream) {
         self.with_pools(|p| {
             let idle = p.raw.entry(endpoint).or_default();
-            idle.retain(|(_, since)| since.elapsed() < UPSTREAM_POOL_IDLE_TIMEOUT);
+            let now = Instant::now();
+            // Oldest first: only the head of the list can have expired.
+            let expired = idle
+                .iter()
+                .take_while(|(_, since)| now.duration_since(*since) >= UPSTREAM_POOL_IDLE_TIMEOUT)
+                .count();
+            idle.drain(..expired);
             if idle.len() < RAW_IDLE_PER_ENDPOINT {
-                idle.push((stream, Instant::now()));
+                idle.push((stream, now));
             }
         });
     }

@@ -303,8 +303,15 @@ pub fn write(bpf: &mut Ebpf, plan: &AuthzPlan, ids: &[u32], fresh: &[u32]) -> Re
         }
     }
 
+    let mut slot = next;
+    if plan.entries.iter().any(|e| e.iface.is_some()) {
+        slot |= maps::HAS_IFACE_ENTRIES;
+    }
+    if plan.entries.iter().any(|e| e.iface.is_none()) {
+        slot |= maps::HAS_ANY_ENTRIES;
+    }
     generation_map(bpf)?
-        .set(0, next, 0)
+        .set(0, slot, 0)
         .map_err(map_err(maps::MAP_GENERATION))?;
     wait_for_readers();
     clear_generation(bpf, active)?;
@@ -345,7 +352,7 @@ fn active_generation(bpf: &Ebpf) -> Result<u32, Error> {
     let name = maps::MAP_GENERATION;
     let arr: Array<_, u32> =
         Array::try_from(bpf.map(name).ok_or(Error::MissingMap(name))?).map_err(map_err(name))?;
-    Ok(arr.get(&0, 0).map_err(map_err(name))? & 1)
+    Ok(arr.get(&0, 0).map_err(map_err(name))? & maps::GENERATION_BIT)
 }
 
 /// Empties generation `g`'s tries, then its lists.

@@ -156,7 +156,9 @@ const _: () = assert!(core::mem::size_of::<Counters>() == 16);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct IfaceCounters {
-    /// Let through by the interface's default action (allow, or no default configured).
+    /// Let through by the interface's default action (allow, or no default configured). Counted
+    /// only on interfaces with rules of their own: elsewhere every packet no all-interface rule
+    /// matched would be counted, at the cost of a hash lookup each.
     pub default_allow: Counters,
     /// Dropped by the interface's default action.
     pub default_deny: Counters,

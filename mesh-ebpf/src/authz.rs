@@ -18,7 +18,7 @@
 //!    (`XDP_DROP`, `TC_ACT_SHOT`), else any matching allow -> pass, looking at the interface's list before the
 //!    all-interfaces list for each action. The deciding rule's counters move.
 //! 4. Nothing matched: the interface's default action (allow without an own entry), counted per
-//!    interface.
+//!    interface (a pass only on interfaces with rules of their own).
 //!
 //! A rule with ports matches only TCP/UDP packets whose destination port is in its range. A
 //! non-first fragment carries no ports: only port-less rules can decide it, and if none does it
@@ -231,17 +231,23 @@ fn try_authorize<F: Frame>(ctx: &F) -> Result<Verdict, Skip> {
 
     // Kept as nested branches: LLVM folds `own.is_none() && any.is_none()` into an OR of the
     // two pointers, which the verifier rejects.
-    let default_action = match own {
-        Some(l) => l.default_action,
+    let (default_action, has_own) = match own {
+        Some(l) => (l.default_action, true),
         None => {
             if any.is_none() {
                 // The interface has no rules.
                 return Ok(Verdict::Pass);
             }
-            ACTION_ALLOW
+            (ACTION_ALLOW, false)
         }
     };
     let verdict = fallback(&pkt, default_action);
+    // An interface without rules of its own has no default action to account for: the packets
+    // it lets through (most traffic, under rules that name no interface) skip the counters, a
+    // hash lookup that was a third of their cost. Drops and fragments are still counted.
+    if !has_own && verdict == Verdict::Pass && pkt.fragment == 0 {
+        return Ok(verdict);
+    }
     if let Some(c) = iface_counters(ifindex) {
         // SAFETY: per-CPU value; only this CPU touches it while the program runs.
         let c = unsafe { &mut *c };

@@ -198,6 +198,22 @@ impl Authz {
     }
 }
 
+/// Names of the TC and XDP programs attached to `iface`, as `bpftool -j net` lists them
+/// (`[{"xdp": [...], "tc": [...], ...}]`).
+fn attached_programs(ns: &Netns, iface: &str) -> (Vec<String>, Vec<String>) {
+    let out = ns.sh(&["bpftool", "-j", "net", "show", "dev", iface]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
+    let names = |kind: &str| -> Vec<String> {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|s| s[kind].as_array().into_iter().flatten())
+            .filter_map(|p| p["name"].as_str().map(str::to_string))
+            .collect()
+    };
+    (names("tc"), names("xdp"))
+}
+
 fn ifindex(ns: &Netns, iface: &str) -> u32 {
     let iface = iface.to_string();
     ns.run(move || nix::net::if_::if_nametoindex(iface.as_str()).expect("ifindex"))
@@ -308,13 +324,10 @@ fn denied_flow_is_dropped_and_counted_allowed_flow_passes() {
         "tc ingress",
         "a veth gets TC authorization, not XDP (which costs it TSO/GSO)"
     );
-    let net = t
-        .node
-        .sh(&["bpftool", "net", "show", "dev", &client.host_if]);
-    let net = String::from_utf8_lossy(&net.stdout).to_string();
+    let (tc, xdp) = attached_programs(&t.node, &client.host_if);
     assert!(
-        net.contains(authz::TC_PROGRAM) && !net.contains("xdp"),
-        "bpftool shows the TC program and no XDP one: {net}"
+        tc.iter().any(|n| n == authz::TC_PROGRAM) && xdp.is_empty(),
+        "bpftool shows the TC program and no XDP one: tc {tc:?}, xdp {xdp:?}"
     );
 
     assert!(
@@ -344,12 +357,10 @@ fn denied_flow_is_dropped_and_counted_allowed_flow_passes() {
     assert_eq!(iface.default_deny.packets, 0);
 
     authz::detach(std::mem::take(&mut x.attached)).expect("detach");
-    let net = t
-        .node
-        .sh(&["bpftool", "net", "show", "dev", &client.host_if]);
+    let (tc, _) = attached_programs(&t.node, &client.host_if);
     assert!(
-        !String::from_utf8_lossy(&net.stdout).contains(authz::TC_PROGRAM),
-        "detached"
+        !tc.iter().any(|n| n == authz::TC_PROGRAM),
+        "detached: {tc:?}"
     );
     assert!(
         connects(&client.ns, sa(server.ip4, 9000)),

@@ -234,12 +234,12 @@ impl Programs {
         self.plan = Some((plan.clone(), ids));
 
         self.sync_capture_links(&plan.interfaces)?;
-        let xdp: &[InterfaceName] = if plan.authz.is_empty() {
+        let authz: &[InterfaceName] = if plan.authz.is_empty() {
             &[]
         } else {
             &plan.interfaces
         };
-        self.sync_authz_links(xdp)
+        self.sync_authz_links(authz)
     }
 
     fn sync_capture_links(&mut self, want: &[InterfaceName]) -> Result<(), Error> {
@@ -470,12 +470,12 @@ impl Programs {
             return Ok(());
         };
         self.sync_capture_links(&plan.interfaces)?;
-        let xdp: &[InterfaceName] = if plan.authz.is_empty() {
+        let authz: &[InterfaceName] = if plan.authz.is_empty() {
             &[]
         } else {
             &plan.interfaces
         };
-        self.sync_authz_links(xdp)?;
+        self.sync_authz_links(authz)?;
         info!("programs attached again after a failed takeover");
         Ok(())
     }
@@ -587,6 +587,8 @@ mod tests {
             redirect::MAP_CAPTURE_V4,
             redirect::MAP_CAPTURE_V6,
             redirect::MAP_LISTENERS,
+            redirect::MAP_TW_SYNS,
+            redirect::MAP_TW_LAST,
             redirect::MAP_SETTINGS,
             counters::MAP_NAME,
             mesh_common::authz::MAP_GENERATION,

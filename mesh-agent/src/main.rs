@@ -242,6 +242,22 @@ fn status(admin: std::net::SocketAddr) -> anyhow::Result<String> {
             i["pin"].as_str().unwrap_or("?")
         );
     }
+    let authz = &v["authorization"];
+    if let Some(ifaces) = authz["interfaces"].as_array().filter(|a| !a.is_empty()) {
+        out += &format!(
+            "authorization: {} rules; {}\n",
+            authz["rules"],
+            authz["placement"].as_str().unwrap_or("-")
+        );
+        for i in ifaces {
+            out += &format!(
+                "  interface {}  {} ({})\n",
+                i["name"].as_str().unwrap_or("?"),
+                i["hook"].as_str().unwrap_or("?"),
+                i["mode"].as_str().unwrap_or("?")
+            );
+        }
+    }
     if let Some(maps) = v["maps"].as_object() {
         out += "maps:\n";
         for (name, m) in maps {

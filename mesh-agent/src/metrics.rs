@@ -354,7 +354,8 @@ impl Collector for KernelCollector {
         if !authz.is_empty() {
             let mut p = encoder.encode_descriptor(
                 "xdp_packets",
-                "Packets decided by an XDP authorization rule",
+                // The name is kept from when authorization ran only at XDP.
+                "Packets decided by an authorization rule (TC on veths, XDP on other devices)",
                 None,
                 prometheus_client::metrics::MetricType::Counter,
             )?;
@@ -364,7 +365,7 @@ impl Collector for KernelCollector {
             }
             let mut b = encoder.encode_descriptor(
                 "xdp",
-                "Bytes decided by an XDP authorization rule",
+                "Bytes decided by an authorization rule (TC on veths, XDP on other devices)",
                 Some(&Unit::Bytes),
                 prometheus_client::metrics::MetricType::Counter,
             )?;

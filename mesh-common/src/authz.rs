@@ -12,7 +12,9 @@
 //!   of the same interface that covers it (userspace computes that closure), so the single
 //!   longest match is enough. Every interface named by a rule set has a root entry
 //!   (`prefix_len == 32`, any destination) carrying its default action.
-//! * `AUTHZ_GENERATION`: one-slot array holding the active generation `g` (0 or 1). Userspace
+//! * `AUTHZ_GENERATION`: one-slot array holding the active generation `g` (0 or 1, bit
+//!   [`GENERATION_BIT`]) and which kinds of entries it has ([`HAS_IFACE_ENTRIES`],
+//!   [`HAS_ANY_ENTRIES`]), so that a packet skips a trie lookup that cannot match. Userspace
 //!   fills the inactive generation completely, flips this slot, waits for an RCU grace period,
 //!   then clears the old generation: every packet sees either the old or the new rule set.
 //! * `AUTHZ_RULE_STATS`: per-CPU [`Counters`] indexed by the stable rule id.
@@ -47,6 +49,15 @@ pub const MAX_RULE_ID: u32 = 4096;
 pub const MAX_IFACES: u32 = 4096;
 /// The ifindex of entries that apply to every interface.
 pub const ANY_IFINDEX: u32 = 0;
+
+/// `AUTHZ_GENERATION` bit holding the active generation.
+pub const GENERATION_BIT: u32 = 1;
+/// `AUTHZ_GENERATION` bit: the generation has entries of named interfaces (else the
+/// `{ingress ifindex, dst}` lookup is skipped).
+pub const HAS_IFACE_ENTRIES: u32 = 1 << 1;
+/// `AUTHZ_GENERATION` bit: the generation has entries for all interfaces (else the
+/// `{ANY_IFINDEX, dst}` lookup is skipped).
+pub const HAS_ANY_ENTRIES: u32 = 1 << 2;
 
 /// [`RuleEntry::action`] and [`RuleList::default_action`]: let the packet through.
 pub const ACTION_ALLOW: u8 = 1;
@@ -145,7 +156,9 @@ const _: () = assert!(core::mem::size_of::<Counters>() == 16);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct IfaceCounters {
-    /// Let through by the interface's default action (allow, or no default configured).
+    /// Let through by the interface's default action (allow, or no default configured). Counted
+    /// only on interfaces with rules of their own: elsewhere every packet no all-interface rule
+    /// matched would be counted, at the cost of a hash lookup each.
     pub default_allow: Counters,
     /// Dropped by the interface's default action.
     pub default_deny: Counters,

@@ -18,6 +18,13 @@ pub const MAP_SETTINGS: &str = "CAPTURE_SETTINGS";
 pub const MAP_TW_SYNS: &str = "TW_SYNS";
 /// Entries of `TW_SYNS`: SYNs in flight at once that reuse a closed connection's 4-tuple.
 pub const MAX_TW_SYNS: u32 = 4096;
+/// One-slot array (`u64`): `bpf_ktime_get_ns` of the last `TW_SYNS` insert. `steer` looks an
+/// entry up only within [`TW_WINDOW_NS`] of it.
+pub const MAP_TW_LAST: &str = "TW_LAST";
+/// How long after an insert `steer` still looks in `TW_SYNS`. The lookup it serves happens
+/// microseconds after the insert, in the same softirq on the same CPU (the TIME_WAIT socket
+/// takes the SYN and asks for a listener at once); a second is ample.
+pub const TW_WINDOW_NS: u64 = 1_000_000_000;
 
 /// Prefixes per address family.
 pub const MAX_PREFIXES: u32 = 16_384;

@@ -17,7 +17,9 @@ mod reset;
 
 use aya_ebpf::{
     bindings::{BPF_F_CURRENT_NETNS, TC_ACT_UNSPEC, bpf_sock, bpf_sock_tuple},
-    helpers::{bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp},
+    helpers::{
+        bpf_ktime_get_ns, bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp,
+    },
     macros::{classifier, sk_lookup},
     maps::lpm_trie::Key,
     programs::{SkLookupContext, TcContext},
@@ -29,7 +31,7 @@ use mesh_common::{
 };
 
 use crate::{
-    maps::{CAPTURE_V4, CAPTURE_V6, LISTENERS, SETTINGS, TW_SYNS, count},
+    maps::{CAPTURE_V4, CAPTURE_V6, LISTENERS, SETTINGS, TW_LAST, TW_SYNS, count},
     parse::{Addrs, Segment, TCP_ACK, TCP_SYN},
 };
 
@@ -108,6 +110,10 @@ fn try_capture(ctx: &TcContext) -> Result<i32, Error> {
                             },
                         };
                         let _ = TW_SYNS.insert(key, 1, 0);
+                        if let Some(last) = TW_LAST.get_ptr_mut(0) {
+                            // SAFETY: an array value lives as long as the map; see `TW_LAST`.
+                            unsafe { *last = bpf_ktime_get_ns() };
+                        }
                     }
                     assign(ctx, owner)?;
                     count(ctr::SYN_TO_EXISTING);
@@ -332,6 +338,15 @@ pub fn steer(ctx: SkLookupContext) -> u32 {
         ),
         _ => return SK_PASS,
     };
+    // Only right after `capture` inserted something is there anything to find.
+    let recent = match TW_LAST.get(0) {
+        // SAFETY: a helper without arguments.
+        Some(last) => unsafe { bpf_ktime_get_ns() }.wrapping_sub(*last) < redirect::TW_WINDOW_NS,
+        None => true,
+    };
+    if !recent {
+        return SK_PASS;
+    }
     // SAFETY: a plain-data lookup; the value is not kept.
     if unsafe { TW_SYNS.get(key) }.is_none() {
         return SK_PASS;

@@ -25,6 +25,15 @@ pub static LISTENERS: SockMap = SockMap::with_max_entries(redirect::MAX_LISTENER
 pub static TW_SYNS: LruHashMap<FlowKey, u32> =
     LruHashMap::with_max_entries(redirect::MAX_TW_SYNS, 0);
 
+/// When `capture` last inserted into `TW_SYNS` (`bpf_ktime_get_ns`). `steer` runs in every
+/// listener lookup of the node's namespace (each SYN to a local address, and each
+/// `bpf_skc_lookup_tcp` of `capture` that misses the established table): hashing its 40-byte key
+/// for an entry that almost never exists was about a sixth of a captured SYN's cost. A plain
+/// store: CPUs racing each write a time of about now, and the lookup that matters runs on the
+/// CPU that wrote, right after.
+#[map(name = "TW_LAST")]
+pub static TW_LAST: Array<u64> = Array::with_max_entries(1, 0);
+
 #[map(name = "CAPTURE_SETTINGS")]
 pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 

@@ -1,6 +1,9 @@
-//! XDP L4 authorization, driven directly: the test process loads the eBPF object mesh-agent's
-//! build script produced, and calls the agent's own writer (`mesh_agent::ebpf::authz`) with
-//! plans compiled by `mesh_policy::AuthzPlan`, inside the node namespace.
+//! L4 authorization, driven directly: the test process loads the eBPF object mesh-agent's
+//! build script produced, and calls the agent's own writer and attacher
+//! (`mesh_agent::ebpf::authz`) with plans compiled by `mesh_policy::AuthzPlan`, inside the node
+//! namespace. On the topology's veths the agent attaches `authorize_tc` at TC ingress; the XDP
+//! program `authorize`, the same decision for other devices, is attached by force in
+//! `xdp_program_decides_like_the_tc_one`.
 //!
 //! Semantics kept here: any matching deny drops; else any matching allow passes; else the
 //! interface's default (allow when none is configured). Rules match on source prefix,
@@ -129,8 +132,8 @@ fn object() -> PathBuf {
     })
 }
 
-/// A loaded object whose XDP program is driven from the node namespace.
-struct Xdp {
+/// A loaded object whose authorization program is driven from the node namespace.
+struct Authz {
     node: Netns,
     bpf: Option<aya::Ebpf>,
     attached: Vec<Attached>,
@@ -138,10 +141,10 @@ struct Xdp {
     seen: std::collections::BTreeSet<u32>,
 }
 
-impl Xdp {
-    fn load(t: &Topology) -> Xdp {
+impl Authz {
+    fn load(t: &Topology) -> Authz {
         let bpf = aya::Ebpf::load_file(object()).expect("load the eBPF object");
-        Xdp {
+        Authz {
             node: t.node.clone(),
             bpf: Some(bpf),
             attached: Vec::new(),
@@ -179,8 +182,9 @@ impl Xdp {
             .map(|s| s.parse().expect("interface name"))
             .collect();
         let dir = t.bpffs_dir.clone();
+        let tcx = ebpf::kernel::Kernel::probe().tcx;
         let a = self
-            .in_node(move |bpf| authz::attach(bpf, &ifaces, &dir))
+            .in_node(move |bpf| authz::attach(bpf, &ifaces, &dir, tcx))
             .expect("attach");
         self.attached.extend(a);
     }
@@ -192,6 +196,30 @@ impl Xdp {
     fn rule_packets(&self, id: u32) -> u64 {
         self.stats().rules.get(&id).map_or(0, |c| c.packets)
     }
+}
+
+/// Name and type of the program behind the link pinned at `pin` (bpftool 7.1 does not list
+/// TCX links in `bpftool net`).
+fn pinned_program(pin: &std::path::Path) -> (String, String) {
+    let json = |args: &[&str]| -> serde_json::Value {
+        let out = std::process::Command::new("bpftool")
+            .arg("-j")
+            .args(args)
+            .output()
+            .expect("bpftool");
+        serde_json::from_slice(&out.stdout).expect("bpftool JSON")
+    };
+    let link = json(&["link", "show", "pinned", &pin.to_string_lossy()]);
+    let id = link["prog_id"].as_u64().expect("prog_id").to_string();
+    let prog = json(&["prog", "show", "id", &id]);
+    let field = |k: &str| prog[k].as_str().unwrap_or("").to_string();
+    (field("name"), field("type"))
+}
+
+/// Whether `ip link` shows an XDP program on `iface`.
+fn xdp_attached(ns: &Netns, iface: &str) -> bool {
+    let out = ns.sh(&["ip", "-d", "link", "show", iface]);
+    String::from_utf8_lossy(&out.stdout).contains("prog/xdp")
 }
 
 fn ifindex(ns: &Netns, iface: &str) -> u32 {
@@ -267,7 +295,7 @@ fn denied_flow_is_dropped_and_counted_allowed_flow_passes() {
         "reachable before"
     );
 
-    let mut x = Xdp::load(&t);
+    let mut x = Authz::load(&t);
     x.apply(&RuleSet {
         rules: vec![rule(
             10,
@@ -280,13 +308,13 @@ fn denied_flow_is_dropped_and_counted_allowed_flow_passes() {
     .expect("apply");
     x.attach(&t, &[&client.host_if]);
     let a = &x.attached[0];
-    let prog: &aya::programs::Xdp = x
+    let prog: &aya::programs::SchedClassifier = x
         .bpf
         .as_ref()
-        .and_then(|b| b.program(authz::PROGRAM))
+        .and_then(|b| b.program(authz::TC_PROGRAM))
         .expect("program")
         .try_into()
-        .expect("xdp");
+        .expect("TC classifier");
     let verified = prog
         .info()
         .expect("info")
@@ -299,12 +327,20 @@ fn denied_flow_is_dropped_and_counted_allowed_flow_passes() {
     );
     // Headroom under the verifier's 1M budget: a change that makes the paths multiply shows here.
     assert!(verified < 100_000, "verifier work: {verified}");
-    assert_eq!(a.mode, Mode::Driver, "veth supports native XDP");
-    let link = t.node.sh(&["ip", "-d", "link", "show", &client.host_if]);
+    assert_eq!(
+        a.mode.hook(),
+        "tc ingress",
+        "a veth gets TC authorization, not XDP (which costs it TSO/GSO)"
+    );
+    let pin = a.pin.clone().expect("a TCX link is pinned");
+    assert_eq!(
+        pinned_program(&pin),
+        (authz::TC_PROGRAM.to_string(), "sched_cls".to_string()),
+        "the pinned link runs the TC program"
+    );
     assert!(
-        String::from_utf8_lossy(&link.stdout).contains("prog/xdp"),
-        "ip link shows the program: {}",
-        String::from_utf8_lossy(&link.stdout)
+        !xdp_attached(&t.node, &client.host_if),
+        "no XDP program on the veth"
     );
 
     assert!(
@@ -334,15 +370,55 @@ fn denied_flow_is_dropped_and_counted_allowed_flow_passes() {
     assert_eq!(iface.default_deny.packets, 0);
 
     authz::detach(std::mem::take(&mut x.attached)).expect("detach");
-    let link = t.node.sh(&["ip", "-d", "link", "show", &client.host_if]);
-    assert!(
-        !String::from_utf8_lossy(&link.stdout).contains("prog/xdp"),
-        "detached"
-    );
+    assert!(!pin.exists(), "detached: the pin is gone");
     assert!(
         connects(&client.ns, sa(server.ip4, 9000)),
         "reachable again after detach"
     );
+}
+
+/// The XDP program, which the agent attaches to devices other than veths, decides as the TC one
+/// does: attached here by force (driver mode) to the veth, it drops the denied flow, counts it,
+/// and lets the other one through.
+#[test]
+fn xdp_program_decides_like_the_tc_one() {
+    if !privileged("xdp_program_decides_like_the_tc_one") {
+        return;
+    }
+    let t = Topology::new(&["client", "server"]);
+    let (client, server) = (t.pod("client"), t.pod("server"));
+    greeter(&server.ns, sa(server.ip4, 9000), "s9000");
+    greeter(&server.ns, sa(server.ip4, 8080), "s8080");
+    let mut x = Authz::load(&t);
+    x.apply(&RuleSet {
+        rules: vec![rule(
+            10,
+            &client.host_if,
+            Some(&format!("{}/32", server.ip4)),
+            Some((9000, 9000)),
+        )],
+        defaults: HashMap::new(),
+    })
+    .expect("apply");
+    let iface: mesh_policy::InterfaceName = client.host_if.parse().expect("interface name");
+    let pin = t.bpffs_dir.join(format!("authz-{iface}"));
+    let a = x
+        .in_node(move |bpf| {
+            std::fs::create_dir_all(pin.parent().expect("pin dir")).expect("pin dir");
+            ebpf::attach::xdp(authz::program(bpf)?, &iface, &pin)
+        })
+        .expect("attach XDP");
+    assert_eq!(a.mode, Mode::Driver, "veth supports native XDP");
+    x.attached.push(a);
+    assert!(
+        !connects(&client.ns, sa(server.ip4, 9000)),
+        "9000 is denied: the SYN must be dropped"
+    );
+    assert!(x.rule_packets(10) >= 1, "the deny rule counted the SYN(s)");
+    let g = greeting(&client.ns, sa(server.ip4, 8080)).expect("8080 allowed");
+    assert_eq!(g, format!("peer={} server=s8080", client.ip4));
+    authz::detach(std::mem::take(&mut x.attached)).expect("detach");
+    assert!(connects(&client.ns, sa(server.ip4, 9000)), "detached");
 }
 
 #[test]
@@ -361,7 +437,7 @@ fn default_deny_interface_with_one_allow_rule() {
         Some((8000, 8099)),
     );
     allow.action = Action::Allow;
-    let mut x = Xdp::load(&t);
+    let mut x = Authz::load(&t);
     x.apply(&RuleSet {
         rules: vec![allow],
         defaults: HashMap::from([(client.host_if.clone(), Action::Deny)]),
@@ -400,7 +476,7 @@ fn source_prefix_rule() {
     let mut r = rule(3, &client.host_if, None, None);
     r.src = Some((IpAddr::V4(second), 32));
     r.protocol = Protocol::Any;
-    let mut x = Xdp::load(&t);
+    let mut x = Authz::load(&t);
     x.apply(&RuleSet {
         rules: vec![r],
         defaults: HashMap::new(),
@@ -449,7 +525,7 @@ fn udp_rule() {
         Some("10.201.2.2/32"),
         Some((5354, 5354)),
     );
-    let mut x = Xdp::load(&t);
+    let mut x = Authz::load(&t);
     x.apply(&RuleSet {
         rules: vec![r, tcp],
         defaults: HashMap::new(),
@@ -478,7 +554,7 @@ fn fragmented_udp_follows_its_first_fragment() {
     let mut allow = rule(1, &client.host_if, None, Some((6000, 6000)));
     allow.protocol = Protocol::Udp;
     allow.action = Action::Allow;
-    let mut x = Xdp::load(&t);
+    let mut x = Authz::load(&t);
     x.apply(&RuleSet {
         rules: vec![allow],
         defaults: HashMap::from([(client.host_if.clone(), Action::Deny)]),
@@ -532,7 +608,7 @@ fn ipv6_rules_and_neighbour_discovery() {
         Some("fd00:201:2::/48"),
         Some((9000, 9000)),
     );
-    let mut x = Xdp::load(&t);
+    let mut x = Authz::load(&t);
     x.apply(&RuleSet {
         rules: vec![allow, deny],
         defaults: HashMap::from([(client.host_if.clone(), Action::Deny)]),
@@ -569,7 +645,7 @@ fn all_interfaces_rules_and_unknown_interfaces() {
     let t = Topology::new(&["client", "server", "other"]);
     let (client, server, other) = (t.pod("client"), t.pod("server"), t.pod("other"));
     greeter(&server.ns, sa(server.ip4, 9000), "s9000");
-    let mut x = Xdp::load(&t);
+    let mut x = Authz::load(&t);
     let mut bad = rule(1, "nope0", None, None);
     bad.interfaces = Some(vec!["nope0".into(), client.host_if.clone()]);
     let err = x
@@ -651,7 +727,7 @@ fn ipv6_extension_headers_are_walked() {
         Some((5353, 5353)),
     );
     r.protocol = Protocol::Udp;
-    let mut x = Xdp::load(&t);
+    let mut x = Authz::load(&t);
     x.apply(&RuleSet {
         rules: vec![r],
         defaults: HashMap::new(),
@@ -708,7 +784,7 @@ fn a_second_loader_replaces_the_pinned_link_in_place() {
         rules: vec![rule(1, &client.host_if, None, Some((9000, 9000)))],
         defaults: HashMap::new(),
     };
-    let mut first = Xdp::load(&t);
+    let mut first = Authz::load(&t);
     first.apply(&deny).expect("apply");
     first.attach(&t, &[&client.host_if]);
     assert!(!first.attached[0].replaced);
@@ -721,7 +797,7 @@ fn a_second_loader_replaces_the_pinned_link_in_place() {
     );
 
     // The second one allows 9000: after the in-place update its rules apply.
-    let mut second = Xdp::load(&t);
+    let mut second = Authz::load(&t);
     second
         .apply(&RuleSet {
             rules: vec![],
@@ -780,7 +856,7 @@ fn reload_is_atomic_under_traffic() {
         }
     };
     let (a, b) = (set(1, Action::Deny), set(2, Action::Allow));
-    let mut x = Xdp::load(&t);
+    let mut x = Authz::load(&t);
     x.apply(&a).expect("apply A");
     x.attach(&t, &[&client.host_if]);
 
@@ -828,8 +904,8 @@ fn reload_is_atomic_under_traffic() {
     assert_eq!(got, allowed, "exactly B's packets arrived");
 }
 
-/// Drop rate of a UDP flood from a pod: the XDP deny rule (driver mode, then generic mode)
-/// against nftables drop rules (netdev ingress on the same veth, then inet prerouting), same
+/// Drop rate of a UDP flood from a pod: the deny rule where the agent puts it on a veth (TC
+/// ingress), then the XDP program forced into generic mode, against nftables drop rules (netdev ingress on the same veth, then inet prerouting), same
 /// topology, same run. One sender thread; every phase drops everything sent, so the rate is the
 /// whole per-packet cost (send syscall, pod stack, veth, drop) on one CPU.
 /// `cargo test -p mesh-tests --test authz -- --ignored --nocapture`
@@ -897,18 +973,22 @@ fn bench_xdp_vs_nftables_drop() {
         results.push(line);
     };
 
-    // XDP, as attach() picks it (driver mode on veth).
-    let mut x = Xdp::load(&t);
+    // As attach() picks it: TC ingress on a veth.
+    let mut x = Authz::load(&t);
     x.apply(&rules).expect("apply");
     x.attach(&t, &[&client.host_if]);
     let mode = x.attached[0].mode;
     let f = flood(&client.ns);
-    report(format!("XDP ({})", mode.as_str()), f, x.rule_packets(1));
+    report(
+        format!("{} ({})", mode.hook(), mode.as_str()),
+        f,
+        x.rule_packets(1),
+    );
     authz::detach(std::mem::take(&mut x.attached)).expect("detach");
     drop(x);
 
     // XDP forced into generic mode (aya directly; the link dies with the object).
-    let mut g = Xdp::load(&t);
+    let mut g = Authz::load(&t);
     g.apply(&rules).expect("apply");
     let iface = client.host_if.clone();
     g.in_node(move |bpf| {

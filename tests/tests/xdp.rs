@@ -1,6 +1,7 @@
-//! XDP authorization driven by the policy, through the agent: a denied flow is dropped before
-//! the stack sees it (the client times out) and the rule's counter moves in `/metrics`, while an
-//! allowed flow on the same interface is still captured and proxied; IPv6 rules; reloads.
+//! Authorization driven by the policy, through the agent: on the pod's veth it runs at TC
+//! ingress before capture (`/status` says so), a denied flow is dropped before the stack sees it
+//! (the client times out) and the rule's counter moves in `/metrics`, while an allowed flow on
+//! the same interface is still captured and proxied; IPv6 rules; reloads.
 use std::{
     net::{IpAddr, SocketAddr, TcpStream},
     thread,
@@ -70,20 +71,35 @@ fn denied_flows_are_dropped_by_xdp_and_counted_while_allowed_ones_are_proxied() 
         "--policy",
         pfile.to_str().expect("utf8"),
     ]);
-    let status = admin(&t.node, "/status");
-    assert!(
-        status.contains("\"hook\": \"xdp\"") && status.contains("\"name\": \"h1\""),
-        "{status}"
+    let raw = admin(&t.node, "/status");
+    let body = raw.split_once("\r\n\r\n").map_or(raw.as_str(), |(_, b)| b);
+    let status: serde_json::Value = serde_json::from_str(body).expect("status JSON");
+    let ifaces = &status["authorization"]["interfaces"];
+    let h1 = ifaces
+        .as_array()
+        .and_then(|a| a.iter().find(|i| i["name"] == "h1"))
+        .unwrap_or_else(|| panic!("h1 in the authorization interfaces: {status}"));
+    assert_eq!(
+        h1["hook"], "tc ingress",
+        "a veth gets TC authorization: {h1}"
     );
     assert!(
-        agent.log().contains("mode=\"driver\"")
-            || agent.log().contains("\"mode\":\"driver\"")
-            || agent.log().contains("generic"),
-        "attach mode logged:\n{}",
+        h1["mode"] == "tcx" || h1["mode"] == "clsact",
+        "TC attach mode: {h1}"
+    );
+    assert!(
+        status["authorization"]["placement"]
+            .as_str()
+            .is_some_and(|p| p.contains("TSO/GSO")),
+        "/status says why: {status}"
+    );
+    assert!(
+        agent.log().contains("authorization attached at TC ingress"),
+        "attach logged:\n{}",
         agent.log()
     );
 
-    // Denied: dropped at XDP, so the SYN never gets an answer.
+    // Denied: dropped before capture, so the SYN never gets an answer.
     assert!(
         times_out(&client.ns, sa(server.ip4, 5432)),
         "IPv4 5432 must time out"

@@ -25,6 +25,9 @@ pub enum Section {
     DataPath,
     /// Kubernetes mode with 10,000 Services: time to ready, memory, route edit latency.
     Kubernetes,
+    /// Only the eBPF rows of the data path (per-packet cost, untargeted throughput), on a
+    /// topology of their own; printed and written to `bench/results/ebpf.md`.
+    Ebpf,
 }
 
 /// Runs `only` the given section, or every section.
@@ -51,6 +54,27 @@ pub fn run(only: Option<Section>) -> anyhow::Result<()> {
             "\nwritten: {}/latest.md, latency.png, rss.png",
             dir.display()
         );
+    }
+    if only == Some(Section::Ebpf) {
+        let agent = match std::env::var_os("MESH_AGENT_BIN") {
+            Some(bin) => std::path::PathBuf::from(bin),
+            None => build_release()?.0,
+        };
+        // Five rounds, not the data path's three: the untargeted ratio is a difference of a
+        // few percent between two noisy iperf3 runs.
+        let plan = data_path::Plan::FULL;
+        let rows = ebpf::run(&agent, 5, plan.secs)?;
+        let table = table::markdown(&rows);
+        println!("\n{table}");
+        let file = root().join("bench/results/ebpf.md");
+        std::fs::write(
+            &file,
+            format!(
+                "# eBPF rows (`cargo xtask bench --only ebpf`)\n\n{table}\n{}\n",
+                report::machine()
+            ),
+        )?;
+        println!("\nwritten: {}", file.display());
     }
     if only.is_none_or(|s| s == Section::Kubernetes) {
         println!();

@@ -5,15 +5,18 @@
 //! moment without a program), and a killed agent's program stays and applies the fail mode. A
 //! clean detach unpins, which drops the last reference and detaches.
 //!
-//! Kernels before 6.6 have no TCX links: there the capture program is a `clsact` ingress
-//! filter at a fixed priority and handle. A filter is not tied to a file descriptor, so it
+//! Kernels before 6.6 have no TCX links: there a TC program is a `clsact` ingress filter at a
+//! fixed priority and handle ([`TcSlot`]). A filter is not tied to a file descriptor, so it
 //! outlives a killed agent the same way; the next agent replaces the filter's program in place
 //! (netlink replace of the same priority and handle), and a clean detach deletes the filter.
+//!
+//! Two TC programs can share an interface's ingress: `authorize_tc` runs first (TCX: attached
+//! before every other link; clsact: a lower priority), then `capture`.
 use std::path::{Path, PathBuf};
 
 use aya::programs::{
     SchedClassifier, SkLookup, TcAttachType, Xdp, XdpMode,
-    links::{FdLink, Link, LinkError, PinnedLink},
+    links::{FdLink, Link, LinkError, LinkOrder, PinnedLink},
     tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle, qdisc_add_clsact},
     xdp::XdpLink,
 };
@@ -40,6 +43,14 @@ pub enum Mode {
 }
 
 impl Mode {
+    /// The hook the mode belongs to, as `/status` names it.
+    pub fn hook(self) -> &'static str {
+        match self {
+            Mode::Tcx | Mode::Clsact => "tc ingress",
+            Mode::Driver | Mode::Generic | Mode::Unknown => "xdp",
+        }
+    }
+
     /// The mode as shown in `/status` and logs.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -71,10 +82,34 @@ enum Handle {
     Filter(SchedClassifierLink),
 }
 
-/// Priority and handle of the capture filter on kernels without TCX: fixed, so that the next
-/// agent finds and replaces it.
-const FILTER_PRIORITY: u16 = 50;
-const FILTER_HANDLE: TcHandle = TcHandle::new(0, 0x5c1f);
+/// Where a TC program sits on an interface's ingress.
+#[derive(Clone, Copy, Debug)]
+pub struct TcSlot {
+    /// What logs call it.
+    pub what: &'static str,
+    /// TCX: attached before every other link (else after them).
+    pub first: bool,
+    /// clsact filter priority and handle on kernels without TCX: fixed, so that the next agent
+    /// finds and replaces it; a lower priority runs first.
+    pub priority: u16,
+    pub handle: TcHandle,
+}
+
+/// The capture program's place.
+pub const CAPTURE_SLOT: TcSlot = TcSlot {
+    what: "capture",
+    first: false,
+    priority: 50,
+    handle: TcHandle::new(0, 0x5c1f),
+};
+
+/// The TC authorization program's place: before capture, so a denied packet is never captured.
+pub const AUTHZ_SLOT: TcSlot = TcSlot {
+    what: "authorization",
+    first: true,
+    priority: 40,
+    handle: TcHandle::new(0, 0x5c1e),
+};
 
 /// Takes over the link a previous agent pinned at `pin`, if any, with `attach_to_link`.
 fn take_over<L>(
@@ -116,37 +151,48 @@ fn attach_err(iface: &InterfaceName, reason: String) -> Error {
     }
 }
 
-/// Attaches the capture program at TC ingress of `iface`, replacing a previous agent's
-/// program in place: as a TCX link pinned at `pin` when the kernel has TCX, else as a clsact
-/// filter.
+/// Attaches `prog` at TC ingress of `iface` in `slot`, replacing a previous agent's program in
+/// place: as a TCX link pinned at `pin` when the kernel has TCX, else as a clsact filter.
 pub fn tc(
     prog: &mut SchedClassifier,
+    slot: TcSlot,
     iface: &InterfaceName,
     pin: &Path,
     tcx: bool,
 ) -> Result<Attached, Error> {
     if !tcx {
-        return tc_filter(prog, iface);
+        return tc_filter(prog, slot, iface);
     }
     let mut id = None;
     let replaced = take_over(iface, pin, |old: SchedClassifierLink| {
         id = Some(prog.attach_to_link(old).map_err(|e| e.to_string())?);
         Ok(())
     });
+    let order = if slot.first {
+        LinkOrder::first()
+    } else {
+        LinkOrder::last()
+    };
     let id = match id {
         Some(id) => id,
-        None => prog.attach(iface, TcAttachType::Ingress).map_err(|e| {
-            attach_err(
+        None => prog
+            .attach_with_options(
                 iface,
-                format!("{e} (does the interface exist in this network namespace?)"),
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(order),
             )
-        })?,
+            .map_err(|e| {
+                attach_err(
+                    iface,
+                    format!("{e} (does the interface exist in this network namespace?)"),
+                )
+            })?,
     };
     let link: FdLink = prog.take_link(id)?.try_into().map_err(|e: LinkError| {
         attach_err(iface, format!("not a bpf_link, cannot be pinned: {e}"))
     })?;
     let link = pin_link(iface, link, pin)?;
-    info!(iface = %iface, mode = "tcx", replaced, "capture attached at TC ingress");
+    info!(iface = %iface, mode = "tcx", replaced, "{} attached at TC ingress", slot.what);
     Ok(Attached {
         iface: iface.clone(),
         mode: Mode::Tcx,
@@ -156,15 +202,19 @@ pub fn tc(
     })
 }
 
-/// The pre-6.6 path: a `clsact` ingress filter at [`FILTER_PRIORITY`]/[`FILTER_HANDLE`].
-fn tc_filter(prog: &mut SchedClassifier, iface: &InterfaceName) -> Result<Attached, Error> {
+/// The pre-6.6 path: a `clsact` ingress filter at the slot's priority and handle.
+fn tc_filter(
+    prog: &mut SchedClassifier,
+    slot: TcSlot,
+    iface: &InterfaceName,
+) -> Result<Attached, Error> {
     // EEXIST when the interface has clsact already (ours from before, or another tool's).
     let _ = qdisc_add_clsact(iface);
     let previous = SchedClassifierLink::attached(
         iface,
         TcAttachType::Ingress,
-        FILTER_PRIORITY,
-        FILTER_HANDLE,
+        slot.priority,
+        slot.handle,
         None,
     )
     .map_err(|e| e.to_string());
@@ -178,8 +228,8 @@ fn tc_filter(prog: &mut SchedClassifier, iface: &InterfaceName) -> Result<Attach
                     iface,
                     TcAttachType::Ingress,
                     TcAttachOptions::Netlink(NlOptions {
-                        priority: FILTER_PRIORITY,
-                        handle: FILTER_HANDLE,
+                        priority: slot.priority,
+                        handle: slot.handle,
                         ..Default::default()
                     }),
                 )
@@ -193,7 +243,7 @@ fn tc_filter(prog: &mut SchedClassifier, iface: &InterfaceName) -> Result<Attach
         }
     };
     let link = prog.take_link(id)?;
-    info!(iface = %iface, mode = "clsact", replaced, "capture attached at TC ingress (no TCX before Linux 6.6)");
+    info!(iface = %iface, mode = "clsact", replaced, "{} attached at TC ingress (no TCX before Linux 6.6)", slot.what);
     Ok(Attached {
         iface: iface.clone(),
         mode: Mode::Clsact,

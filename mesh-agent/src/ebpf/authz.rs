@@ -1,5 +1,13 @@
-//! XDP authorization: writes the authorization part of a kernel plan into the `authorize`
-//! program's maps (types in `mesh_common::authz`), attaches the program, reads its counters.
+//! L4 authorization: writes the authorization part of a kernel plan into the maps of the
+//! `authorize_tc` (TC) and `authorize` (XDP) programs (types in `mesh_common::authz`), attaches
+//! one of them to each interface, reads their counters.
+//!
+//! Where it runs ([`hook_for`]): on a veth, at TC ingress before `capture`. An XDP program on a
+//! veth, even one that only passes, takes TSO/GSO from the pod's side of the pair, so the pod's
+//! traffic crosses the veth one MTU-sized segment at a time (issue 11's bench: untargeted iperf3
+//! at 13 % of the rate without programs; a no-op XDP program alone does the same). At TC a GSO
+//! packet is decided once. On any other device (a NIC whose driver runs XDP), XDP drops a denied
+//! packet before an skb exists.
 //!
 //! The plan (`mesh_policy::AuthzPlan`) already holds the trie entries and the closure of rules
 //! each one needs; this module gives each rule a stable counter id ([`RuleIds`]), encodes rules
@@ -25,7 +33,7 @@ use aya::{
     maps::{
         Array, HashMap as BpfHashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues,
     },
-    programs::Xdp,
+    programs::{SchedClassifier, Xdp},
 };
 use mesh_common::authz::{
     self as maps, ACTION_ALLOW, ACTION_DENY, ANY_IFINDEX, Counters, DstV4, DstV6, IfaceCounters,
@@ -40,10 +48,31 @@ use super::{
     Error,
     attach::{self, Attached},
     maps::{self as m, err as map_err},
+    netlink,
 };
 
 /// Name of the XDP program in the eBPF object.
 pub const PROGRAM: &str = "authorize";
+/// Name of the TC program in the eBPF object: the same decision at TC ingress.
+pub const TC_PROGRAM: &str = "authorize_tc";
+
+/// Where an interface's authorization runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    /// `authorize_tc` at TC ingress, before `capture`: veths.
+    Tc,
+    /// `authorize` at XDP: every other device.
+    Xdp,
+}
+
+/// TC for a veth (XDP there would cost the pod its TSO/GSO), XDP for other devices. An
+/// interface whose kind cannot be read gets XDP, as every interface did before.
+pub fn hook_for(iface: &InterfaceName) -> Hook {
+    match netlink::link_kind(iface).as_deref() {
+        Some("veth") => Hook::Tc,
+        _ => Hook::Xdp,
+    }
+}
 /// Waited after flipping generations when the kernel refuses `membarrier(MEMBARRIER_CMD_GLOBAL)`
 /// (nohz_full); program runs take microseconds.
 const GRACE_FALLBACK: Duration = Duration::from_millis(50);
@@ -274,8 +303,15 @@ pub fn write(bpf: &mut Ebpf, plan: &AuthzPlan, ids: &[u32], fresh: &[u32]) -> Re
         }
     }
 
+    let mut slot = next;
+    if plan.entries.iter().any(|e| e.iface.is_some()) {
+        slot |= maps::HAS_IFACE_ENTRIES;
+    }
+    if plan.entries.iter().any(|e| e.iface.is_none()) {
+        slot |= maps::HAS_ANY_ENTRIES;
+    }
     generation_map(bpf)?
-        .set(0, next, 0)
+        .set(0, slot, 0)
         .map_err(map_err(maps::MAP_GENERATION))?;
     wait_for_readers();
     clear_generation(bpf, active)?;
@@ -316,7 +352,7 @@ fn active_generation(bpf: &Ebpf) -> Result<u32, Error> {
     let name = maps::MAP_GENERATION;
     let arr: Array<_, u32> =
         Array::try_from(bpf.map(name).ok_or(Error::MissingMap(name))?).map_err(map_err(name))?;
-    Ok(arr.get(&0, 0).map_err(map_err(name))? & 1)
+    Ok(arr.get(&0, 0).map_err(map_err(name))? & maps::GENERATION_BIT)
 }
 
 /// Empties generation `g`'s tries, then its lists.
@@ -354,7 +390,7 @@ fn clear_generation(bpf: &mut Ebpf, g: u32) -> Result<(), Error> {
 
 /// Returns once every program run that may have read the previous generation has finished.
 fn wait_for_readers() {
-    // XDP runs inside an RCU read-side section; MEMBARRIER_CMD_GLOBAL waits for an RCU grace
+    // Both hooks run inside an RCU read-side section; MEMBARRIER_CMD_GLOBAL waits for an RCU grace
     // period (synchronize_rcu) on every kernel this agent supports, except with nohz_full.
     const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
     // SAFETY: membarrier takes no pointers; it only blocks.
@@ -364,25 +400,47 @@ fn wait_for_readers() {
     }
 }
 
-/// Loads `authorize` (once) and attaches it to each interface (see [`attach::xdp`]); links are
-/// pinned at `<pin_dir>/authz-<iface>`, so authorization outlives the agent.
+/// Attaches the authorization program [`hook_for`] picks to each interface (see [`attach::tc`]
+/// with [`attach::AUTHZ_SLOT`], and [`attach::xdp`]), loading it once; links are pinned at
+/// `<pin_dir>/authz-<iface>`, so authorization outlives the agent. A previous agent's link of
+/// the other hook there (an XDP link on a veth, from agents before TC authorization) cannot be
+/// reused: its pin is removed and the new link attached, so the old program leaves with the
+/// last reference to its link. `tcx`: the kernel has TCX links (see [`attach::tc`]).
 pub fn attach(
     bpf: &mut Ebpf,
     interfaces: &[InterfaceName],
     pin_dir: &Path,
+    tcx: bool,
 ) -> Result<Vec<Attached>, Error> {
     std::fs::create_dir_all(pin_dir).map_err(|e| Error::Pin {
         path: pin_dir.to_path_buf(),
         reason: e.to_string(),
     })?;
-    let prog = program(bpf)?;
     interfaces
         .iter()
-        .map(|iface| attach::xdp(prog, iface, &pin_dir.join(format!("authz-{iface}"))))
+        .map(|iface| {
+            let pin = pin_dir.join(format!("authz-{iface}"));
+            match hook_for(iface) {
+                Hook::Tc => attach::tc(tc_program(bpf)?, attach::AUTHZ_SLOT, iface, &pin, tcx),
+                Hook::Xdp => attach::xdp(program(bpf)?, iface, &pin),
+            }
+        })
         .collect()
 }
 
-/// The loaded `authorize` program.
+/// The loaded `authorize_tc` program.
+pub fn tc_program(bpf: &mut Ebpf) -> Result<&mut SchedClassifier, Error> {
+    let prog: &mut SchedClassifier = bpf
+        .program_mut(TC_PROGRAM)
+        .ok_or(Error::MissingProgram(TC_PROGRAM))?
+        .try_into()?;
+    if prog.fd().is_err() {
+        prog.load()?;
+    }
+    Ok(prog)
+}
+
+/// The loaded `authorize` (XDP) program.
 pub fn program(bpf: &mut Ebpf) -> Result<&mut Xdp, Error> {
     let prog: &mut Xdp = bpf
         .program_mut(PROGRAM)

@@ -2,14 +2,15 @@
 //! (`mesh_policy::KernelPlan`) into it; it never parses or validates policy.
 //!
 //! - [`capture`]: the capture settings and tries;
-//! - [`authz`]: the XDP authorization maps (generation swap), rule ids and counters;
+//! - [`authz`]: the authorization maps (generation swap), rule ids and counters, and where the
+//!   authorization program of each interface runs (TC on veths, XDP elsewhere);
 //! - [`attach`]: attaching, replacing in place and detaching programs, with pinned links;
 //! - [`netlink`]: rtnetlink queries;
 //! - `maps`: typed map access by `mesh_common` name.
 //!
 //! [`Programs::apply`] makes the kernel match a plan: maps first, then the interfaces: the
 //! capture program is attached to every interface of the plan and detached from the ones that
-//! left it, and the XDP program likewise while the plan has authorization to enforce.
+//! left it, and the authorization program likewise while the plan has authorization to enforce.
 pub mod attach;
 pub mod authz;
 pub mod capture;
@@ -233,12 +234,12 @@ impl Programs {
         self.plan = Some((plan.clone(), ids));
 
         self.sync_capture_links(&plan.interfaces)?;
-        let xdp: &[InterfaceName] = if plan.authz.is_empty() {
+        let authz: &[InterfaceName] = if plan.authz.is_empty() {
             &[]
         } else {
             &plan.interfaces
         };
-        self.sync_authz_links(xdp)
+        self.sync_authz_links(authz)
     }
 
     fn sync_capture_links(&mut self, want: &[InterfaceName]) -> Result<(), Error> {
@@ -262,7 +263,7 @@ impl Programs {
         }
         for iface in missing {
             let pin = self.dir.join(format!("capture-{iface}"));
-            let a = attach::tc(prog, iface, &pin, self.kernel.tcx)?;
+            let a = attach::tc(prog, attach::CAPTURE_SLOT, iface, &pin, self.kernel.tcx)?;
             self.capture.insert(iface.clone(), a);
         }
         Ok(())
@@ -278,7 +279,7 @@ impl Programs {
         if missing.is_empty() {
             return Ok(());
         }
-        for a in authz::attach(&mut self.bpf, &missing, &self.dir)? {
+        for a in authz::attach(&mut self.bpf, &missing, &self.dir, self.kernel.tcx)? {
             self.authz.insert(a.iface.clone(), a);
         }
         Ok(())
@@ -310,15 +311,21 @@ impl Programs {
             .map_or(0, |m| m.indices().filter(|i| i.is_ok()).count());
         let links = |m: &BTreeMap<InterfaceName, Attached>| {
             m.values()
-                .map(
-                    |a| serde_json::json!({"name": a.iface, "mode": a.mode.as_str(), "pin": a.pin}),
-                )
+                .map(|a| {
+                    serde_json::json!({
+                        "name": a.iface,
+                        "hook": a.mode.hook(),
+                        "mode": a.mode.as_str(),
+                        "pin": a.pin,
+                    })
+                })
                 .collect::<Vec<_>>()
         };
         serde_json::json!({
             "authorization": {
-                "program": authz::PROGRAM,
-                "hook": "xdp",
+                "programs": {"tc ingress": authz::TC_PROGRAM, "xdp": authz::PROGRAM},
+                "placement": "veths: TC ingress before capture (XDP on a veth takes TSO/GSO from \
+                              the pod's side); other devices: XDP",
                 "interfaces": links(&self.authz),
                 "rules": self.plan.as_ref().map_or(0, |(p, _)| p.authz.rules.len()),
             },
@@ -393,7 +400,7 @@ impl Programs {
             })
     }
 
-    /// Per-rule XDP counters of the rules in force, by rule name and action.
+    /// Per-rule authorization counters of the rules in force, by rule name and action.
     pub fn authz_counts(&self) -> Vec<AuthzCount> {
         let Some((plan, ids)) = &self.plan else {
             return Vec::new();
@@ -426,7 +433,7 @@ impl Programs {
     /// Unpins and detaches every link; the interfaces are left as they were before the agent.
     pub fn detach(&mut self) {
         if let Err(e) = authz::detach(std::mem::take(&mut self.authz).into_values().collect()) {
-            warn!(error = %e, "detaching XDP authorization");
+            warn!(error = %e, "detaching authorization");
         }
         for (iface, a) in std::mem::take(&mut self.capture) {
             if let Err(e) = attach::detach(a) {
@@ -463,12 +470,12 @@ impl Programs {
             return Ok(());
         };
         self.sync_capture_links(&plan.interfaces)?;
-        let xdp: &[InterfaceName] = if plan.authz.is_empty() {
+        let authz: &[InterfaceName] = if plan.authz.is_empty() {
             &[]
         } else {
             &plan.interfaces
         };
-        self.sync_authz_links(xdp)?;
+        self.sync_authz_links(authz)?;
         info!("programs attached again after a failed takeover");
         Ok(())
     }
@@ -580,6 +587,8 @@ mod tests {
             redirect::MAP_CAPTURE_V4,
             redirect::MAP_CAPTURE_V6,
             redirect::MAP_LISTENERS,
+            redirect::MAP_TW_SYNS,
+            redirect::MAP_TW_LAST,
             redirect::MAP_SETTINGS,
             counters::MAP_NAME,
             mesh_common::authz::MAP_GENERATION,

@@ -66,6 +66,25 @@ pub fn xdp_mode(iface: &InterfaceName) -> Option<Mode> {
     })
 }
 
+/// `IFLA_INFO_KIND` of `iface` (`veth`, `bridge`, ...); `None` for devices without one
+/// (physical NICs) or when it cannot be read.
+pub fn link_kind(iface: &InterfaceName) -> Option<String> {
+    let index = nix::net::if_::if_nametoindex(iface.as_str()).ok()?;
+    let mut msg = LinkMessage::default();
+    msg.header.index = index;
+    let answers = request(RouteNetlinkMessage::GetLink(msg)).ok()?;
+    answers.into_iter().find_map(|m| match m {
+        RouteNetlinkMessage::NewLink(link) => link.attributes.into_iter().find_map(|a| match a {
+            LinkAttribute::LinkInfo(infos) => infos.into_iter().find_map(|i| match i {
+                LinkInfo::Kind(k) => Some(kind_name(&k)),
+                _ => None,
+            }),
+            _ => None,
+        }),
+        _ => None,
+    })
+}
+
 /// The interface a packet to a pod's IP leaves the node by, as the kernel's route lookup
 /// (`RTM_GETROUTE`, what `ip route get` asks) answers it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -92,7 +92,8 @@ pub struct Results {
 
 impl Lab {
     fn start(agent_bin: &Path) -> anyhow::Result<Lab> {
-        let t = Topology::new(&["client", "server"]);
+        // The control pod's veth has no program: the eBPF rows' untargeted baseline.
+        let t = Topology::new(&["client", "server", "control"]);
         let dir = std::env::temp_dir().join(format!("{}-bench", t.id));
         std::fs::create_dir_all(&dir)?;
         let (client, server) = (t.pod("client").clone(), t.pod("server").clone());
@@ -238,9 +239,9 @@ fn listening(ns: &mesh_tests::Netns, addr: SocketAddr) -> bool {
 }
 
 /// Services for the two VIPs, an HTTPRoute on each, and the header settings; `deny` adds an
-/// authorization rule, which attaches the XDP program (every packet on the client's link then
-/// goes through it, so only the last scenarios have it).
-fn policy_text(server: Ipv4Addr, deny: bool) -> String {
+/// authorization rule, which attaches the authorization program (every packet on the client's
+/// link then goes through it, so only the last scenarios have it).
+pub fn policy_text(server: Ipv4Addr, deny: bool) -> String {
     let route = |name: &str| {
         format!(
             "---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {name}, namespace: mesh-test}}\n\
@@ -328,8 +329,18 @@ pub fn run(plan: Plan, agent_bin: &Path) -> anyhow::Result<Results> {
     results.rows.extend(rss_rows);
     results.rows.extend(idle_connection_rows(&mut lab, plan));
     results.rows.push(check);
-    // Last: they add the XDP program, then stop the agent and take its programs off.
-    results.rows.extend(untargeted_rows(&mut lab, plan));
+    // Last: they add the authorization program, which every packet of the client's link then
+    // goes through.
+    let policy = lab.dir.join("policy.yaml");
+    let with_deny = policy_text(lab.server_ip(), true);
+    results.rows.extend(super::ebpf::rows(
+        &lab.t,
+        &policy,
+        &with_deny,
+        plan.rounds,
+        plan.secs,
+        &lab.dir,
+    ));
     Ok(results)
 }
 
@@ -702,79 +713,4 @@ fn raise_fd_limit() -> anyhow::Result<()> {
     let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).context("getrlimit")?;
     setrlimit(Resource::RLIMIT_NOFILE, hard, hard).context("setrlimit")?;
     Ok(())
-}
-
-/// The eBPF rows: untargeted traffic (iperf3 to a port the agent does not capture) with the TC
-/// program attached; then, with an authorization rule loaded, the per-packet costs and
-/// untargeted traffic with TC and XDP attached; then with the agent stopped and its links
-/// removed, the baseline both are a percentage of.
-fn untargeted_rows(lab: &mut Lab, plan: Plan) -> Vec<Row> {
-    let mut tc = Row::new(
-        "untargeted iperf3, TC attached / no programs",
-        Unit::Percent,
-        Better::Higher,
-    );
-    let mut xdp = Row::new(
-        "untargeted iperf3, TC + XDP attached / no programs",
-        Unit::Percent,
-        Better::Higher,
-    );
-    let server = lab.t.pod("server").ns.clone();
-    let ip = lab.server_ip();
-    let client = lab.client().clone();
-    let iperf = |n| -> anyhow::Result<Vec<f64>> {
-        (0..n)
-            .map(|_| load::iperf3(&client, &server, ip, IPERF_DIRECT, 1, plan.secs))
-            .collect()
-    };
-    let with_tc = iperf(plan.rounds);
-    let mut rows = Vec::new();
-    let with_xdp = deny_rule(lab).and_then(|()| {
-        rows = super::ebpf::rows(&lab.t, ip, &lab.dir);
-        iperf(plan.rounds)
-    });
-    if rows.is_empty() {
-        let mut r = Row::new("eBPF per packet", Unit::Nanos, Better::Lower);
-        r.push(
-            Target::Agent,
-            Err(anyhow::anyhow!("the XDP program was not attached")),
-        );
-        rows.push(r);
-    }
-    lab.agent.kill();
-    // The links are pinned (they outlive the agent by design): unpinning detaches them.
-    let _ = std::fs::remove_dir_all(&lab.t.bpffs_dir);
-    thread::sleep(Duration::from_millis(300));
-    let without = iperf(plan.rounds);
-    for (row, with) in [(&mut tc, with_tc), (&mut xdp, with_xdp)] {
-        match (&with, &without) {
-            (Ok(w), Ok(n)) => {
-                for (a, b) in w.iter().zip(n) {
-                    row.push(Target::Agent, Ok(100.0 * a / b));
-                }
-            }
-            (Err(e), _) | (_, Err(e)) => row.push(Target::Agent, Err(anyhow::anyhow!("{e:#}"))),
-        }
-    }
-    rows.push(tc);
-    rows.push(xdp);
-    rows
-}
-
-/// Reloads the policy with the authorization rule and waits for the XDP program's link.
-fn deny_rule(lab: &Lab) -> anyhow::Result<()> {
-    mesh_tests::policy::write_atomically(
-        &lab.dir.join("policy.yaml"),
-        &policy_text(lab.server_ip(), true),
-    );
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while Instant::now() < deadline {
-        if super::ebpf::has_xdp(&lab.t.bpffs_dir) {
-            // Its rules are written with the same reload; a moment for the map update.
-            thread::sleep(Duration::from_millis(500));
-            return Ok(());
-        }
-        thread::sleep(Duration::from_millis(200));
-    }
-    bail!("no XDP link pinned 15 s after adding an authorization rule")
 }

@@ -733,9 +733,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
         self.out.extend_from_slice(b"\r\n");
         let relayed = match exchange.deadline {
             Some(at) => {
-                match tokio::time::timeout_at(at, self.relay(&mut upstream, rbuf, framing))
-                    .await
-                {
+                match tokio::time::timeout_at(at, self.relay(&mut upstream, rbuf, framing)).await {
                     Ok(relayed) => relayed,
                     Err(_) => {
                         self.ctx

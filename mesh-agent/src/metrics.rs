@@ -267,8 +267,9 @@ impl Metrics {
         );
         r.register(
             "accept_errors",
-            "Captured connections refused because accept failed, by reason (emfile: the agent's \
-             open-file limit, enfile: the system's)",
+            "Captured connections refused because accept failed, or because no socket was left for \
+             the upstream side right after it, by reason (emfile: the agent's open-file limit, \
+             enfile: the system's)",
             tcp.accept_errors.clone(),
         );
         r.register(

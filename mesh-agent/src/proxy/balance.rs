@@ -21,6 +21,10 @@ pub type Lease = InFlight;
 pub enum ConnectError {
     #[error("no endpoints")]
     NoEndpoints,
+    /// The agent could not open a socket for the upstream side (its own or the system's fd
+    /// limit): no endpoint is at fault, and none was tried further.
+    #[error("no socket for the upstream connection: {0}")]
+    OutOfFds(std::io::Error),
     #[error("{attempts} connect attempt(s) failed, last to {last}: {error}")]
     Failed {
         attempts: usize,
@@ -55,6 +59,7 @@ impl Balancer {
                     self.registry.success(&state);
                     return Ok((stream, ep, lease));
                 }
+                Err(e) if out_of_fds(&e) => return Err(ConnectError::OutOfFds(e)),
                 Err(e) => {
                     self.registry.record_failure(ep, &state, eps);
                     tracing::debug!(endpoint = %ep, error = %e, "connect failed; trying another endpoint");
@@ -71,6 +76,14 @@ impl Balancer {
             None => Err(ConnectError::NoEndpoints),
         }
     }
+}
+
+/// Whether an error is the agent's (EMFILE) or the system's (ENFILE) fd limit.
+pub fn out_of_fds(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(n) if n == nix::errno::Errno::EMFILE as i32 || n == nix::errno::Errno::ENFILE as i32
+    )
 }
 
 /// One connect attempt with a timeout.

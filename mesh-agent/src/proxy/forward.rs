@@ -25,11 +25,7 @@ use nix::fcntl::{OFlag, SpliceFFlags, splice};
 use tokio::{io::Interest, net::TcpStream, sync::watch, time::Instant};
 
 /// Bytes moved per splice call (the default pipe capacity).
-const SPLICE_CHUNK: usize = PIPE_SIZE;
-/// Capacity asked for each pipe (the default is 64 KiB): fewer splice calls and wake-ups per
-/// byte on bulk streams. Pages are only taken while bytes sit in the pipe. If the kernel
-/// refuses (above `/proc/sys/fs/pipe-max-size`, 1 MiB by default), the pipe keeps its size.
-const PIPE_SIZE: usize = 1024 * 1024;
+const SPLICE_CHUNK: usize = 64 * 1024;
 const COPY_BUF: usize = 16 * 1024;
 
 /// Bytes moved in each direction.
@@ -234,7 +230,6 @@ impl Pipe {
             return Ok(p);
         }
         let (read, write) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
-        let _ = nix::fcntl::fcntl(&write, nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_SIZE as _));
         Ok(Pipe { read, write })
     }
 
@@ -253,6 +248,12 @@ fn take_buffer() -> Box<[u8]> {
 
 fn give_back_buffer(buf: Box<[u8]>) {
     BUFFERS.with(|b| pool(b, buf));
+}
+
+/// Closes this thread's idle pipes: at the fd limit their fds serve better as accepted
+/// connections (or as the reserve that refuses one at once).
+pub fn close_idle_pipes() {
+    PIPES.with(|p| p.borrow_mut().clear());
 }
 
 /// The last thing put in a per-thread pool, if any.

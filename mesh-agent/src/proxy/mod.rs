@@ -31,7 +31,7 @@ use crate::{
     metrics::{AcceptErrorLabels, TcpLabels, TcpMetrics},
     policy::Store,
 };
-use balance::Balancer;
+use balance::{Balancer, ConnectError};
 use mesh_http::headers::random_u32;
 
 /// The destination the client connected to, before capture.
@@ -340,7 +340,10 @@ pub async fn serve(
                     // full) until a connection closes.
                     let shed = match reason {
                         "other" => Shed::NoReserve,
-                        _ => Reserve::shed(&listener),
+                        _ => {
+                            forward::close_idle_pipes();
+                            Reserve::shed(&listener)
+                        }
                     };
                     // Counted when a connection was refused; "no reserve" refused none: with
                     // several workers, another one's accept took the fd the reserve gave up.
@@ -830,6 +833,18 @@ async fn handle(
                     .get_or_create(&labels)
                     .observe(connecting.elapsed().as_secs_f64());
                 c
+            }
+            Err(ConnectError::OutOfFds(e)) => {
+                // Accepted with the last fd: refused for the same reason as at accept, and
+                // counted there; the endpoints are not at fault.
+                let reason = accept_error_reason(&e);
+                m.accept_errors
+                    .get_or_create(&AcceptErrorLabels { reason })
+                    .inc();
+                m.closed.get_or_create(&labels).inc();
+                debug!(error = %e, "out of fds for the upstream connection; resetting the client");
+                reset(&client);
+                return;
             }
             Err(e) => {
                 m.upstream_connect_errors.get_or_create(&labels).inc();

@@ -13,13 +13,16 @@
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::client::{ResolvesClientCert, verify_server_cert_signed_by_trust_anchor};
+use rustls::client::{ResolvesClientCert, Resumption, verify_server_cert_signed_by_trust_anchor};
 use rustls::crypto::{
     CryptoProvider, WebPkiSupportedAlgorithms, verify_tls12_signature, verify_tls13_signature,
 };
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::server::{ClientHello, ParsedCertificate, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::server::{
+    ClientHello, NoServerSessionStorage, ParsedCertificate, ResolvesServerCert,
+    WebPkiClientVerifier,
+};
 use rustls::sign::CertifiedKey;
 use rustls::{
     CertificateError, ClientConfig, CommonState, DigitallySignedStruct, DistinguishedName,
@@ -127,6 +130,12 @@ pub fn server_config(
             id: local,
         }));
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    // No resumption: every tunnel handshake authenticates both sides with their current
+    // certificates, so a renewal or a removed identity shows at the next connection, and a
+    // client's identity is never restored from a ticket. Tunnels are pooled and long-lived, so
+    // full handshakes are rare.
+    config.session_storage = Arc::new(NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
 }
 
@@ -154,6 +163,8 @@ pub fn client_config(
             id: local,
         }));
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    // No resumption, as on the server side.
+    config.resumption = Resumption::disabled();
     Ok(Arc::new(config))
 }
 

@@ -196,7 +196,15 @@ async fn rotation_keeps_live_connections_and_serves_the_new_certificate() {
     let (server, client) = handshake(server_config.clone(), client_config.clone()).await;
     let (mut old_server, mut old_client) = (server.unwrap(), client.unwrap());
     let presented = old_client.get_ref().1.peer_certificates().unwrap()[0].clone();
-    assert_eq!(&presented, &before.certified_key().cert[0]);
+    assert!(presented == before.certified_key().cert[0]);
+    // Use the connection before the rotation too (a resumption ticket, if one were sent, would
+    // be taken in here and let the next handshake skip the server's certificate).
+    old_client.write_all(b"hi").await.unwrap();
+    let mut buf = [0u8; 2];
+    old_server.read_exact(&mut buf).await.unwrap();
+    old_server.write_all(b"ho").await.unwrap();
+    old_client.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"ho");
 
     // Wait for the renewal (due after about 2 s).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -215,9 +223,24 @@ async fn rotation_keeps_live_connections_and_serves_the_new_certificate() {
 
     // A new handshake presents the new certificate (a different serial).
     let (server, client) = handshake(server_config, client_config).await;
-    let (_new_server, new_client) = (server.unwrap(), client.unwrap());
+    let (new_server, new_client) = (server.unwrap(), client.unwrap());
     let presented = new_client.get_ref().1.peer_certificates().unwrap()[0].clone();
-    assert_eq!(&presented, &after.certified_key().cert[0]);
+    assert!(
+        presented == after.certified_key().cert[0],
+        "the new handshake must present the renewed server certificate"
+    );
+    assert_ne!(
+        before.serial(),
+        after.serial(),
+        "the renewed certificate has a new serial"
+    );
+    // The client renewed too, and the server saw its new certificate.
+    let client_now = ids.current(&id(CLIENT)).unwrap();
+    let client_presented = new_server.get_ref().1.peer_certificates().unwrap()[0].clone();
+    assert!(
+        client_presented == client_now.certified_key().cert[0],
+        "the new handshake must present the renewed client certificate"
+    );
     assert_eq!(
         mesh_identity::spiffe_id_of_certificate(&presented).unwrap(),
         id(SERVER)

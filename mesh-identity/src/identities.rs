@@ -361,7 +361,12 @@ async fn renew_loop(
                         not_after = %rfc3339(fresh.not_after),
                         "identity certificate renewed"
                     );
-                    due = tokio::time::Instant::now() + fresh.renew_after(config.rotate_at);
+                    // Floored so that a certificate cut short by an expiring CA cannot make
+                    // renewals spin.
+                    let wait = fresh
+                        .renew_after(config.rotate_at)
+                        .max(config.retry_initial);
+                    due = tokio::time::Instant::now() + wait;
                     current.store(Arc::new(fresh));
                     break;
                 }
@@ -422,6 +427,9 @@ async fn issue(
         return Err(bad(format!("it is for {got}")));
     }
     let (not_before, not_after) = cert::validity(&leaf);
+    if not_after <= SystemTime::now() {
+        return Err(bad(format!("it expired at {}", rfc3339(not_after))));
+    }
     let serial = cert::serial_hex(&leaf);
 
     let pkcs8 = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));

@@ -256,3 +256,56 @@ async fn rotation_keeps_live_connections_and_serves_the_new_certificate() {
     old_client.read_exact(&mut buf).await.unwrap();
     assert_eq!(&buf, b"me too");
 }
+
+/// A CA file holding an intermediate followed by its root: leaves are sent with the intermediate
+/// and verify against the root alone.
+#[tokio::test]
+async fn an_intermediate_ca_chains_to_its_root() {
+    let dir = TempDir::new();
+    let domain = common::td("cluster.local");
+    let root_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut root_params = rcgen::CertificateParams::default();
+    root_params.distinguished_name = rcgen::DistinguishedName::new();
+    root_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "offline root");
+    root_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    root_params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+    let root = root_params.self_signed(&root_key).unwrap();
+    let issuer = rcgen::Issuer::new(root_params, root_key);
+
+    let intermediate_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "cluster intermediate");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+    let intermediate = params.signed_by(&intermediate_key, &issuer).unwrap();
+
+    let cert_path = dir.path().join("ca.crt");
+    let key_path = dir.path().join("ca.key");
+    std::fs::write(&cert_path, format!("{}{}", intermediate.pem(), root.pem())).unwrap();
+    std::fs::write(&key_path, intermediate_key.serialize_pem()).unwrap();
+    let ca = mesh_identity::FileCa::load(domain, &cert_path, &key_path).unwrap();
+    let bundle = ca.bundle();
+    assert!(
+        bundle.roots == vec![root.der().clone()],
+        "the bundle is the root only"
+    );
+
+    let ids = identities(ca, IdentitiesConfig::default());
+    ids.add(id(SERVER)).await.unwrap();
+    ids.add(id(CLIENT)).await.unwrap();
+    let credential = ids.current(&id(SERVER)).unwrap();
+    let chain = &credential.certified_key().cert;
+    assert_eq!(chain.len(), 2, "leaf and intermediate");
+    assert!(chain[1] == *intermediate.der());
+
+    let server = server_config(&ids, id(SERVER), &bundle).unwrap();
+    let client = client_config(&ids, id(CLIENT), &bundle, id(SERVER)).unwrap();
+    let (server, client) = handshake(server, client).await;
+    assert_eq!(peer_id(server.unwrap().get_ref().1).unwrap(), id(CLIENT));
+    assert_eq!(peer_id(client.unwrap().get_ref().1).unwrap(), id(SERVER));
+}

@@ -874,7 +874,8 @@ async fn send(
         match exchanged {
             Ok(head) => return Ok((stream, head)),
             Err(SendError::Reset { .. }) if reused && idempotent && rbuf.is_empty() => {
-                stream = upstream.checkout(endpoint).await?.0;
+                // A new connection, not another pooled one that may be as stale.
+                stream = upstream.connect(endpoint).await?;
                 reused = false;
             }
             Err(error) => return Err(error),

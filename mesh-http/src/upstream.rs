@@ -193,7 +193,7 @@ impl Upstream {
         });
     }
 
-    async fn connect(&self, endpoint: SocketAddr) -> Result<TcpStream, SendError> {
+    pub(crate) async fn connect(&self, endpoint: SocketAddr) -> Result<TcpStream, SendError> {
         let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(endpoint))
             .await
             .map_err(|_| SendError::Connect {

@@ -250,12 +250,6 @@ fn give_back_buffer(buf: Box<[u8]>) {
     BUFFERS.with(|b| pool(b, buf));
 }
 
-/// Closes this thread's idle pipes: at the fd limit their fds serve better as accepted
-/// connections (or as the reserve that refuses one at once).
-pub fn close_idle_pipes() {
-    PIPES.with(|p| p.borrow_mut().clear());
-}
-
 /// The last thing put in a per-thread pool, if any.
 fn pooled<T>(pool: &RefCell<Vec<T>>) -> Option<T> {
     pool.borrow_mut().pop()

@@ -340,10 +340,7 @@ pub async fn serve(
                     // full) until a connection closes.
                     let shed = match reason {
                         "other" => Shed::NoReserve,
-                        _ => {
-                            forward::close_idle_pipes();
-                            Reserve::shed(&listener)
-                        }
+                        _ => Reserve::shed(&listener),
                     };
                     // Counted when a connection was refused; "no reserve" refused none: with
                     // several workers, another one's accept took the fd the reserve gave up.

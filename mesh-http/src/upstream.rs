@@ -88,6 +88,33 @@ struct Pools {
     h2: HashMap<SocketAddr, SendRequest<Body>>,
     /// Idle HTTP/1.1 connections of the fast path (`crate::h1`), newest last.
     raw: HashMap<SocketAddr, Vec<(TcpStream, Instant)>>,
+    /// A task closes this thread's idle fast-path connections once they expire.
+    reaping: bool,
+}
+
+/// How long an idle fast-path connection is kept.
+const RAW_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Closes the expired idle connections of `owner`'s pools on this thread, every few seconds,
+/// until the proxy is gone; so that connections kept for reuse do not outlive the traffic.
+async fn reap(owner: Weak<()>) {
+    loop {
+        tokio::time::sleep(RAW_IDLE_TIMEOUT / 2).await;
+        if owner.strong_count() == 0 {
+            return;
+        }
+        let now = Instant::now();
+        POOLS.with(|pools| {
+            for p in pools.borrow_mut().iter_mut() {
+                if std::ptr::eq(p.owner.as_ptr(), owner.as_ptr()) {
+                    for idle in p.raw.values_mut() {
+                        idle.retain(|(_, since)| now.duration_since(*since) < RAW_IDLE_TIMEOUT);
+                    }
+                    p.raw.retain(|_, idle| !idle.is_empty());
+                }
+            }
+        });
+    }
 }
 
 /// Idle fast-path connections kept per endpoint and thread.
@@ -146,6 +173,7 @@ impl Upstream {
                         h1,
                         h2: HashMap::new(),
                         raw: HashMap::new(),
+                        reaping: false,
                     });
                     pools.len() - 1
                 }
@@ -163,7 +191,7 @@ impl Upstream {
         let pooled = self.with_pools(|p| {
             let idle = p.raw.get_mut(&endpoint)?;
             while let Some((stream, since)) = idle.pop() {
-                if since.elapsed() < UPSTREAM_POOL_IDLE_TIMEOUT && is_open(&stream) {
+                if since.elapsed() < RAW_IDLE_TIMEOUT && is_open(&stream) {
                     return Some(stream);
                 }
             }
@@ -184,11 +212,15 @@ impl Upstream {
             // Oldest first: only the head of the list can have expired.
             let expired = idle
                 .iter()
-                .take_while(|(_, since)| now.duration_since(*since) >= UPSTREAM_POOL_IDLE_TIMEOUT)
+                .take_while(|(_, since)| now.duration_since(*since) >= RAW_IDLE_TIMEOUT)
                 .count();
             idle.drain(..expired);
             if idle.len() < RAW_IDLE_PER_ENDPOINT {
                 idle.push((stream, now));
+            }
+            if !p.reaping {
+                p.reaping = true;
+                tokio::spawn(reap(p.owner.clone()));
             }
         });
     }

@@ -26,6 +26,7 @@ const CONNECT_ATTEMPTS: usize = 3;
 
 pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
     raise_fd_limit();
+    crate::proxy::headroom::set_from_limit();
     let mut sigterm =
         tokio::signal::unix::signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut sigint =

@@ -93,6 +93,9 @@ pub async fn connect(dst: SocketAddr, timeout: Duration) -> std::io::Result<TcpS
     } else {
         TcpSocket::new_v6()?
     };
+    if super::headroom::reached(&sock) {
+        return Err(super::headroom::out_of_fds());
+    }
     sock.set_nodelay(true)?;
     match tokio::time::timeout(timeout, sock.connect(dst)).await {
         Ok(r) => r,

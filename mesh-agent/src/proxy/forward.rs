@@ -230,6 +230,10 @@ impl Pipe {
             return Ok(p);
         }
         let (read, write) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
+        // Not in the fds kept free for refusing connections: the copy buffer does instead.
+        if super::headroom::reached(&read) || super::headroom::reached(&write) {
+            return Err(super::headroom::out_of_fds());
+        }
         Ok(Pipe { read, write })
     }
 

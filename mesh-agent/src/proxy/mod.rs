@@ -5,6 +5,7 @@
 //! socket is the destination the pod asked for ([`OrigDst`]).
 pub mod balance;
 pub mod forward;
+pub mod headroom;
 
 use std::{
     fmt,
@@ -314,6 +315,20 @@ pub async fn serve(
         tokio::select! {
             _ = stop.changed() => break,
             r = listener.accept() => match r {
+                Ok((stream, _)) if headroom::reached(&stream) => {
+                    // Accepted into the headroom: refused like at EMFILE, without waiting.
+                    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+                    drop(stream);
+                    settings
+                        .metrics
+                        .accept_errors
+                        .get_or_create(&AcceptErrorLabels { reason: "emfile" })
+                        .inc();
+                    if !out_of_fds {
+                        warn!("out of fds (the last {} are kept free); new connections are refused (counted in mesh_accept_errors_total) until some close", headroom::HEADROOM);
+                        out_of_fds = true;
+                    }
+                }
                 Ok((stream, peer)) => {
                     if out_of_fds {
                         info!("accepting again");

@@ -496,3 +496,68 @@ async fn a_request_other_than_connect_gets_405_and_the_connection_keeps_serving(
         "only the CONNECT reached the handler"
     );
 }
+
+/// The destination half-closes first (it greets and stops writing) while the client still
+/// sends; then a destination that resets: the client sees the reset, not a clean end.
+#[tokio::test]
+async fn half_close_from_the_destination_and_resets_cross_the_tunnel() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let (ids, bundle) = identities(file_ca(), &[SERVER, CLIENT]).await;
+    let server = Server::start(ids.clone(), &bundle, TunnelConfig::default()).await;
+    let client = TunnelClient::new(ids, bundle, TunnelConfig::default()).unwrap();
+
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let greeter = listener.local_addr().unwrap();
+    let (got_tx, got_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        tcp.write_all(b"hello").await.unwrap();
+        tcp.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        tcp.read_to_end(&mut got).await.unwrap();
+        got_tx.send(got).unwrap();
+    });
+    let mut stream = client
+        .connect(&id(CLIENT), &id(SERVER), server.addr, greeter)
+        .await
+        .unwrap();
+    let mut greeting = Vec::new();
+    stream.read_to_end(&mut greeting).await.unwrap();
+    assert_eq!(greeting, b"hello", "greeting, then EOF");
+    // Our direction is still open after the destination's half-close.
+    let data = payload(100 * 1024, 3);
+    stream.write_all(&data).await.unwrap();
+    stream.shutdown().await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), got_rx)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(got == data, "the destination got {} bytes", got.len());
+
+    // A destination that resets its connection.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let resetter = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 4];
+        tcp.read_exact(&mut buf).await.unwrap();
+        tcp.set_zero_linger().unwrap();
+        drop(tcp);
+    });
+    let mut stream = client
+        .connect(&id(CLIENT), &id(SERVER), server.addr, resetter)
+        .await
+        .unwrap();
+    stream.write_all(b"boom").await.unwrap();
+    let mut buf = Vec::new();
+    let err = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    assert_eq!(
+        err.to_string(),
+        "tunnel stream reset by the peer: stream no longer needed"
+    );
+}

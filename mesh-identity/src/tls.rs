@@ -2,10 +2,19 @@
 //! authenticated by SPIFFE certificates chaining to the trust bundle.
 //!
 //! Peers are named by SPIFFE ID, not by host name: the client checks that the server's
-//! certificate carries the identity it expects (the destination workload's) and ignores the
-//! `ServerName` it connects with (pass the peer node's IP address: rustls then sends no SNI). The
-//! server requires a client certificate from the same trust domain and leaves the client's
-//! identity to [`peer_id`] for authorization.
+//! certificate carries the identity it expects (the destination workload's); the `ServerName` it
+//! connects with only selects the certificate. The server requires a client certificate from the
+//! same trust domain and leaves the client's identity to [`peer_id`] for authorization.
+//!
+//! A node's tunnel server answers for every workload on the node, and presents the certificate
+//! of the one the client wants to reach (as ztunnel does): the client names that workload in the
+//! SNI with [`server_name`], and [`server_config_by_sni`] resolves it back with
+//! [`id_from_server_name`]. The encoding is `<serviceaccount>.<namespace>.<trust-domain>`: the
+//! server knows its trust domain and strips it, the namespace is the last label left (a
+//! namespace is a DNS label, without dots) and everything before it is the service account
+//! (a DNS subdomain, which may have dots). So the name is reversible, and it is a valid DNS name
+//! whenever it fits in 253 characters; longer identities cannot be tunneled and get
+//! [`SniError::TooLong`]. [`server_config`] presents one fixed identity whatever the SNI.
 //!
 //! Both sides pick their certificate from [`Identities`] at each handshake, so rotations apply to
 //! new connections without rebuilding a configuration.
@@ -37,6 +46,9 @@ use crate::spiffe::{SpiffeId, TrustDomain};
 /// The only application protocol of the tunnel: HTTP/2 (CONNECT streams).
 pub const ALPN_H2: &[u8] = b"h2";
 
+/// DNS names, and so TLS server names, are at most 253 characters.
+const MAX_SERVER_NAME_LEN: usize = 253;
+
 /// A tunnel TLS configuration could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -54,6 +66,44 @@ pub enum TlsError {
     /// rustls refused the configuration.
     #[error("rustls configuration: {0}")]
     Rustls(#[from] rustls::Error),
+}
+
+/// A SPIFFE ID could not be carried in, or read back from, a TLS server name (SNI).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SniError {
+    /// The encoded name is longer than a DNS name may be.
+    #[error(
+        "{id} does not fit in a TLS server name: \"{name}\" is {len} characters, at most {max} are allowed"
+    )]
+    TooLong {
+        /// The identity.
+        id: SpiffeId,
+        /// The encoded name.
+        name: String,
+        /// Its length.
+        len: usize,
+        /// The DNS limit.
+        max: usize,
+    },
+    /// The client sent no SNI (it connected by IP address), so no workload is named.
+    #[error("the client sent no server name (SNI), so it names no workload")]
+    Absent,
+    /// The name does not end in the server's trust domain.
+    #[error("server name \"{name}\" is not in trust domain {trust_domain}")]
+    OtherTrustDomain {
+        /// The SNI as sent.
+        name: String,
+        /// The server's domain.
+        trust_domain: TrustDomain,
+    },
+    /// The name is not `<serviceaccount>.<namespace>.<trust-domain>` with valid parts.
+    #[error("server name \"{name}\" does not name a workload: {reason}")]
+    Invalid {
+        /// The SNI as sent.
+        name: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// The identity check failed after the chain was verified; carried in rustls'
@@ -111,6 +161,19 @@ pub fn server_config(
     local: SpiffeId,
     bundle: &TrustBundle,
 ) -> Result<Arc<ServerConfig>, TlsError> {
+    build_server_config(
+        bundle,
+        Arc::new(Resolver {
+            identities: identities.clone(),
+            id: local,
+        }),
+    )
+}
+
+fn build_server_config(
+    bundle: &TrustBundle,
+    resolver: Arc<dyn ResolvesServerCert>,
+) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = provider();
     let webpki = WebPkiClientVerifier::builder_with_provider(root_store(bundle)?, provider.clone())
         .build()
@@ -125,10 +188,7 @@ pub fn server_config(
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_cert_resolver(Arc::new(Resolver {
-            identities: identities.clone(),
-            id: local,
-        }));
+        .with_cert_resolver(resolver);
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     // No resumption: every tunnel handshake authenticates both sides with their current
     // certificates, so a renewal or a removed identity shows at the next connection, and a
@@ -137,6 +197,70 @@ pub fn server_config(
     config.session_storage = Arc::new(NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
+}
+
+/// The tunnel server's configuration for a node serving many workloads: presents the current
+/// certificate of the identity the client names in its SNI (see [`server_name`]), and fails the
+/// handshake when the SNI is absent, malformed, of another trust domain or names an identity not
+/// held in `identities`. Client certificates are checked as by [`server_config`].
+pub fn server_config_by_sni(
+    identities: &Identities,
+    bundle: &TrustBundle,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    build_server_config(
+        bundle,
+        Arc::new(SniResolver {
+            identities: identities.clone(),
+            trust_domain: bundle.trust_domain.clone(),
+        }),
+    )
+}
+
+/// The TLS server name a tunnel client sends to be served `id`'s certificate:
+/// `<serviceaccount>.<namespace>.<trust-domain>` (see the module documentation).
+pub fn server_name(id: &SpiffeId) -> Result<ServerName<'static>, SniError> {
+    let name = format!(
+        "{}.{}.{}",
+        id.service_account(),
+        id.namespace(),
+        id.trust_domain()
+    );
+    let too_long = |name: String| SniError::TooLong {
+        id: id.clone(),
+        len: name.len(),
+        name,
+        max: MAX_SERVER_NAME_LEN,
+    };
+    if name.len() > MAX_SERVER_NAME_LEN {
+        return Err(too_long(name));
+    }
+    // Every part is a checked DNS name, so this only fails on a length rustls counts differently.
+    ServerName::try_from(name.clone()).map_err(|_| too_long(name))
+}
+
+/// The identity a server name from [`server_name`] asks for, on a server of `trust_domain`.
+pub fn id_from_server_name(
+    name: Option<&str>,
+    trust_domain: &TrustDomain,
+) -> Result<SpiffeId, SniError> {
+    let name = name.ok_or(SniError::Absent)?;
+    let other_domain = || SniError::OtherTrustDomain {
+        name: name.to_owned(),
+        trust_domain: trust_domain.clone(),
+    };
+    let workload = name
+        .strip_suffix(trust_domain.as_str())
+        .and_then(|rest| rest.strip_suffix('.'))
+        .ok_or_else(other_domain)?;
+    let (service_account, namespace) =
+        workload.rsplit_once('.').ok_or_else(|| SniError::Invalid {
+            name: name.to_owned(),
+            reason: "expected <serviceaccount>.<namespace>.<trust-domain>".to_owned(),
+        })?;
+    SpiffeId::new(trust_domain.clone(), namespace, service_account).map_err(|e| SniError::Invalid {
+        name: name.to_owned(),
+        reason: format!("{} {}", e.part, e.reason),
+    })
 }
 
 /// The tunnel client's configuration for one connection: presents `local`'s current
@@ -178,6 +302,18 @@ pub fn peer_id(connection: &CommonState) -> Result<SpiffeId, PeerIdError> {
     cert::spiffe_id(end_entity)
 }
 
+/// The serial number (lowercase hex, as `openssl x509 -serial` prints it) of the peer's
+/// certificate on an established connection: tells which of an identity's successive
+/// certificates a peer presented.
+pub fn peer_serial(connection: &CommonState) -> Result<String, PeerIdError> {
+    let end_entity = connection
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .ok_or(PeerIdError::NoCertificate)?;
+    let parsed = cert::parse(end_entity).map_err(PeerIdError::Malformed)?;
+    Ok(cert::serial_hex(&parsed))
+}
+
 /// Hands rustls the current certificate of one identity (looked up at each handshake, so
 /// rotations and removals take effect for the next connection).
 #[derive(Debug)]
@@ -213,6 +349,30 @@ impl ResolvesClientCert for Resolver {
 
     fn has_certs(&self) -> bool {
         true
+    }
+}
+
+/// Hands rustls the current certificate of the identity named by the client's SNI.
+#[derive(Debug)]
+struct SniResolver {
+    identities: Identities,
+    trust_domain: TrustDomain,
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let id = match id_from_server_name(client_hello.server_name(), &self.trust_domain) {
+            Ok(id) => id,
+            Err(error) => {
+                tracing::debug!(%error, "no certificate for this server name: handshake fails");
+                return None;
+            }
+        };
+        let found = self.identities.current(&id);
+        if found.is_none() {
+            tracing::debug!(%id, "no certificate held for the identity in the SNI: handshake fails");
+        }
+        found.map(|credential| credential.certified_key().clone())
     }
 }
 

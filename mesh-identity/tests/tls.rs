@@ -7,9 +7,13 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TempDir, file_ca, handshake, id, identities};
-use mesh_identity::tls::{ALPN_H2, IdentityMismatch, client_config, server_config};
+use common::{TempDir, file_ca, handshake, handshake_as, id, identities, td};
+use mesh_identity::tls::{
+    ALPN_H2, IdentityMismatch, SniError, client_config, id_from_server_name, peer_serial,
+    server_config, server_config_by_sni, server_name,
+};
 use mesh_identity::{IdentitiesConfig, peer_id};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The identity check's words inside a handshake error (rustls carries them as
@@ -308,4 +312,134 @@ async fn an_intermediate_ca_chains_to_its_root() {
     let (server, client) = handshake(server, client).await;
     assert_eq!(peer_id(server.unwrap().get_ref().1).unwrap(), id(CLIENT));
     assert_eq!(peer_id(client.unwrap().get_ref().1).unwrap(), id(SERVER));
+}
+
+fn dns_name(name: &ServerName<'_>) -> String {
+    match name {
+        ServerName::DnsName(dns) => dns.as_ref().to_owned(),
+        other => panic!("not a DNS name: {other:?}"),
+    }
+}
+
+#[test]
+fn server_names_encode_identities_reversibly() {
+    let domain = td("cluster.local");
+    let plain = id(SERVER);
+    let name = server_name(&plain).unwrap();
+    assert_eq!(dns_name(&name), "catalog.shop.cluster.local");
+    assert_eq!(
+        id_from_server_name(Some("catalog.shop.cluster.local"), &domain).unwrap(),
+        plain
+    );
+
+    // A ServiceAccount may have dots; the namespace (a label) is what precedes the domain.
+    let dotted = id("spiffe://cluster.local/ns/ci/sa/build.bot.v2");
+    let name = dns_name(&server_name(&dotted).unwrap());
+    assert_eq!(name, "build.bot.v2.ci.cluster.local");
+    assert_eq!(id_from_server_name(Some(&name), &domain).unwrap(), dotted);
+
+    let cases = [
+        (
+            None,
+            "the client sent no server name (SNI), so it names no workload",
+        ),
+        (
+            Some("catalog.shop.example.org"),
+            "server name \"catalog.shop.example.org\" is not in trust domain cluster.local",
+        ),
+        (
+            // The domain must be whole labels, not a suffix of one.
+            Some("catalog.shopcluster.local"),
+            "server name \"catalog.shopcluster.local\" is not in trust domain cluster.local",
+        ),
+        (
+            Some("shop.cluster.local"),
+            "server name \"shop.cluster.local\" does not name a workload: \
+             expected <serviceaccount>.<namespace>.<trust-domain>",
+        ),
+        (
+            Some(".shop.cluster.local"),
+            "server name \".shop.cluster.local\" does not name a workload: service account is empty",
+        ),
+    ];
+    for (name, expected) in cases {
+        assert_eq!(
+            id_from_server_name(name, &domain).unwrap_err().to_string(),
+            expected,
+            "{name:?}"
+        );
+    }
+
+    // 63 + 1 + 63 + 1 + 63 + 1 + 63 = 255 characters of service account: valid as a Kubernetes
+    // name only up to 253, and the SNI adds the namespace and domain.
+    let label = "a".repeat(63);
+    let long_sa = format!("{label}.{label}.{label}.{}", "b".repeat(50));
+    let long = id(&format!("spiffe://cluster.local/ns/shop/sa/{long_sa}"));
+    let err = server_name(&long).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            SniError::TooLong {
+                len: 261,
+                max: 253,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().starts_with(&format!(
+        "spiffe://cluster.local/ns/shop/sa/{long_sa} does not fit in a TLS server name"
+    )));
+}
+
+/// One server configuration for a node with two workloads: each client gets the certificate of
+/// the workload it names; an identity the node does not hold, or no SNI at all, gets none.
+#[tokio::test]
+async fn sni_server_presents_the_named_workload() {
+    let dir = TempDir::new();
+    let (_, ca) = file_ca("cluster.local", dir.path());
+    let bundle = ca.bundle();
+    let ids = identities(ca, IdentitiesConfig::default());
+    let other_server = "spiffe://cluster.local/ns/shop/sa/payments";
+    for held in [SERVER, other_server, CLIENT] {
+        ids.add(id(held)).await.unwrap();
+    }
+    let server = server_config_by_sni(&ids, &bundle).unwrap();
+
+    for wanted in [SERVER, other_server] {
+        let client = client_config(&ids, id(CLIENT), &bundle, id(wanted)).unwrap();
+        let name = server_name(&id(wanted)).unwrap();
+        let (server_end, client_end) = handshake_as(server.clone(), client, name).await;
+        let (server_end, client_end) = (server_end.unwrap(), client_end.unwrap());
+        assert_eq!(peer_id(client_end.get_ref().1).unwrap(), id(wanted));
+        assert_eq!(peer_id(server_end.get_ref().1).unwrap(), id(CLIENT));
+        assert_eq!(
+            peer_serial(client_end.get_ref().1).unwrap(),
+            ids.current(&id(wanted)).unwrap().serial()
+        );
+        assert_eq!(
+            server_end.get_ref().1.server_name(),
+            Some(dns_name(&server_name(&id(wanted)).unwrap()).as_str())
+        );
+    }
+
+    // Not held on this node: the server has no certificate to present and refuses.
+    let absent = "spiffe://cluster.local/ns/shop/sa/inventory";
+    let client = client_config(&ids, id(CLIENT), &bundle, id(absent)).unwrap();
+    let name = server_name(&id(absent)).unwrap();
+    let (server_end, client_end) = handshake_as(server.clone(), client, name).await;
+    assert_eq!(
+        server_end.unwrap_err().to_string(),
+        "unexpected error: no server certificate chain resolved"
+    );
+    assert_eq!(
+        client_end.unwrap_err().to_string(),
+        "received fatal alert: AccessDenied"
+    );
+
+    // By IP address (no SNI): no workload named, no certificate.
+    let client = client_config(&ids, id(CLIENT), &bundle, id(SERVER)).unwrap();
+    let (server_end, client_end) = handshake(server, client).await;
+    assert!(server_end.is_err());
+    assert!(client_end.is_err());
 }

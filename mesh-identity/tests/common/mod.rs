@@ -71,6 +71,17 @@ pub async fn handshake(
     server_config: Arc<rustls::ServerConfig>,
     client_config: Arc<rustls::ClientConfig>,
 ) -> Outcome {
+    // The verifier checks the SPIFFE ID, not this name: an IP address sends no SNI.
+    let name = ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+    handshake_as(server_config, client_config, name).await
+}
+
+/// [`handshake`] with the client sending `name` (as SNI when it is a DNS name).
+pub async fn handshake_as(
+    server_config: Arc<rustls::ServerConfig>,
+    client_config: Arc<rustls::ClientConfig>,
+    name: ServerName<'static>,
+) -> Outcome {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let acceptor = TlsAcceptor::from(server_config);
@@ -81,10 +92,7 @@ pub async fn handshake(
     };
     let client = async move {
         let tcp = TcpStream::connect(addr).await.unwrap();
-        // The verifier checks the SPIFFE ID, not this name: an IP address sends no SNI.
-        connector
-            .connect(ServerName::IpAddress(addr.ip().into()), tcp)
-            .await
+        connector.connect(name, tcp).await
     };
     let outcome = tokio::time::timeout(Duration::from_secs(10), async {
         tokio::join!(server, client)

@@ -1,0 +1,563 @@
+//! The tunnel end to end over loopback: a client and a server with identities from one CA, an
+//! echo backend behind the server.
+
+#![allow(clippy::unwrap_used, reason = "test code: a panic is a failed test")]
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{
+    CLIENT, DENIED, SERVER, Server, echo_backend, eventually, exchange, file_ca, id, identities,
+    payload, round_trip,
+};
+use http::{Method, Request, StatusCode};
+use mesh_identity::tls::{client_config, server_config, server_name};
+use mesh_tunnel::{
+    HandshakeFailure, REFUSAL_REASON_HEADER, TunnelClient, TunnelConfig, TunnelError,
+};
+use tokio::net::{TcpListener, TcpStream};
+
+const MIB: usize = 1024 * 1024;
+
+#[tokio::test]
+async fn a_connect_stream_carries_a_mebibyte_each_way_with_half_close() {
+    let (ids, bundle) = identities(file_ca(), &[SERVER, CLIENT]).await;
+    let server = Server::start(ids.clone(), &bundle, TunnelConfig::default()).await;
+    let backend = echo_backend().await;
+    let client = TunnelClient::new(ids, bundle, TunnelConfig::default()).unwrap();
+
+    let stream = client
+        .connect(&id(CLIENT), &id(SERVER), server.addr, backend)
+        .await
+        .unwrap();
+    assert_eq!(stream.server_id(), &id(SERVER));
+    assert_eq!(stream.dst(), backend);
+
+    // The client writes 1 MiB and half-closes; the backend echoes it while it arrives and
+    // half-closes on EOF, so the client reads 1 MiB back and then its own EOF.
+    let data = payload(MIB, 7);
+    let back = round_trip(stream, &data).await;
+    assert_eq!(back.len(), data.len());
+    assert!(back == data, "the echoed bytes differ from the sent ones");
+
+    // The server saw who called and where to.
+    let seen = server.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].peer, id(CLIENT));
+    assert_eq!(seen[0].server_id, id(SERVER));
+    assert_eq!(seen[0].dst, backend);
+    assert!(seen[0].src_addr.ip().is_loopback());
+
+    let client_stats = client.stats().snapshot();
+    assert_eq!(client_stats.bytes_sent, MIB as u64);
+    assert_eq!(client_stats.bytes_received, MIB as u64);
+    assert_eq!(client_stats.streams_opened, 1);
+    assert_eq!(client_stats.handshakes_ok, 1);
+    // Both halves closed cleanly: the server's relay ends and its stream gauge drops.
+    let stats = server.tunnel.stats().clone();
+    eventually("the server stream to end", || {
+        stats.snapshot().streams_open == 0
+    })
+    .await;
+    let server_stats = stats.snapshot();
+    assert_eq!(server_stats.bytes_received, MIB as u64);
+    assert_eq!(server_stats.bytes_sent, MIB as u64);
+    assert_eq!(server_stats.streams_opened, 1);
+    assert_eq!(
+        server_stats.connections_open, 1,
+        "the pooled connection stays"
+    );
+}
+
+#[tokio::test]
+async fn streams_between_the_same_workloads_share_one_connection() {
+    let other_client = "spiffe://cluster.local/ns/web/sa/admin";
+    let (ids, bundle) = identities(file_ca(), &[SERVER, CLIENT, other_client]).await;
+    let server = Server::start(ids.clone(), &bundle, TunnelConfig::default()).await;
+    let backend = echo_backend().await;
+    let client = TunnelClient::new(ids, bundle, TunnelConfig::default()).unwrap();
+
+    // Two streams open at the same time, opened concurrently.
+    let (src, dst) = (id(CLIENT), id(SERVER));
+    let (a, b) = tokio::join!(
+        client.connect(&src, &dst, server.addr, backend),
+        client.connect(&src, &dst, server.addr, backend),
+    );
+    let (mut a, mut b) = (a.unwrap(), b.unwrap());
+    assert_eq!(exchange(&mut a, b"first").await, b"first");
+    assert_eq!(exchange(&mut b, b"second").await, b"second");
+    assert_eq!(a.connection_id(), b.connection_id());
+    let server_stats = server.tunnel.stats().snapshot();
+    assert_eq!(server_stats.handshakes_ok, 1, "one TLS handshake");
+    assert_eq!(
+        server_stats.connections_opened, 1,
+        "one accepted connection"
+    );
+    assert_eq!(server_stats.streams_open, 2);
+
+    // Another source workload is another identity: its own connection.
+    let mut c = client
+        .connect(&id(other_client), &id(SERVER), server.addr, backend)
+        .await
+        .unwrap();
+    assert_eq!(exchange(&mut c, b"third").await, b"third");
+    assert_ne!(c.connection_id(), a.connection_id());
+    assert_eq!(server.tunnel.stats().snapshot().connections_opened, 2);
+    assert_eq!(server.seen()[2].peer, id(other_client));
+    assert_eq!(client.stats().snapshot().connections_open, 2);
+}
+
+#[tokio::test]
+async fn the_stream_limit_opens_another_connection() {
+    let (ids, bundle) = identities(file_ca(), &[SERVER, CLIENT]).await;
+    let config = TunnelConfig {
+        max_streams_per_connection: 2,
+        ..TunnelConfig::default()
+    };
+    let server = Server::start(ids.clone(), &bundle, config.clone()).await;
+    let backend = echo_backend().await;
+    let client = TunnelClient::new(ids, bundle, config).unwrap();
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        let mut s = client
+            .connect(&id(CLIENT), &id(SERVER), server.addr, backend)
+            .await
+            .unwrap();
+        assert_eq!(exchange(&mut s, b"x").await, b"x");
+        streams.push(s);
+    }
+    assert_eq!(streams[0].connection_id(), streams[1].connection_id());
+    assert_ne!(streams[1].connection_id(), streams[2].connection_id());
+    assert_eq!(server.tunnel.stats().snapshot().connections_opened, 2);
+
+    // A freed slot is reused rather than a third connection opened.
+    streams.remove(0);
+    let mut s = client
+        .connect(&id(CLIENT), &id(SERVER), server.addr, backend)
+        .await
+        .unwrap();
+    assert_eq!(exchange(&mut s, b"y").await, b"y");
+    assert_eq!(client.stats().snapshot().connections_opened, 2);
+}
+
+#[tokio::test]
+async fn the_handler_sees_the_client_identity_and_its_refusal_reaches_the_client() {
+    let (ids, bundle) = identities(file_ca(), &[SERVER, CLIENT, DENIED]).await;
+    let server = Server::start(ids.clone(), &bundle, TunnelConfig::default()).await;
+    let backend = echo_backend().await;
+    let client = TunnelClient::new(ids.clone(), bundle, TunnelConfig::default()).unwrap();
+
+    let err = client
+        .connect(&id(DENIED), &id(SERVER), server.addr, backend)
+        .await
+        .unwrap_err();
+    match &err {
+        TunnelError::Refused { status, reason } => {
+            assert_eq!(*status, 403);
+            assert_eq!(
+                reason,
+                &format!("policy: {DENIED} may not reach {backend}"),
+                "the handler's reason"
+            );
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(err.kind(), "refused");
+    let seen = server.seen();
+    assert_eq!(seen[0].peer, id(DENIED));
+    assert_eq!(
+        seen[0].peer_serial,
+        ids.current(&id(DENIED)).unwrap().serial(),
+        "the handler knows which certificate the client presented"
+    );
+    assert_eq!(client.stats().snapshot().streams_refused, 1);
+    assert_eq!(server.tunnel.stats().snapshot().streams_refused, 1);
+
+    // The refusal ended one stream, not the connection: the allowed identity's stream on its
+    // own connection works, and the denied one can try again on the pooled connection.
+    let mut ok = client
+        .connect(&id(CLIENT), &id(SERVER), server.addr, backend)
+        .await
+        .unwrap();
+    assert_eq!(exchange(&mut ok, b"hello").await, b"hello");
+    let again = client
+        .connect(&id(DENIED), &id(SERVER), server.addr, backend)
+        .await;
+    assert!(matches!(
+        again,
+        Err(TunnelError::Refused { status: 403, .. })
+    ));
+    assert_eq!(server.tunnel.stats().snapshot().connections_opened, 2);
+
+    // A destination the server cannot reach: the handler's 503 with its reason.
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let nowhere = closed.local_addr().unwrap();
+    drop(closed);
+    let err = client
+        .connect(&id(CLIENT), &id(SERVER), server.addr, nowhere)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, TunnelError::Refused { status: 503, reason } if reason.starts_with(&format!("cannot connect to {nowhere}"))),
+        "{err:?}"
+    );
+}
+
+/// The node holds only `payments`; a client that wants `catalog` there gets no certificate.
+/// A server that presents `payments` whatever it is asked (an impostor, or a node with a
+/// fixed identity) is refused by the client, naming both identities.
+#[tokio::test]
+async fn a_server_without_the_expected_identity_fails_the_handshake() {
+    let payments = "spiffe://cluster.local/ns/shop/sa/payments";
+    let (ids, bundle) = identities(file_ca(), &[payments, CLIENT]).await;
+    let server = Server::start(ids.clone(), &bundle, TunnelConfig::default()).await;
+    let client = TunnelClient::new(ids.clone(), bundle.clone(), TunnelConfig::default()).unwrap();
+    let backend = echo_backend().await;
+
+    let err = client
+        .connect(&id(CLIENT), &id(SERVER), server.addr, backend)
+        .await
+        .unwrap_err();
+    match &err {
+        TunnelError::Handshake { failure, .. } => {
+            assert_eq!(*failure, HandshakeFailure::NoCertificate)
+        }
+        other => panic!("expected a handshake failure, got {other:?}"),
+    }
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "TLS handshake with tunnel peer {} for {SERVER} (as {CLIENT}) failed (no_certificate): \
+             the peer holds no certificate for the identity asked for (alert access_denied)",
+            server.addr
+        )
+    );
+    let stats = server.tunnel.stats().clone();
+    eventually("the server to count the failure", || {
+        stats
+            .snapshot()
+            .handshakes_failed(HandshakeFailure::NoCertificate)
+            == 1
+    })
+    .await;
+    assert_eq!(stats.snapshot().handshakes_ok, 0);
+    assert!(server.seen().is_empty());
+
+    // The impostor: a plain TLS server presenting `payments` for any SNI.
+    let impostor_config = server_config(&ids, id(payments), &bundle).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let impostor = listener.local_addr().unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(impostor_config);
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let _ = acceptor.accept(tcp).await;
+    });
+    let err = client
+        .connect(&id(CLIENT), &id(SERVER), impostor, backend)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            TunnelError::Handshake {
+                failure: HandshakeFailure::WrongIdentity,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "TLS handshake with tunnel peer {impostor} for {SERVER} (as {CLIENT}) failed \
+             (wrong_identity): the server presented {payments}, expected {SERVER}"
+        )
+    );
+    let client_stats = client.stats().snapshot();
+    assert_eq!(
+        client_stats.handshakes_failed(HandshakeFailure::WrongIdentity),
+        1
+    );
+    assert_eq!(
+        client_stats.handshakes_failed(HandshakeFailure::NoCertificate),
+        1
+    );
+    assert_eq!(client_stats.connections_opened, 0);
+}
+
+#[tokio::test]
+async fn a_client_certificate_from_another_ca_is_refused() {
+    let (ids, bundle) = identities(file_ca(), &[SERVER]).await;
+    let server = Server::start(ids, &bundle, TunnelConfig::default()).await;
+    let backend = echo_backend().await;
+
+    // The rogue client has a certificate for a real identity from another CA, and trusts our
+    // CA, so only the server's check can stop it.
+    let (rogue_ids, _) = identities(file_ca(), &[CLIENT]).await;
+    let rogue = TunnelClient::new(rogue_ids, bundle, TunnelConfig::default()).unwrap();
+    let err = rogue
+        .connect(&id(CLIENT), &id(SERVER), server.addr, backend)
+        .await
+        .unwrap_err();
+    // TLS 1.3: the client finishes first and learns of the refusal from the server's alert.
+    assert!(
+        matches!(
+            &err,
+            TunnelError::Handshake {
+                failure: HandshakeFailure::BadCertificate,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string().contains("the peer refused our certificate"),
+        "{err}"
+    );
+    let stats = server.tunnel.stats().clone();
+    eventually("the server to count the failure", || {
+        stats
+            .snapshot()
+            .handshakes_failed(HandshakeFailure::BadCertificate)
+            == 1
+    })
+    .await;
+    let snapshot = stats.snapshot();
+    assert_eq!(snapshot.handshakes_ok, 0);
+    assert_eq!(snapshot.connections_opened, 0);
+    assert!(server.seen().is_empty(), "no CONNECT reached the handler");
+}
+
+/// Certificates renewed while a stream is open: the stream keeps carrying bytes; the next
+/// connection (after the idle one closed) presents the new certificates on both sides.
+#[tokio::test]
+async fn rotation_keeps_open_streams_and_new_connections_use_new_certificates() {
+    let (ids, bundle) = identities(file_ca(), &[SERVER, CLIENT]).await;
+    let config = TunnelConfig {
+        idle_timeout: Duration::from_millis(300),
+        ..TunnelConfig::default()
+    };
+    let server = Server::start(ids.clone(), &bundle, config.clone()).await;
+    let backend = echo_backend().await;
+    let client = TunnelClient::new(ids.clone(), bundle, config).unwrap();
+
+    let old_server = ids.current(&id(SERVER)).unwrap();
+    let old_client = ids.current(&id(CLIENT)).unwrap();
+    let mut stream = client
+        .connect(&id(CLIENT), &id(SERVER), server.addr, backend)
+        .await
+        .unwrap();
+    assert_eq!(stream.server_serial(), old_server.serial());
+    assert_eq!(server.seen()[0].peer_serial, old_client.serial());
+    let before = payload(64 * 1024, 1);
+    assert!(exchange(&mut stream, &before).await == before);
+
+    assert!(ids.rotate_now(&id(SERVER)));
+    assert!(ids.rotate_now(&id(CLIENT)));
+    eventually("both certificates to be renewed", || {
+        ids.current(&id(SERVER)).unwrap().serial() != old_server.serial()
+            && ids.current(&id(CLIENT)).unwrap().serial() != old_client.serial()
+    })
+    .await;
+    let new_server = ids.current(&id(SERVER)).unwrap();
+    let new_client = ids.current(&id(CLIENT)).unwrap();
+
+    // The stream opened before the rotation still works both ways.
+    let after = payload(256 * 1024, 2);
+    assert!(exchange(&mut stream, &after).await == after);
+    let first_connection = stream.connection_id();
+    drop(stream);
+
+    // Once idle for 300 ms the pooled connection closes; the next connect handshakes afresh.
+    let stats = client.stats().clone();
+    eventually("the idle connection to close", || {
+        stats.snapshot().connections_open == 0
+    })
+    .await;
+    let mut stream = client
+        .connect(&id(CLIENT), &id(SERVER), server.addr, backend)
+        .await
+        .unwrap();
+    assert_ne!(stream.connection_id(), first_connection);
+    assert_eq!(stream.server_serial(), new_server.serial());
+    assert_ne!(new_server.serial(), old_server.serial());
+    assert_eq!(server.seen()[1].peer_serial, new_client.serial());
+    assert!(exchange(&mut stream, b"fresh").await == b"fresh");
+    assert_eq!(client.stats().snapshot().connections_opened, 2);
+}
+
+#[tokio::test]
+async fn a_pooled_connection_closed_by_the_server_is_replaced_transparently() {
+    let (ids, bundle) = identities(file_ca(), &[SERVER, CLIENT]).await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut server = Server::start_on(listener, ids.clone(), &bundle, TunnelConfig::default());
+    let backend = echo_backend().await;
+    let client = TunnelClient::new(ids.clone(), bundle.clone(), TunnelConfig::default()).unwrap();
+
+    for round in 0..3 {
+        let mut stream = client
+            .connect(&id(CLIENT), &id(SERVER), addr, backend)
+            .await
+            .unwrap();
+        assert_eq!(
+            exchange(&mut stream, b"ping").await,
+            b"ping",
+            "round {round}"
+        );
+    }
+    assert_eq!(client.stats().snapshot().connections_opened, 1);
+
+    // The node restarts its server: every connection it had is closed.
+    server.task.abort();
+    let _ = (&mut server.task).await;
+    drop(server);
+    let listener = TcpListener::bind(addr).await.unwrap();
+    let restarted = Server::start_on(listener, ids, &bundle, TunnelConfig::default());
+
+    // Connect right away, before or after the client noticed: the pool drops the dead
+    // connection (or the failed CONNECT on it is retried) and a new one carries the stream.
+    let mut stream = client
+        .connect(&id(CLIENT), &id(SERVER), addr, backend)
+        .await
+        .unwrap();
+    assert_eq!(exchange(&mut stream, b"again").await, b"again");
+    assert_eq!(client.stats().snapshot().connections_opened, 2);
+    assert_eq!(restarted.tunnel.stats().snapshot().connections_opened, 1);
+}
+
+/// A raw HTTP/2 client (with a valid certificate) sending what a tunnel client would not.
+#[tokio::test]
+async fn a_request_other_than_connect_gets_405_and_the_connection_keeps_serving() {
+    let (ids, bundle) = identities(file_ca(), &[SERVER, CLIENT]).await;
+    let server = Server::start(ids.clone(), &bundle, TunnelConfig::default()).await;
+    let backend = echo_backend().await;
+
+    let config = client_config(&ids, id(CLIENT), &bundle, id(SERVER)).unwrap();
+    let tcp = TcpStream::connect(server.addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(server_name(&id(SERVER)).unwrap(), tcp)
+        .await
+        .unwrap();
+    let (send, connection) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(connection);
+    let mut send = send.ready().await.unwrap();
+
+    let mut request = |method: Method, uri: &str| {
+        let request = Request::builder().method(method).uri(uri).body(()).unwrap();
+        send.send_request(request, true).unwrap().0
+    };
+    let get = request(Method::GET, "https://catalog.shop/").await.unwrap();
+    assert_eq!(get.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(
+        get.headers()[REFUSAL_REASON_HEADER],
+        "only CONNECT is served here, not GET"
+    );
+    let by_name = request(Method::CONNECT, "catalog.shop:8080").await.unwrap();
+    assert_eq!(by_name.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(
+        by_name.headers()[REFUSAL_REASON_HEADER],
+        "the CONNECT authority \"catalog.shop:8080\" is not ip:port"
+    );
+
+    // The same connection still tunnels.
+    let connect = Request::builder()
+        .method(Method::CONNECT)
+        .uri(backend.to_string())
+        .body(())
+        .unwrap();
+    let (response, mut body_out) = send.send_request(connect, false).unwrap();
+    let response = response.await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    body_out
+        .send_data(Bytes::from_static(b"through"), true)
+        .unwrap();
+    let mut body_in = response.into_body();
+    let mut echoed = Vec::new();
+    while let Some(chunk) = body_in.data().await {
+        let chunk = chunk.unwrap();
+        body_in
+            .flow_control()
+            .release_capacity(chunk.len())
+            .unwrap();
+        echoed.extend_from_slice(&chunk);
+    }
+    assert_eq!(echoed, b"through");
+
+    let stats = server.tunnel.stats().snapshot();
+    assert_eq!(stats.requests_invalid, 2);
+    assert_eq!(stats.streams_opened, 1);
+    assert_eq!(stats.connections_opened, 1);
+    assert_eq!(
+        server.seen().len(),
+        1,
+        "only the CONNECT reached the handler"
+    );
+}
+
+/// The destination half-closes first (it greets and stops writing) while the client still
+/// sends; then a destination that resets: the client sees the reset, not a clean end.
+#[tokio::test]
+async fn half_close_from_the_destination_and_resets_cross_the_tunnel() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let (ids, bundle) = identities(file_ca(), &[SERVER, CLIENT]).await;
+    let server = Server::start(ids.clone(), &bundle, TunnelConfig::default()).await;
+    let client = TunnelClient::new(ids, bundle, TunnelConfig::default()).unwrap();
+
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let greeter = listener.local_addr().unwrap();
+    let (got_tx, got_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        tcp.write_all(b"hello").await.unwrap();
+        tcp.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        tcp.read_to_end(&mut got).await.unwrap();
+        got_tx.send(got).unwrap();
+    });
+    let mut stream = client
+        .connect(&id(CLIENT), &id(SERVER), server.addr, greeter)
+        .await
+        .unwrap();
+    let mut greeting = Vec::new();
+    stream.read_to_end(&mut greeting).await.unwrap();
+    assert_eq!(greeting, b"hello", "greeting, then EOF");
+    // Our direction is still open after the destination's half-close.
+    let data = payload(100 * 1024, 3);
+    stream.write_all(&data).await.unwrap();
+    stream.shutdown().await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), got_rx)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(got == data, "the destination got {} bytes", got.len());
+
+    // A destination that resets its connection.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let resetter = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 4];
+        tcp.read_exact(&mut buf).await.unwrap();
+        tcp.set_zero_linger().unwrap();
+        drop(tcp);
+    });
+    let mut stream = client
+        .connect(&id(CLIENT), &id(SERVER), server.addr, resetter)
+        .await
+        .unwrap();
+    stream.write_all(b"boom").await.unwrap();
+    let mut buf = Vec::new();
+    let err = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    assert_eq!(
+        err.to_string(),
+        "tunnel stream reset by the peer: stream no longer needed"
+    );
+}

@@ -19,6 +19,7 @@ use crate::model::{Object, RouteKind, ServiceRef};
 use crate::net::{PortRange, Prefix, merge_ranges};
 use crate::settings::MeshSettings;
 use crate::status::{KindConflict, Options, UnresolvedRef, precedence};
+use crate::workload::Workload;
 
 /// One Service port as the data plane sees it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -109,6 +110,8 @@ pub struct Summary {
     pub mesh_policies: usize,
     /// Entries of [`Compiled::capture`].
     pub capture_rules: usize,
+    /// Pods in the workload table (see [`Compiled::workload`]).
+    pub workloads: usize,
 }
 
 impl fmt::Display for Summary {
@@ -116,7 +119,7 @@ impl fmt::Display for Summary {
         write!(
             f,
             "services={} service_ports={} endpoints={} http_routes={} grpc_routes={} \
-             tls_routes={} tcp_routes={} mesh_policies={} capture_rules={}",
+             tls_routes={} tcp_routes={} mesh_policies={} capture_rules={} workloads={}",
             self.services,
             self.service_ports,
             self.endpoints,
@@ -125,7 +128,8 @@ impl fmt::Display for Summary {
             self.tls_routes,
             self.tcp_routes,
             self.mesh_policies,
-            self.capture_rules
+            self.capture_rules,
+            self.workloads
         )
     }
 }
@@ -151,6 +155,8 @@ pub struct Compiled {
     summary: Summary,
     unresolved: Vec<UnresolvedRef>,
     conflicts: Vec<KindConflict>,
+    /// Pods by IP (canonical: IPv4, never IPv4-mapped IPv6).
+    workloads: HashMap<IpAddr, Arc<Workload>>,
 }
 
 const _: () = {
@@ -169,6 +175,7 @@ impl Compiled {
             summary: Summary::default(),
             unresolved: Vec::new(),
             conflicts: Vec::new(),
+            workloads: HashMap::new(),
         }
     }
 
@@ -225,6 +232,7 @@ impl Compiled {
             capture: policy_capture,
             mesh_policies,
             unresolved,
+            workloads,
         } = lowered;
 
         // Routes per (Service, port), in precedence (rank) order.
@@ -410,6 +418,10 @@ impl Compiled {
             })
             .collect();
         summary.capture_rules = capture.len();
+        let mut pods: Vec<&Arc<Workload>> = workloads.values().collect();
+        pods.sort_by_key(|w| Arc::as_ptr(w));
+        pods.dedup_by_key(|w| Arc::as_ptr(w));
+        summary.workloads = pods.len();
 
         Self {
             ports,
@@ -419,6 +431,7 @@ impl Compiled {
             summary,
             unresolved,
             conflicts,
+            workloads,
         }
     }
 
@@ -512,6 +525,18 @@ impl Compiled {
     /// MeshPolicy capture entry, one rule per prefix with sorted, merged port ranges.
     pub fn capture(&self) -> &[CaptureRule] {
         &self.capture
+    }
+
+    /// The pod that owns `ip`: a pod of the policy (or, in Kubernetes mode, of the cluster)
+    /// that runs, or is about to, in its own network namespace. IPv4-mapped IPv6 addresses are
+    /// looked up as IPv4.
+    pub fn workload(&self, ip: IpAddr) -> Option<&Workload> {
+        self.workloads.get(&ip.to_canonical()).map(|w| &**w)
+    }
+
+    /// The mTLS mode of workloads in `namespace` (see [`crate::MtlsSpec`]).
+    pub fn mtls_mode(&self, namespace: &str) -> crate::MtlsMode {
+        self.settings.mtls.mode(namespace)
     }
 
     /// Merged MeshPolicy settings.

@@ -34,6 +34,9 @@ pub(crate) const DENY_PATH_PATTERN: &str = r"^/[^?# ]*$";
 pub(crate) const METHOD_PATTERN: &str = r"^[A-Z]+$";
 /// A header value the agent may inject: no CR, LF or NUL.
 pub(crate) const HEADER_VALUE_PATTERN: &str = r"^[^\r\n\x00]*$";
+/// The shape of a principal pattern: `*`, a SPIFFE ID, a SPIFFE ID prefix followed by `*`, or
+/// `*` followed by a path suffix; `identity::PrincipalPattern` checks the names in it.
+pub(crate) const PRINCIPAL_PATTERN: &str = r"^(\*|spiffe://[^*]*|spiffe://[^*]*\*|\*/[^*]+)$";
 /// `80`, `"8000-8100"` or `"*"` as text; the numbers are checked by `parse_port_spec`.
 const PORT_TEXT_PATTERN: &str = r"^(\*|[0-9]{1,5}(-[0-9]{1,5})?)$";
 
@@ -54,6 +57,13 @@ pub(crate) const MAX_INTERFACES: usize = mesh_common::authz::MAX_IFACES as usize
 /// `spec.authorization.http`: the HTTP proxy checks every rule on every request, and the
 /// apiserver needs a bound to estimate the cost of the rule's CEL check.
 pub(crate) const MAX_HTTP_DENY_RULES: usize = 256;
+/// `principals` and `namespaces` of one rule: every connection through the tunnel is checked
+/// against them in userspace.
+pub(crate) const MAX_PRINCIPALS: usize = 64;
+/// The SPIFFE specification's limit on the length of an ID.
+pub(crate) const MAX_PRINCIPAL_LEN: usize = 2048;
+/// `spec.mtls.namespaces`.
+pub(crate) const MAX_MTLS_NAMESPACES: usize = 1024;
 /// Longest header value the agent injects (`lower/mod.rs` validates with this constant).
 pub(crate) const MAX_HEADER_VALUE: usize = 4096;
 /// Longest condition message the apiserver accepts.
@@ -63,9 +73,14 @@ const MAX_MESSAGE: usize = 32768;
 /// are left to validation, as a per-character check of unbounded keys would exceed the
 /// apiserver's CEL cost budget).
 pub(crate) const INTERFACE_KEYS_RULE: &str = "self.all(k, size(k) >= 1 && size(k) <= 15)";
+/// CEL on `spec.mtls.namespaces`: key lengths, as for the interface keys (the characters are
+/// left to validation).
+pub(crate) const NAMESPACE_KEYS_RULE: &str = "self.all(k, size(k) >= 1 && size(k) <= 63)";
 /// CEL on an L7 deny rule: without a condition it would deny every request.
 pub(crate) const HTTP_DENY_NOT_EMPTY_RULE: &str = "(has(self.paths) && size(self.paths) > 0) || \
-     (has(self.methods) && size(self.methods) > 0) || (has(self.headers) && size(self.headers) > 0)";
+     (has(self.methods) && size(self.methods) > 0) || (has(self.headers) && size(self.headers) > 0) || \
+     (has(self.principals) && size(self.principals) > 0) || \
+     (has(self.namespaces) && size(self.namespaces) > 0)";
 
 /// The condition type the agent reports.
 pub const CONDITION_ACCEPTED: &str = "Accepted";
@@ -272,6 +287,61 @@ mod tests {
             json!(MAX_HEADER_VALUE)
         );
         assert_eq!(authz["defaults"]["maxProperties"], json!(MAX_INTERFACES));
+    }
+
+    #[test]
+    fn schema_carries_mtls_and_identity_conditions() {
+        let schema = schema();
+        let spec = &schema["properties"]["spec"]["properties"];
+        let mtls = &spec["mtls"]["properties"];
+        assert_eq!(mtls["mode"]["enum"], json!(["STRICT", "PERMISSIVE"]));
+        assert_eq!(
+            mtls["namespaces"]["additionalProperties"]["enum"],
+            json!(["STRICT", "PERMISSIVE"])
+        );
+        assert_eq!(
+            mtls["namespaces"]["x-kubernetes-validations"][0]["rule"],
+            json!(NAMESPACE_KEYS_RULE)
+        );
+        let authz = &spec["authorization"]["properties"];
+        for rule in [
+            &authz["rules"]["items"]["properties"],
+            &authz["http"]["items"]["properties"],
+        ] {
+            assert_eq!(rule["principals"]["maxItems"], json!(MAX_PRINCIPALS));
+            assert_eq!(
+                rule["principals"]["items"]["pattern"],
+                json!(PRINCIPAL_PATTERN)
+            );
+            assert_eq!(
+                rule["namespaces"]["items"]["pattern"],
+                json!(DNS_LABEL_PATTERN)
+            );
+        }
+    }
+
+    #[test]
+    fn principal_pattern_is_never_stricter_than_validation() {
+        // Every principal validation accepts has the schema's shape; the shapes the schema lets
+        // through and validation refuses are left to validation, which names the reason.
+        let shape = regex::Regex::new(PRINCIPAL_PATTERN).expect("pattern compiles");
+        for ok in [
+            "*",
+            "spiffe://td/ns/a/sa/b",
+            "spiffe://*",
+            "spiffe://td/*",
+            "spiffe://td/ns/a/*",
+            "*/sa/b",
+            "*/b",
+            "*/ns/a/sa/b",
+        ] {
+            assert!(ok.parse::<crate::PrincipalPattern>().is_ok(), "{ok}");
+            assert!(shape.is_match(ok), "{ok}");
+        }
+        for bad in ["**", "*/sa/*", "td/*", "*sa/b", "spiffe://td/*/sa/b"] {
+            assert!(!shape.is_match(bad), "{bad}");
+            assert!(bad.parse::<crate::PrincipalPattern>().is_err(), "{bad}");
+        }
     }
 
     #[test]

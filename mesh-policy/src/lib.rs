@@ -2,7 +2,7 @@
 //! connection to a Service virtual IP goes.
 //!
 //! Users write policy exactly as they would `kubectl apply` it: Kubernetes `Service` and
-//! `EndpointSlice` objects, Gateway API routes in their GAMMA (mesh) form — `HTTPRoute`,
+//! `EndpointSlice` objects (and `Pod` and `Namespace` objects for the workload table), Gateway API routes in their GAMMA (mesh) form — `HTTPRoute`,
 //! `GRPCRoute`, `TLSRoute` and `TCPRoute` whose `parentRefs` name a Service — and our own
 //! `skiff.dev/v1alpha1 MeshPolicy` for capture ranges and data-plane defaults.
 //!
@@ -25,6 +25,10 @@
 //! 5. Per connection or request the agent calls [`Compiled::route_http`],
 //!    [`Compiled::route_grpc`], [`Compiled::route_tls`] or [`Compiled::route_tcp`], and picks a
 //!    backend with [`pick_weighted`] using randomness it supplies.
+//! 6. For the mTLS tunnel: [`Compiled::workload`] says which pod owns an IP (its identity, its
+//!    node, whether it is enrolled), [`Compiled::mtls_mode`] whether its namespace accepts
+//!    plaintext, and [`Compiled::authorize_inbound`] / [`Compiled::http_denied_by`] decide a
+//!    connection or request by its source identity, which the kernel cannot see.
 //!
 //! Lookups are built so that their cost does not grow with the number of routes: hostnames are
 //! resolved through hash maps (exact names, then wildcard suffixes label by label), and inside a
@@ -33,6 +37,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod authorize;
 mod backend;
 mod bounds;
 mod compiled;
@@ -42,6 +47,7 @@ mod filter;
 mod grpc;
 mod hosts;
 mod http;
+mod identity;
 mod l4;
 mod load;
 mod lower;
@@ -53,7 +59,9 @@ mod settings;
 mod status;
 mod store;
 mod views;
+mod workload;
 
+pub use authorize::AuthzDecision;
 pub use backend::{Backend, pick_weighted};
 pub use bounds::{
     MAX_FLOW_COLLECTION_BYTES, MAX_POLICY_BYTES, MAX_YAML_DEPTH, MAX_YAML_NODES,
@@ -69,22 +77,26 @@ pub use http::{
     HttpAction, HttpDecision, HttpOutcome, HttpRule, MatchedPath, PathMatchKind, RequestParts,
     Timeouts,
 };
+pub use identity::{Identity, PrincipalPattern, SourceMatch};
 pub use l4::Decision;
 pub use load::{load_path, parse_documents, parse_documents_partial};
 pub use lower::validate;
 pub use model::{
     AuthorizationSpec, AuthzAction, AuthzProtocol, AuthzRuleSpec, CaptureSpec, FailMode,
-    HeaderPolicy, HttpDenySpec, MeshPolicy, MeshPolicySpec, Object, PortSpec, Resource, RouteId,
-    RouteKind, ServiceRef,
+    HeaderPolicy, HttpDenySpec, MeshPolicy, MeshPolicySpec, MtlsMode, MtlsSpec, Object, PortSpec,
+    Resource, RouteId, RouteKind, ServiceRef,
 };
 pub use net::{InterfaceName, PortRange, Prefix, merge_ranges};
 pub use plan::{AuthzEntry, AuthzPlan, Family, KernelPlan, NodeSettings, PlanError};
 pub use settings::{
     Authorization, AuthzRule, DEFAULT_FAIL_MODE, DEFAULT_PROTOCOL_DETECTION_TIMEOUT,
-    HeaderDefaults, HttpDeny, MeshSettings,
+    HeaderDefaults, HttpDeny, IdentityRule, MeshSettings, Mtls,
 };
 pub use status::{KindConflict, Options, RefProblem, UnresolvedRef};
 pub use store::PolicyStore;
+pub use workload::{
+    DEFAULT_SERVICE_ACCOUNT, MESH_LABEL, Workload, enrolled, strip_namespace, strip_pod,
+};
 
 #[cfg(test)]
 mod tests;

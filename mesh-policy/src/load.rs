@@ -25,8 +25,9 @@ const MESH_POLICY_API_VERSION: &str = "skiff.dev/v1alpha1";
 /// Parses multi-document YAML text. `source_name` (usually the file name) prefixes each
 /// document's source, `name#N` with N counted from 1.
 ///
-/// Empty documents and documents holding only comments are skipped, and so are `v1 Namespace`
-/// objects. Every other document must be one of the supported kinds. All errors in the text are
+/// Empty documents and documents holding only comments are skipped. Every other document must be
+/// one of the supported kinds. Pods and Namespaces are kept only for the fields the engine reads
+/// ([`crate::strip_pod`]), so a `kubectl get pods -o yaml` dump can be given as it is. All errors in the text are
 /// returned, not only the first, except that text over the limits of [`crate::bounds`] is
 /// refused whole with one error.
 pub fn parse_documents(text: &str, source_name: &str) -> Result<Vec<Object>, Vec<ValidationError>> {
@@ -214,7 +215,21 @@ fn parse_value(mut value: Value, source: &str) -> Result<Option<Resource>, Box<V
         ))
     };
     let resource = match kind.as_str() {
-        "Namespace" if group.is_empty() => return Ok(None),
+        "Namespace" => {
+            if api_version != "v1" {
+                return unsupported("v1");
+            }
+            let namespace = typed(value, &label, source)?;
+            Resource::Namespace(Arc::new(crate::workload::strip_namespace(namespace)))
+        }
+        "Pod" => {
+            if api_version != "v1" {
+                return unsupported("v1");
+            }
+            Resource::Pod(Arc::new(crate::workload::strip_pod(typed(
+                value, &label, source,
+            )?)))
+        }
         "Service" => {
             if api_version != "v1" {
                 return unsupported("v1");
@@ -270,7 +285,7 @@ fn parse_value(mut value: Value, source: &str) -> Result<Option<Resource>, Box<V
                 "kind",
                 format!(
                     "unknown kind {other} ({api_version}); supported: Service, EndpointSlice, \
-                     HTTPRoute, GRPCRoute, TLSRoute, TCPRoute, MeshPolicy"
+                     HTTPRoute, GRPCRoute, TLSRoute, TCPRoute, MeshPolicy, Pod, Namespace"
                 ),
             ));
         }
@@ -308,6 +323,11 @@ fn describe(value: &Value) -> String {
             .and_then(Value::as_str)
             .filter(|s| !s.is_empty())
     };
+    let name = field("name").unwrap_or("<unnamed>");
+    // Cluster-scoped: named as `Object::display_name` names it.
+    if kind == "Namespace" {
+        return format!("{kind} {name}");
+    }
     let namespace = field("namespace").unwrap_or(DEFAULT_NAMESPACE);
     match field("name") {
         Some(name) => format!("{kind} {namespace}/{name}"),

@@ -9,7 +9,7 @@ use gateway_api::experimental::grpcroutes::GrpcRoute;
 use gateway_api::experimental::httproutes::HttpRoute;
 use gateway_api::experimental::tcproutes::TcpRoute;
 use gateway_api::experimental::tlsroutes::TlsRoute;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::CustomResource;
@@ -49,6 +49,11 @@ pub enum Resource {
     TcpRoute(Arc<TcpRoute>),
     /// `skiff.dev/v1alpha1 MeshPolicy`.
     MeshPolicy(Arc<MeshPolicy>),
+    /// `v1/Pod`, kept only for what the workload table needs (see [`crate::strip_pod`]):
+    /// which pod owns an IP, its ServiceAccount (its identity), its node, whether it is enrolled.
+    Pod(Arc<Pod>),
+    /// `v1/Namespace`, for its labels (enrolment); cluster-scoped.
+    Namespace(Arc<Namespace>),
 }
 
 impl Resource {
@@ -62,6 +67,8 @@ impl Resource {
             Resource::TlsRoute(_) => "TLSRoute",
             Resource::TcpRoute(_) => "TCPRoute",
             Resource::MeshPolicy(_) => "MeshPolicy",
+            Resource::Pod(_) => "Pod",
+            Resource::Namespace(_) => "Namespace",
         }
     }
 
@@ -75,11 +82,17 @@ impl Resource {
             Resource::TlsRoute(o) => &o.metadata,
             Resource::TcpRoute(o) => &o.metadata,
             Resource::MeshPolicy(o) => &o.metadata,
+            Resource::Pod(o) => &o.metadata,
+            Resource::Namespace(o) => &o.metadata,
         }
     }
 
-    /// `metadata.namespace`, or `default` when unset.
+    /// `metadata.namespace`, or `default` when unset; empty for a cluster-scoped object
+    /// (`Namespace`), whatever its metadata says, as the apiserver ignores it.
     pub fn namespace(&self) -> &str {
+        if matches!(self, Resource::Namespace(_)) {
+            return "";
+        }
         self.metadata()
             .namespace
             .as_deref()
@@ -94,10 +107,14 @@ impl Resource {
 }
 
 impl Object {
-    /// `Kind namespace/name`, the form used in [`crate::ValidationError::object`].
+    /// `Kind namespace/name` (`Kind name` for a cluster-scoped object), the form used in
+    /// [`crate::ValidationError::object`].
     pub fn display_name(&self) -> String {
         let name = self.resource.name();
         let name = if name.is_empty() { "<unnamed>" } else { name };
+        if self.resource.namespace().is_empty() {
+            return format!("{} {name}", self.resource.kind());
+        }
         format!(
             "{} {}/{}",
             self.resource.kind(),
@@ -197,7 +214,7 @@ impl fmt::Display for RouteId {
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
     ),
-    doc = "Skiff's node-wide data-plane settings: extra capture ranges, fail mode, protocol detection, header injection, L4 and L7 authorization."
+    doc = "Skiff's node-wide data-plane settings: extra capture ranges, fail mode, protocol detection, header injection, L4 and L7 authorization (by address and by workload identity), mutual TLS modes."
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MeshPolicySpec {
@@ -221,6 +238,49 @@ pub struct MeshPolicySpec {
     /// L4 authorization that XDP enforces on the pods' veths (their egress).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub authorization: Option<AuthorizationSpec>,
+    /// Mutual TLS: whether enrolled workloads accept plaintext connections from clients outside
+    /// the mesh, node-wide (`mode`) and per destination namespace (`namespaces`). A MeshPolicy
+    /// applies node-wide whatever namespace it lives in, so the namespaces are named here: a
+    /// workload's namespace takes its entry in `namespaces`, else `mode`, else PERMISSIVE. Across
+    /// policies the oldest that sets `mode`, or a given namespace, wins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtls: Option<MtlsSpec>,
+}
+
+/// `spec.mtls`. MeshPolicies are node-wide settings (merged, oldest first, whatever namespace
+/// they live in), so the namespaces a mode applies to are named here rather than taken from the
+/// policy's own namespace: a platform team can keep one policy in its namespace and make
+/// `payments` STRICT. A namespace takes its entry in `namespaces`, else `mode`, else PERMISSIVE;
+/// between policies the oldest that sets `mode`, or a namespace's entry, wins.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MtlsSpec {
+    /// The mode of every namespace not listed in `namespaces`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<MtlsMode>,
+    /// Modes of destination namespaces, by namespace name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend(
+        "maxProperties" = crd::MAX_MTLS_NAMESPACES,
+        "x-kubernetes-validations" = [{
+            "rule": crd::NAMESPACE_KEYS_RULE,
+            "message": "keys must be namespace names of 1 to 63 characters",
+        }],
+    ))]
+    pub namespaces: BTreeMap<String, MtlsMode>,
+}
+
+/// `STRICT`: only connections through the mesh's mutual TLS tunnel are accepted, plaintext from
+/// clients outside the mesh is refused. `PERMISSIVE` (the default): both.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum MtlsMode {
+    /// Only connections through the tunnel, from a peer with a certificate of the mesh's trust
+    /// domain; plaintext from clients outside the mesh is refused.
+    Strict,
+    /// Both tunneled and plaintext connections (the default, for migrating into the mesh).
+    #[default]
+    Permissive,
 }
 
 /// `spec.authorization`: modelled on Istio's AuthorizationPolicy (ALLOW/DENY rules with from/to)
@@ -261,7 +321,7 @@ pub struct AuthorizationSpec {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[schemars(extend("x-kubernetes-validations" = [{
     "rule": crd::HTTP_DENY_NOT_EMPTY_RULE,
-    "message": "denies every request: give at least one of paths, methods, headers",
+    "message": "denies every request: give at least one of paths, methods, headers, principals, namespaces",
 }]))]
 pub struct HttpDenySpec {
     /// Unique within the policy; logged with the refusal.
@@ -279,9 +339,32 @@ pub struct HttpDenySpec {
     /// Headers that must all be present with exactly these values (names case-insensitive).
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
+    /// Source SPIFFE IDs, as for an authorization rule's `principals`: the rule then applies
+    /// only to requests whose connection came through the mTLS tunnel from one of them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = crd::MAX_PRINCIPALS),
+        inner(length(min = 1, max = crd::MAX_PRINCIPAL_LEN), regex(pattern = crd::PRINCIPAL_PATTERN))
+    )]
+    pub principals: Vec<String>,
+    /// Source namespaces, as for an authorization rule's `namespaces`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = crd::MAX_PRINCIPALS),
+        inner(length(min = 1, max = 63), regex(pattern = crd::DNS_LABEL_PATTERN))
+    )]
+    pub namespaces: Vec<String>,
 }
 
 /// One authorization rule. Every field left out matches anything.
+///
+/// `principals` and `namespaces` are conditions on the source's identity, which only the
+/// receiving agent knows, and only for connections that came through the mTLS tunnel. A rule
+/// with either is therefore never written to the kernel: the agent checks it per connection
+/// (with every other rule, in the same order: any matching Deny refuses, else any matching Allow
+/// passes, else the default), and it never matches a plaintext connection. A Deny rule by
+/// principal thus refuses that principal's tunneled connections and nothing else; it is not
+/// turned into a drop of every packet from the rule's `from` CIDRs, nor dropped.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthzRuleSpec {
@@ -318,6 +401,22 @@ pub struct AuthzRuleSpec {
     /// `TCP` or `UDP`; absent means both.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol: Option<AuthzProtocol>,
+    /// Source SPIFFE IDs (`spiffe://<trust-domain>/ns/<namespace>/sa/<serviceaccount>`). A `*`
+    /// stands for whole leading or trailing path segments: `spiffe://cluster.local/ns/shop/*`,
+    /// `*/sa/admin`, or `*` for any authenticated source. Matched byte for byte.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = crd::MAX_PRINCIPALS),
+        inner(length(min = 1, max = crd::MAX_PRINCIPAL_LEN), regex(pattern = crd::PRINCIPAL_PATTERN))
+    )]
+    pub principals: Vec<String>,
+    /// Source namespaces (of the authenticated identity, not of the source IP).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = crd::MAX_PRINCIPALS),
+        inner(length(min = 1, max = 63), regex(pattern = crd::DNS_LABEL_PATTERN))
+    )]
+    pub namespaces: Vec<String>,
 }
 
 /// What an authorization rule does.

@@ -6,11 +6,14 @@
 //! wins. `headers.set` merges per header name (case-insensitive), again oldest first. Fields no
 //! policy sets take the defaults below.
 
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::model::{FailMode, HeaderPolicy, MeshPolicySpec};
+use crate::identity::{Identity, SourceMatch};
+use crate::model::{AuthzProtocol, FailMode, HeaderPolicy, MeshPolicySpec, MtlsMode};
 use crate::net::{InterfaceName, PortRange, Prefix};
 
 /// Fail mode when no MeshPolicy sets one: keep traffic flowing if the agent cannot handle it.
@@ -55,14 +58,42 @@ pub struct MeshSettings {
     pub sources: Vec<String>,
     /// L4 authorization for XDP.
     pub authorization: Authorization,
+    /// Mutual TLS modes.
+    pub mtls: Mtls,
+}
+
+/// The merged `spec.mtls` of every MeshPolicy.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Mtls {
+    /// The mode of namespaces not in `namespaces` (PERMISSIVE when no policy sets one).
+    pub default: MtlsMode,
+    /// Modes per destination namespace.
+    pub namespaces: BTreeMap<String, MtlsMode>,
+}
+
+impl Mtls {
+    /// The mode of workloads in `namespace`.
+    pub fn mode(&self, namespace: &str) -> MtlsMode {
+        self.namespaces
+            .get(namespace)
+            .copied()
+            .unwrap_or(self.default)
+    }
 }
 
 /// The merged `spec.authorization` of every MeshPolicy: rules in policy order (oldest first),
 /// defaults per interface (oldest wins).
+///
+/// Rules with source identity conditions are kept apart from the others, in `identity`: only
+/// `rules` reaches the kernel plan, so a rule the kernel cannot judge cannot be written there by
+/// mistake. [`crate::Compiled::authorize_inbound`] checks both.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Authorization {
-    /// One entry per (source, destination, port range) combination of each rule.
+    /// One entry per (source, destination, port range) combination of each rule without
+    /// `principals` or `namespaces`: what the kernel enforces.
     pub rules: Vec<AuthzRule>,
+    /// The entries of rules with `principals` or `namespaces`, checked in userspace only.
+    pub identity: Vec<IdentityRule>,
     /// Action for traffic no rule matches, per interface.
     pub defaults: std::collections::BTreeMap<InterfaceName, crate::model::AuthzAction>,
     /// L7 deny rules (every MeshPolicy's, oldest first).
@@ -80,16 +111,35 @@ pub struct HttpDeny {
     pub methods: Vec<String>,
     /// Lower-case header names with their required values.
     pub headers: Vec<(String, String)>,
+    /// Conditions on the source identity (empty: any source, also a plaintext one).
+    pub source: SourceMatch,
 }
 
 impl HttpDeny {
-    /// Whether a request with this method, path (no query) and headers is denied.
+    /// Whether a request with this method, path (no query) and headers, from a client whose
+    /// identity is unknown (plaintext), is denied: a rule with source conditions never denies
+    /// it. See [`HttpDeny::matches_from`].
     pub fn matches(
         &self,
         method: &str,
         path: &str,
         header: impl Fn(&str) -> Option<String>,
     ) -> bool {
+        self.matches_from(None, method, path, header)
+    }
+
+    /// Whether a request from `source` (`None`: not authenticated) with this method, path (no
+    /// query) and headers is denied.
+    pub fn matches_from(
+        &self,
+        source: Option<&Identity>,
+        method: &str,
+        path: &str,
+        header: impl Fn(&str) -> Option<String>,
+    ) -> bool {
+        if !self.source.matches(source) {
+            return false;
+        }
         let path_ok = self.paths.is_empty()
             || self.paths.iter().any(|p| {
                 p.is_empty()
@@ -129,6 +179,54 @@ pub struct AuthzRule {
     pub protocol: Option<crate::model::AuthzProtocol>,
 }
 
+impl AuthzRule {
+    /// The rule's `namespace/policy/rule` name (the key without its `#k` combination suffix).
+    pub fn name(&self) -> &str {
+        self.key.split('#').next().unwrap_or(&self.key)
+    }
+
+    /// Whether this entry matches a TCP connection from `src` to `dst` that entered the node on
+    /// `interface` (`None`: on none of the host-side interfaces, e.g. through the tunnel; an
+    /// entry that names interfaces then does not match).
+    pub fn matches_tcp(&self, src: IpAddr, dst: SocketAddr, interface: Option<&str>) -> bool {
+        let src = src.to_canonical();
+        let dst_ip = dst.ip().to_canonical();
+        let interface_ok = match &self.interfaces {
+            None => true,
+            Some(list) => interface.is_some_and(|i| list.iter().any(|n| n.as_str() == i)),
+        };
+        interface_ok
+            && self.protocol != Some(AuthzProtocol::Udp)
+            && self.src.is_none_or(|p| p.contains(src))
+            && self.dst.is_none_or(|p| p.contains(dst_ip))
+            && self.ports.is_none_or(|r| r.contains(dst.port()))
+    }
+}
+
+/// An entry of a rule with source identity conditions: the address part, as the kernel would
+/// match it, and the source conditions.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct IdentityRule {
+    /// The address, port, protocol and interface conditions (and the key, name and action).
+    pub l4: AuthzRule,
+    /// `principals` and `namespaces` (never both empty).
+    pub source: SourceMatch,
+}
+
+impl IdentityRule {
+    /// Whether this entry matches a TCP connection from `source` (`None`: not authenticated)
+    /// at `src` to `dst`, entered on `interface`.
+    pub fn matches_tcp(
+        &self,
+        source: Option<&Identity>,
+        src: IpAddr,
+        dst: SocketAddr,
+        interface: Option<&str>,
+    ) -> bool {
+        self.source.matches(source) && self.l4.matches_tcp(src, dst, interface)
+    }
+}
+
 impl Default for MeshSettings {
     fn default() -> Self {
         Self {
@@ -137,6 +235,7 @@ impl Default for MeshSettings {
             protocol_detection_timeout: DEFAULT_PROTOCOL_DETECTION_TIMEOUT,
             sources: Vec::new(),
             authorization: Authorization::default(),
+            mtls: Mtls::default(),
         }
     }
 }
@@ -147,6 +246,7 @@ pub(crate) struct PolicyInput<'a> {
     pub spec: &'a MeshPolicySpec,
     pub detection_timeout: Option<Duration>,
     pub authz: Vec<AuthzRule>,
+    pub identity_authz: Vec<IdentityRule>,
     pub authz_defaults: Vec<(InterfaceName, crate::model::AuthzAction)>,
     pub http_deny: Vec<HttpDeny>,
 }
@@ -193,6 +293,10 @@ impl MeshSettings {
                 .extend(policy.authz.iter().cloned());
             settings
                 .authorization
+                .identity
+                .extend(policy.identity_authz.iter().cloned());
+            settings
+                .authorization
                 .http
                 .extend(policy.http_deny.iter().cloned());
             for (iface, action) in &policy.authz_defaults {
@@ -201,6 +305,19 @@ impl MeshSettings {
                     .defaults
                     .entry(iface.clone())
                     .or_insert(*action);
+            }
+        }
+        let mtls = || policies.iter().filter_map(|p| p.spec.mtls.as_ref());
+        if let Some(mode) = mtls().find_map(|m| m.mode) {
+            settings.mtls.default = mode;
+        }
+        for spec in mtls() {
+            for (namespace, mode) in &spec.namespaces {
+                settings
+                    .mtls
+                    .namespaces
+                    .entry(namespace.clone())
+                    .or_insert(*mode);
             }
         }
         settings

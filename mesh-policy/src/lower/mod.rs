@@ -42,11 +42,13 @@ mod filter;
 mod policy;
 mod route;
 mod service;
+mod workload;
 
 use self::filter::*;
 use self::policy::*;
 use self::route::*;
 use self::service::*;
+use self::workload::*;
 
 /// Label that ties an EndpointSlice to its Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -81,6 +83,8 @@ pub(crate) struct Lowered {
     pub mesh_policies: usize,
     /// backendRefs left unresolved under [`Options::unresolved_backends`].
     pub unresolved: Vec<UnresolvedRef>,
+    /// Pods that own their IPs, by IP.
+    pub workloads: HashMap<IpAddr, Arc<crate::workload::Workload>>,
 }
 
 #[derive(Debug)]
@@ -356,6 +360,8 @@ pub(crate) fn lower_with(
         route.rank = u32::try_from(rank).unwrap_or(u32::MAX);
     }
 
+    let workloads = lower_workloads(&mut cx, live());
+
     // MeshPolicies.
     let mut policies = Vec::new();
     let mut capture = Vec::new();
@@ -364,7 +370,8 @@ pub(crate) fn lower_with(
             let at = At::of(object);
             let detection_timeout = lower_mesh_policy(&mut cx, &at, &policy.spec, &mut capture);
             let name = format!("{}/{}", object.resource.namespace(), object.resource.name());
-            let (authz, authz_defaults) = lower_authorization(&mut cx, &at, &name, &policy.spec);
+            let authz = lower_authorization(&mut cx, &at, &name, &policy.spec);
+            lower_mtls(&mut cx, &at, &policy.spec);
             let http_deny = lower_http_deny(&mut cx, &at, &name, &policy.spec);
             policies.push((
                 age(&policy.metadata),
@@ -373,8 +380,9 @@ pub(crate) fn lower_with(
                     name: format!("{}/{}", object.resource.namespace(), object.resource.name()),
                     spec: &policy.spec,
                     detection_timeout,
-                    authz,
-                    authz_defaults,
+                    authz: authz.rules,
+                    identity_authz: authz.identity,
+                    authz_defaults: authz.defaults,
                     http_deny,
                 },
             ));
@@ -396,6 +404,7 @@ pub(crate) fn lower_with(
             capture,
             mesh_policies: inputs.len(),
             unresolved: cx.unresolved,
+            workloads,
         }),
         unresolved,
     )

@@ -1,29 +1,94 @@
-//! MeshPolicy: capture entries, header defaults, detection timeout, authorization.
+//! MeshPolicy: capture entries, header defaults, detection timeout, authorization, mTLS modes.
+
+use std::collections::BTreeMap;
 
 use super::*;
 use crate::{
-    model::AuthzAction,
+    crd::MAX_PRINCIPALS,
+    identity::{PrincipalPattern, SourceMatch},
+    model::{AuthzAction, MtlsMode},
     net::{InterfaceName, PortRange, Prefix},
-    settings::AuthzRule,
+    settings::{AuthzRule, IdentityRule},
 };
 
 // Most authorization entries one MeshPolicy may expand to (the kernel holds 4,096 rule ids):
 // the same constant bounds the CRD schema.
 use crate::crd::MAX_AUTHZ_ENTRIES;
 
+/// A MeshPolicy's `spec.authorization.rules` and `defaults`, lowered.
+#[derive(Default)]
+pub(super) struct LoweredAuthz {
+    /// Entries without source identity conditions: what the kernel enforces.
+    pub rules: Vec<AuthzRule>,
+    /// Entries with `principals` or `namespaces`: checked in userspace only.
+    pub identity: Vec<IdentityRule>,
+    pub defaults: Vec<(InterfaceName, AuthzAction)>,
+}
+
+/// Validates a rule's `principals` and `namespaces`; `rule` names it in the errors.
+fn lower_source(
+    cx: &mut Cx,
+    at: &At<'_>,
+    field: &str,
+    rule: &str,
+    principals: &[String],
+    namespaces: &[String],
+) -> SourceMatch {
+    let mut source = SourceMatch::default();
+    for (key, len) in [
+        ("principals", principals.len()),
+        ("namespaces", namespaces.len()),
+    ] {
+        if len > MAX_PRINCIPALS {
+            cx.error(
+                at,
+                format!("{field}.{key}"),
+                format!("{len} entries; at most {MAX_PRINCIPALS} (rule {rule:?})"),
+            );
+        }
+    }
+    for (j, p) in principals.iter().enumerate() {
+        match p.parse::<PrincipalPattern>() {
+            Ok(pattern) => source.principals.push(pattern),
+            Err(reason) => cx.error(
+                at,
+                format!("{field}.principals[{j}]"),
+                format!("{reason} (rule {rule:?})"),
+            ),
+        }
+    }
+    for (j, n) in namespaces.iter().enumerate() {
+        match names::dns_label(n) {
+            Ok(()) => source.namespaces.push(n.clone()),
+            Err(reason) => cx.error(
+                at,
+                format!("{field}.namespaces[{j}]"),
+                format!("{reason}: not a namespace name (rule {rule:?})"),
+            ),
+        }
+    }
+    source
+}
+
 /// Validates `spec.authorization` and expands each rule into one typed entry per (source,
-/// destination, port range) combination; also returns the per-interface defaults.
+/// destination, port range) combination; also returns the per-interface defaults. Rules with
+/// source identity conditions go to their own list (see [`crate::AuthzRuleSpec`]).
 pub(super) fn lower_authorization(
     cx: &mut Cx,
     at: &At<'_>,
     policy: &str,
     spec: &MeshPolicySpec,
-) -> (Vec<AuthzRule>, Vec<(InterfaceName, AuthzAction)>) {
-    let mut out = Vec::new();
-    let mut defaults = Vec::new();
+) -> LoweredAuthz {
+    let mut lowered = LoweredAuthz::default();
     let Some(authz) = &spec.authorization else {
-        return (out, defaults);
+        return lowered;
     };
+    let LoweredAuthz {
+        rules: out,
+        identity,
+        defaults,
+    } = &mut lowered;
+    let mut entries = 0;
     for (name, action) in &authz.defaults {
         match name.parse::<InterfaceName>() {
             Ok(iface) => defaults.push((iface, *action)),
@@ -74,6 +139,14 @@ pub(super) fn lower_authorization(
         if rule.ports.is_empty() {
             ports.push(None);
         }
+        let source = lower_source(
+            cx,
+            at,
+            &field,
+            &rule.name,
+            &rule.principals,
+            &rule.namespaces,
+        );
         let mut combos = Vec::new();
         for src in &srcs {
             for dst in &dsts {
@@ -95,8 +168,9 @@ pub(super) fn lower_authorization(
             );
         }
         let many = combos.len() > 1;
+        entries += combos.len();
         for (k, (src, dst, ports)) in combos.into_iter().enumerate() {
-            out.push(AuthzRule {
+            let entry = AuthzRule {
                 key: if many {
                     format!("{policy}/{}#{k}", rule.name)
                 } else {
@@ -109,17 +183,40 @@ pub(super) fn lower_authorization(
                 dst,
                 ports,
                 protocol: rule.protocol,
-            });
+            };
+            if source.is_empty() {
+                out.push(entry);
+            } else {
+                identity.push(IdentityRule {
+                    l4: entry,
+                    source: source.clone(),
+                });
+            }
         }
     }
-    if out.len() > MAX_AUTHZ_ENTRIES {
+    if entries > MAX_AUTHZ_ENTRIES {
         cx.error(
             at,
             "spec.authorization.rules",
-            format!("{} entries once sources, destinations and ports are combined; at most {MAX_AUTHZ_ENTRIES}", out.len()),
+            format!("{entries} entries once sources, destinations and ports are combined; at most {MAX_AUTHZ_ENTRIES}"),
         );
     }
-    (out, defaults)
+    lowered
+}
+
+/// Validates `spec.mtls`: the namespaces it names.
+pub(super) fn lower_mtls(cx: &mut Cx, at: &At<'_>, spec: &MeshPolicySpec) {
+    let empty = BTreeMap::<String, MtlsMode>::new();
+    let namespaces = spec.mtls.as_ref().map_or(&empty, |m| &m.namespaces);
+    for name in namespaces.keys() {
+        if let Err(reason) = names::dns_label(name) {
+            cx.error(
+                at,
+                format!("spec.mtls.namespaces[{name:?}]"),
+                format!("{reason}: not a namespace name"),
+            );
+        }
+    }
 }
 
 /// Validates `spec.authorization.http` (L7 deny rules).
@@ -171,11 +268,23 @@ pub(super) fn lower_http_deny(
                 cx.error(at, format!("{field}.headers[{name:?}]"), reason);
             }
         }
-        if rule.paths.is_empty() && rule.methods.is_empty() && rule.headers.is_empty() {
+        let source = lower_source(
+            cx,
+            at,
+            &field,
+            &rule.name,
+            &rule.principals,
+            &rule.namespaces,
+        );
+        if rule.paths.is_empty()
+            && rule.methods.is_empty()
+            && rule.headers.is_empty()
+            && source.is_empty()
+        {
             cx.error(
                 at,
                 &field,
-                "denies every request: give at least one of paths, methods, headers",
+                "denies every request: give at least one of paths, methods, headers, principals, namespaces",
             );
         }
         out.push(crate::settings::HttpDeny {
@@ -191,6 +300,7 @@ pub(super) fn lower_http_deny(
                 .iter()
                 .map(|(n, v)| (n.to_ascii_lowercase(), v.clone()))
                 .collect(),
+            source,
         });
     }
     out

@@ -6,18 +6,20 @@ use super::*;
 use crate::{FailMode, LoadError, PolicyStore, Resource, load_path, parse_documents};
 
 #[test]
-fn empty_and_comment_documents_and_namespaces_are_skipped() {
+fn empty_and_comment_documents_are_skipped() {
     let text = format!(
         "# leading comment\n---\n---\n# only a comment\n---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: shop}}\n{}",
         service("web", "10.96.0.1")
     );
     let objects = parse_documents(&text, "p.yaml").expect("parses");
-    assert_eq!(objects.len(), 2);
-    assert!(matches!(objects[0].resource, Resource::Service(_)));
-    assert!(matches!(objects[1].resource, Resource::EndpointSlice(_)));
+    assert_eq!(objects.len(), 3);
+    // Namespaces are kept for their labels (enrolment); cluster-scoped, so named without one.
+    assert!(matches!(objects[0].resource, Resource::Namespace(_)));
+    assert_eq!(objects[0].display_name(), "Namespace shop");
+    assert!(matches!(objects[1].resource, Resource::Service(_)));
+    assert!(matches!(objects[2].resource, Resource::EndpointSlice(_)));
     // Document numbers count every document, skipped or not.
-    assert!(objects[0].source.starts_with("p.yaml#"));
-    assert_ne!(objects[0].source, "p.yaml#1");
+    assert_eq!(objects[0].source, "p.yaml#3");
 }
 
 #[test]
@@ -65,7 +67,7 @@ fn load_directory_in_file_name_order() {
 
     std::fs::write(
         dir.join("c-bad.yaml"),
-        "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\n",
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: p}\n",
     )
     .expect("write");
     let Err(LoadError::Invalid(errs)) = load_path(&dir) else {
@@ -74,7 +76,9 @@ fn load_directory_in_file_name_order() {
     assert_eq!(errs[0].source, "c-bad.yaml#1");
     let message = LoadError::Invalid(errs).to_string();
     assert!(
-        message.starts_with("invalid policy: Pod default/p (c-bad.yaml#1) kind: unknown kind Pod"),
+        message.starts_with(
+            "invalid policy: Deployment default/p (c-bad.yaml#1) kind: unknown kind Deployment"
+        ),
         "{message}"
     );
     std::fs::remove_dir_all(&dir).expect("cleanup");

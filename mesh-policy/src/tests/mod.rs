@@ -6,6 +6,7 @@ mod grpc;
 mod http;
 mod l4;
 mod loading;
+mod mtls;
 mod services;
 mod status;
 mod validation;

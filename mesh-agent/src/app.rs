@@ -55,6 +55,10 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
     // below is in place.
     let capture_cell: Arc<OnceLock<Arc<Mutex<Programs>>>> = Arc::new(OnceLock::new());
     metrics.register_kernel(capture_cell.clone());
+    let mesh_cell: Arc<OnceLock<Arc<crate::mesh::Mesh>>> = Arc::new(OnceLock::new());
+    if cfg.mesh.is_some() {
+        metrics.register_mesh(mesh_cell.clone());
+    }
     // Like Istio's default retry policy: 503s and connect failures of idempotent requests are
     // retried (twice at most, within the retry budget).
     let http = mesh_http::Proxy::with_resilience(
@@ -166,6 +170,16 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
         }))
     });
 
+    // mTLS between nodes: identities of this node's workloads and the tunnel server.
+    let mesh = match &cfg.mesh {
+        Some(m) => {
+            let mesh = crate::mesh::Mesh::start(m, store.clone(), cfg.connect_timeout).await?;
+            let _ = mesh_cell.set(mesh.clone());
+            Some(mesh)
+        }
+        None => None,
+    };
+
     let (start_moving, handoff, moved) = proxy::Handoff::new();
     let settings = Arc::new(proxy::Settings {
         connect_timeout: cfg.connect_timeout,
@@ -179,6 +193,7 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
         metrics: metrics.tcp.clone(),
         http: http.clone(),
         handoff,
+        mesh,
     });
     let stats = Arc::new(Stats::default());
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -123,6 +123,27 @@ pub struct File {
     /// Unix socket on which a running agent hands its sockets to its successor (default
     /// derived from `bpffs_dir` and `listen_port` under /run/skiff).
     pub handover_socket: Option<PathBuf>,
+    /// Mutual TLS between nodes: workload identities and the tunnel (off when absent).
+    pub mesh: Option<FileMesh>,
+}
+
+/// `mesh:` in the configuration file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct FileMesh {
+    /// The SPIFFE trust domain (`cluster.local`).
+    pub trust_domain: Option<String>,
+    /// PEM file of the CA certificate (optionally followed by its issuers up to the root).
+    pub ca_cert: Option<PathBuf>,
+    /// PEM PKCS#8 file of the CA's private key.
+    pub ca_key: Option<PathBuf>,
+    /// This node's IP, as pods' `status.hostIP` gives it: the tunnel listens there, and
+    /// workloads whose node IP differs are reached through their node's tunnel.
+    pub node_ip: Option<String>,
+    /// The tunnel's port (default 15008).
+    pub tunnel_port: Option<u16>,
+    /// Lifetime of workload certificates (default 24h), renewed at half-life.
+    pub certificate_lifetime: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -249,7 +270,23 @@ pub struct Config {
     pub handover_socket: PathBuf,
     /// Kubernetes mode: the node whose pods are enrolled.
     pub kubernetes: Option<Kubernetes>,
+    /// Mutual TLS between nodes; `None`: plaintext, as before.
+    pub mesh: Option<Mesh>,
 }
+
+/// Validated `mesh:` settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mesh {
+    pub trust_domain: String,
+    pub ca_cert: PathBuf,
+    pub ca_key: PathBuf,
+    pub node_ip: std::net::IpAddr,
+    pub tunnel_port: u16,
+    pub certificate_lifetime: Duration,
+}
+
+/// The port of the node-to-node tunnel, as in Istio ambient (HBONE).
+pub const DEFAULT_TUNNEL_PORT: u16 = 15008;
 
 /// Kubernetes mode settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -322,6 +359,13 @@ impl Config {
             "ebpf_log": self.ebpf_log,
             "kube_proxy_notrack": self.kube_proxy_notrack,
             "handover_socket": self.handover_socket,
+            "mesh": self.mesh.as_ref().map(|m| serde_json::json!({
+                "trust_domain": m.trust_domain,
+                "ca_cert": m.ca_cert,
+                "node_ip": m.node_ip.to_string(),
+                "tunnel_port": m.tunnel_port,
+                "certificate_lifetime_s": m.certificate_lifetime.as_secs(),
+            })),
             "kubernetes": self.kubernetes.as_ref().map(|k| serde_json::json!({
                 "node_name": k.node_name,
                 "lease": {
@@ -633,6 +677,16 @@ impl Config {
                 ),
             );
         }
+        let mesh = match file.mesh.map(mesh_settings) {
+            Some(Ok(m)) => Some(m),
+            Some(Err(problems)) => {
+                for p in problems {
+                    err(p.field, p.reason);
+                }
+                None
+            }
+            None => None,
+        };
         if !errs.is_empty() {
             return Err(Error::Invalid(errs));
         }
@@ -659,7 +713,79 @@ impl Config {
                 .unwrap_or(true),
             handover_socket,
             kubernetes,
+            mesh,
         })
+    }
+}
+
+/// Validates `mesh:`; every problem names its field.
+fn mesh_settings(m: FileMesh) -> Result<Mesh, Vec<FieldError>> {
+    let mut errs = Vec::new();
+    let mut err = |field: &str, reason: String| {
+        errs.push(FieldError {
+            field: format!("mesh.{field}"),
+            reason,
+        })
+    };
+    let required = "required when mesh is set".to_string();
+    if m.trust_domain.is_none() {
+        err("trust_domain", required.clone());
+    }
+    if let Some(td) = &m.trust_domain
+        && let Err(e) = mesh_identity::TrustDomain::new(td)
+    {
+        err("trust_domain", e.to_string());
+    }
+    if m.ca_cert.is_none() {
+        err("ca_cert", required.clone());
+    }
+    if m.ca_key.is_none() {
+        err("ca_key", required.clone());
+    }
+    let node_ip = match m
+        .node_ip
+        .as_deref()
+        .map(|s| (s, s.parse::<std::net::IpAddr>()))
+    {
+        Some((_, Ok(ip))) => Some(ip),
+        Some((s, Err(e))) => {
+            err("node_ip", format!("{s:?} is not an IP address: {e}"));
+            None
+        }
+        None => {
+            err("node_ip", required.clone());
+            None
+        }
+    };
+    let lifetime = match m.certificate_lifetime.as_deref().map(parse_duration) {
+        None => Some(Duration::from_secs(24 * 3600)),
+        Some(Ok(d)) if d >= Duration::from_secs(60) => Some(d),
+        Some(Ok(d)) => {
+            err("certificate_lifetime", format!("{d:?} is less than 1m"));
+            None
+        }
+        Some(Err(e)) => {
+            err("certificate_lifetime", e);
+            None
+        }
+    };
+    if m.tunnel_port == Some(0) {
+        err("tunnel_port", "must not be 0".into());
+    }
+    match (m.trust_domain, m.ca_cert, m.ca_key, node_ip, lifetime) {
+        (Some(trust_domain), Some(ca_cert), Some(ca_key), Some(node_ip), Some(lifetime))
+            if errs.is_empty() =>
+        {
+            Ok(Mesh {
+                trust_domain,
+                ca_cert,
+                ca_key,
+                node_ip,
+                tunnel_port: m.tunnel_port.unwrap_or(DEFAULT_TUNNEL_PORT),
+                certificate_lifetime: lifetime,
+            })
+        }
+        _ => Err(errs),
     }
 }
 

@@ -310,6 +310,12 @@ impl Metrics {
             .register_collector(Box::new(HttpCollector { proxy }));
     }
 
+    /// Adds the mTLS tunnel's counters and certificate expiries, read at each scrape.
+    pub fn register_mesh(&mut self, mesh: Arc<OnceLock<Arc<crate::mesh::Mesh>>>) {
+        self.registry
+            .register_collector(Box::new(MeshCollector { mesh }));
+    }
+
     /// The registry as OpenMetrics text.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -599,5 +605,113 @@ mod tests {
     fn process_figures_are_read() {
         let p = process_figures();
         assert!(p.rss_bytes > 0 && p.open_fds > 0, "{p:?}");
+    }
+}
+
+/// The tunnel's counters, both sides, and the certificates' remaining lifetimes.
+#[derive(Debug)]
+struct MeshCollector {
+    mesh: Arc<OnceLock<Arc<crate::mesh::Mesh>>>,
+}
+
+impl Collector for MeshCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use mesh_tunnel::HandshakeFailure;
+        use prometheus_client::metrics::MetricType;
+        use std::sync::atomic::Ordering;
+        let Some(mesh) = self.mesh.get() else {
+            return Ok(());
+        };
+        let sides = [
+            ("client", mesh.client_stats().snapshot()),
+            ("server", mesh.server_stats().snapshot()),
+        ];
+        let mut h = encoder.encode_descriptor(
+            "tunnel_handshakes",
+            "mTLS tunnel handshakes by side (client: this node dialled) and result",
+            None,
+            MetricType::Counter,
+        )?;
+        for (side, s) in &sides {
+            let labels = [("side", *side), ("result", "ok")];
+            ConstCounter::new(s.handshakes_ok).encode(h.encode_family(&labels)?)?;
+            for kind in HandshakeFailure::ALL {
+                let labels = [("side", *side), ("result", kind.as_str())];
+                ConstCounter::new(s.handshakes_failed(kind)).encode(h.encode_family(&labels)?)?;
+            }
+        }
+        for (name, help, kind, value) in [
+            (
+                "tunnel_connections_open",
+                "mTLS tunnel connections (TLS + HTTP/2) open now",
+                MetricType::Gauge,
+                (|s: &mesh_tunnel::StatsSnapshot| s.connections_open) as fn(&_) -> u64,
+            ),
+            (
+                "tunnel_connections",
+                "mTLS tunnel connections opened",
+                MetricType::Counter,
+                |s| s.connections_opened,
+            ),
+            (
+                "tunnel_streams_open",
+                "Tunneled connections (HTTP/2 CONNECT streams) open now",
+                MetricType::Gauge,
+                |s| s.streams_open,
+            ),
+            (
+                "tunnel_streams",
+                "Tunneled connections (HTTP/2 CONNECT streams) established",
+                MetricType::Counter,
+                |s| s.streams_opened,
+            ),
+            (
+                "tunnel_streams_refused",
+                "CONNECT streams the receiving agent refused (denied, not a workload of its node, unreachable)",
+                MetricType::Counter,
+                |s| s.streams_refused,
+            ),
+        ] {
+            let mut f = encoder.encode_descriptor(name, help, None, kind)?;
+            for (side, s) in &sides {
+                let labels = [("side", *side)];
+                match kind {
+                    MetricType::Gauge => {
+                        ConstGauge::new(value(s) as i64).encode(f.encode_family(&labels)?)?
+                    }
+                    _ => ConstCounter::new(value(s)).encode(f.encode_family(&labels)?)?,
+                }
+            }
+        }
+        let c = &mesh.inbound;
+        let mut d = encoder.encode_descriptor(
+            "tunnel_inbound",
+            "Tunneled connections this node's agent decided, by result (allowed, denied by \
+             authorization, not_here: no enrolled workload of this node, unreachable: the pod \
+             refused)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (result, v) in [
+            ("allowed", &c.allowed),
+            ("denied", &c.denied),
+            ("not_here", &c.not_here),
+            ("unreachable", &c.unreachable),
+        ] {
+            let labels = [("result", result)];
+            ConstCounter::new(v.load(Ordering::Relaxed)).encode(d.encode_family(&labels)?)?;
+        }
+        let mut e = encoder.encode_descriptor(
+            "certificate_expiry",
+            "Time left until the current certificate of each workload identity this node holds expires",
+            Some(&Unit::Seconds),
+            MetricType::Gauge,
+        )?;
+        for (id, left) in mesh.expiries() {
+            let id = id.to_string();
+            let labels = [("identity", id.as_str())];
+            ConstGauge::new(left).encode(e.encode_family(&labels)?)?;
+        }
+        Ok(())
     }
 }

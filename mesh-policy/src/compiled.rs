@@ -534,6 +534,11 @@ impl Compiled {
         self.workloads.get(&ip.to_canonical()).map(|w| &**w)
     }
 
+    /// Every workload, once per IP it owns (a dual-stack pod shows twice).
+    pub fn workloads(&self) -> impl Iterator<Item = &Workload> {
+        self.workloads.values().map(|w| &**w)
+    }
+
     /// The mTLS mode of workloads in `namespace` (see [`crate::MtlsSpec`]).
     pub fn mtls_mode(&self, namespace: &str) -> crate::MtlsMode {
         self.settings.mtls.mode(namespace)

@@ -311,8 +311,11 @@ impl Inner {
         tracing::debug!(conn = slot.conn.shared.id, "CONNECT accepted");
         Ok(TunnelStream {
             io: H2Stream::new(send_stream, response.into_body(), self.stats.clone()),
+            src_id: key.src.clone(),
             server_id: key.dst_id.clone(),
             server_serial: slot.conn.shared.server_serial.clone(),
+            read: 0,
+            written: 0,
             peer,
             dst,
             _open: self.stats.stream_opened(),
@@ -381,7 +384,11 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 /// (END_STREAM); dropping it before both sides finished resets the stream.
 pub struct TunnelStream {
     io: H2Stream,
+    src_id: SpiffeId,
     server_id: SpiffeId,
+    /// Payload bytes read and written so far.
+    read: u64,
+    written: u64,
     server_serial: Arc<str>,
     peer: SocketAddr,
     dst: SocketAddr,
@@ -403,6 +410,21 @@ impl std::fmt::Debug for TunnelStream {
 }
 
 impl TunnelStream {
+    /// The identity this client presented (the source workload's).
+    pub fn src_id(&self) -> &SpiffeId {
+        &self.src_id
+    }
+
+    /// Payload bytes read out of the stream so far.
+    pub fn bytes_read(&self) -> u64 {
+        self.read
+    }
+
+    /// Payload bytes written into the stream so far.
+    pub fn bytes_written(&self) -> u64 {
+        self.written
+    }
+
     /// The identity the server proved (the destination workload's).
     pub fn server_id(&self) -> &SpiffeId {
         &self.server_id
@@ -436,7 +458,10 @@ impl AsyncRead for TunnelStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        self.read += (buf.filled().len() - before) as u64;
+        r
     }
 }
 
@@ -446,7 +471,11 @@ impl AsyncWrite for TunnelStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        let r = Pin::new(&mut self.io).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &r {
+            self.written += *n as u64;
+        }
+        r
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -219,7 +219,10 @@ pub fn desired(objects: &[Object], outcome: &Outcome<'_>) -> BTreeMap<Key, Want>
             Resource::GrpcRoute(o) => serde_json::to_value(&o.spec),
             Resource::TlsRoute(o) => serde_json::to_value(&o.spec),
             Resource::TcpRoute(o) => serde_json::to_value(&o.spec),
-            Resource::Service(_) | Resource::EndpointSlice(_) => continue,
+            Resource::Service(_)
+            | Resource::EndpointSlice(_)
+            | Resource::Pod(_)
+            | Resource::Namespace(_) => continue,
         };
         let spec = spec.unwrap_or_default();
         let unresolved: Vec<&UnresolvedRef> = outcome

@@ -25,6 +25,10 @@ pub enum ConnectError {
     /// limit): no endpoint is at fault, and none was tried further.
     #[error("no socket for the upstream connection: {0}")]
     OutOfFds(std::io::Error),
+    /// The destination's agent refused the connection by policy (mTLS tunnel): no endpoint is
+    /// at fault, and none other was tried.
+    #[error("{0}")]
+    Denied(std::io::Error),
     #[error("{attempts} connect attempt(s) failed, last to {last}: {error}")]
     Failed {
         attempts: usize,
@@ -46,6 +50,21 @@ impl Balancer {
         timeout: Duration,
         attempts: usize,
     ) -> Result<(TcpStream, SocketAddr, Lease), ConnectError> {
+        self.connect_with(eps, attempts, |ep| connect(ep, timeout))
+            .await
+    }
+
+    /// [`Balancer::connect`] with another way to reach an endpoint (the mTLS tunnel).
+    pub async fn connect_with<S, F, Fut>(
+        &self,
+        eps: &[SocketAddr],
+        attempts: usize,
+        mut dial: F,
+    ) -> Result<(S, SocketAddr, Lease), ConnectError>
+    where
+        F: FnMut(SocketAddr) -> Fut,
+        Fut: std::future::Future<Output = std::io::Result<S>>,
+    {
         let mut tried = Vec::new();
         let mut last = None;
         while tried.len() < attempts.max(1) {
@@ -54,12 +73,15 @@ impl Balancer {
             };
             tried.push(ep);
             let lease = InFlight::new(state.clone());
-            match connect(ep, timeout).await {
+            match dial(ep).await {
                 Ok(stream) => {
                     self.registry.success(&state);
                     return Ok((stream, ep, lease));
                 }
                 Err(e) if out_of_fds(&e) => return Err(ConnectError::OutOfFds(e)),
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                    return Err(ConnectError::Denied(e));
+                }
                 Err(e) => {
                     self.registry.record_failure(ep, &state, eps);
                     tracing::debug!(endpoint = %ep, error = %e, "connect failed; trying another endpoint");

@@ -1,0 +1,454 @@
+//! Mutual TLS between two nodes: two node namespaces joined by an underlay veth, each with its
+//! agent and pods, routes between their pod ranges over the underlay. A pod of node A talks to
+//! a pod of node B through the agents' tunnel (HTTP/2 CONNECT in TLS 1.3 to node B's port
+//! 15008): the underlay carries TLS only, both sides prove SPIFFE identities from the mesh's
+//! CA, and node B's agent authorizes by the client's identity.
+use std::{
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use mesh_identity::{RootCaPem, TrustDomain};
+use mesh_tests::{
+    ADMIN, Agent, Topology,
+    kube::{join_underlay, metric},
+    privileged, sh,
+};
+
+const TRUST_DOMAIN: &str = "cluster.local";
+const PORT: u16 = 7000;
+
+/// Two nodes: A with pods `client` (ServiceAccount client-a) and `intruder` (client-b), B with
+/// `server` (ServiceAccount server), all in namespace `demo`, which is in the mesh.
+struct Lab {
+    a: Topology,
+    b: Topology,
+    _agents: (Agent, Agent),
+    dir: PathBuf,
+    node_b: Ipv4Addr,
+}
+
+fn ca(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let td = TrustDomain::new(TRUST_DOMAIN).expect("trust domain");
+    let root = RootCaPem::generate_valid_for(&td, Duration::from_secs(2 * 86_400)).expect("CA");
+    let sub = dir.join(name);
+    std::fs::create_dir_all(&sub).expect("dir");
+    root.write_to(&sub).expect("write CA")
+}
+
+fn pod(name: &str, sa: &str, ip: Ipv4Addr, host: Ipv4Addr) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: demo}}\n\
+         spec: {{serviceAccountName: {sa}, nodeName: node-{host}}}\n\
+         status: {{phase: Running, podIP: {ip}, hostIP: {host}}}\n"
+    )
+}
+
+impl Lab {
+    fn new() -> Lab {
+        let a = Topology::with_net(&["client", "intruder"], 211);
+        let b = Topology::with_net(&["server"], 212);
+        let (node_a, node_b) = join_underlay(&a, &b);
+        a.node.sh(&[
+            "ip",
+            "route",
+            "add",
+            "10.212.0.0/16",
+            "via",
+            &node_b.to_string(),
+        ]);
+        b.node.sh(&[
+            "ip",
+            "route",
+            "add",
+            "10.211.0.0/16",
+            "via",
+            &node_a.to_string(),
+        ]);
+        let dir = std::env::temp_dir().join(format!("{}-mtls", a.id));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let (ca_cert, ca_key) = ca(&dir, "ca");
+        let (client, intruder, server) = (a.pod("client"), a.pod("intruder"), b.pod("server"));
+        server.ns.echo("server", PORT, &[]);
+        let policy = [
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: demo, labels: {skiff.dev/mesh: enabled}}\n"
+                .to_string(),
+            pod("client", "client-a", client.ip4, node_a),
+            pod("intruder", "client-b", intruder.ip4, node_a),
+            pod("server", "server", server.ip4, node_b),
+            format!(
+                "apiVersion: skiff.dev/v1alpha1\nkind: MeshPolicy\nmetadata: {{name: mesh, namespace: demo}}\n\
+                 spec:\n  capture: [{{cidr: 10.212.0.0/16, ports: [{PORT}]}}]\n  authorization:\n    rules:\n\
+                 \x20   - name: not-client-b\n      action: Deny\n      to: [{}/32]\n      ports: [{PORT}]\n\
+                 \x20     principals: [\"spiffe://{TRUST_DOMAIN}/ns/demo/sa/client-b\"]\n",
+                server.ip4
+            ),
+        ]
+        .join("---\n");
+        let policy_path = dir.join("policy.yaml");
+        std::fs::write(&policy_path, policy).expect("policy");
+        let config = |name: &str, node_ip: Ipv4Addr, ifaces: &[&str]| {
+            let path = dir.join(format!("{name}.yaml"));
+            std::fs::write(
+                &path,
+                format!(
+                    "interfaces: [{}]\npolicy: {}\nmesh:\n  trust_domain: {TRUST_DOMAIN}\n  ca_cert: {}\n  ca_key: {}\n  node_ip: {node_ip}\n",
+                    ifaces.join(", "),
+                    policy_path.display(),
+                    ca_cert.display(),
+                    ca_key.display()
+                ),
+            )
+            .expect("config");
+            path
+        };
+        let config_a = config("a", node_a, &[&client.host_if, &intruder.host_if]);
+        let config_b = config("b", node_b, &[&server.host_if]);
+        let agent_a = a.start_agent(&["--config", config_a.to_str().expect("utf8")]);
+        let agent_b = b.start_agent(&["--config", config_b.to_str().expect("utf8")]);
+        Lab {
+            a,
+            b,
+            _agents: (agent_a, agent_b),
+            dir,
+            node_b,
+        }
+    }
+
+    /// An HTTP request from `pod` of node A to the server, carrying `marker`; the response.
+    fn request(&self, pod: &str, marker: &str) -> std::io::Result<String> {
+        let dst = SocketAddr::V4(SocketAddrV4::new(self.b.pod("server").ip4, PORT));
+        let marker = marker.to_string();
+        self.a.pod(pod).ns.run(move || {
+            let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            write!(
+                s,
+                "GET /{marker} HTTP/1.1\r\nHost: server\r\nX-Marker: {marker}\r\nConnection: close\r\n\r\n"
+            )?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        })
+    }
+}
+
+/// `tcpdump` on node A's underlay, writing `file` until stopped.
+fn capture(t: &Topology, file: &Path) -> Child {
+    let mut child = t
+        .node
+        .cmd("tcpdump")
+        .args([
+            "-i",
+            "underlay",
+            "--immediate-mode",
+            "-Z",
+            "root",
+            "-U",
+            "-s",
+            "0",
+            "-w",
+        ])
+        .arg(file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("tcpdump");
+    // It says "listening on underlay" once the capture runs.
+    let mut err = std::io::BufReader::new(child.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut err, &mut line).expect("tcpdump output");
+    assert!(line.contains("listening on"), "tcpdump: {line}");
+    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+    child
+}
+
+fn stop(mut c: Child) {
+    // Packets still on their way into the capture.
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = Command::new("kill")
+        .args(["-INT", &c.id().to_string()])
+        .status();
+    let _ = c.wait();
+}
+
+/// The certificate node B's agent presents for `server_name`, as openssl prints its SAN, using
+/// a client certificate that `ca` signed for `principal`.
+fn server_certificate(
+    lab: &Lab,
+    ca: (&Path, &Path),
+    principal: &str,
+    server_name: &str,
+) -> (bool, String) {
+    let d = lab.dir.join(format!(
+        "probe-{}",
+        principal.rsplit('/').next().unwrap_or("x")
+    ));
+    std::fs::create_dir_all(&d).expect("dir");
+    let key = d.join("probe.key");
+    let csr = d.join("probe.csr");
+    let crt = d.join("probe.crt");
+    let ext = d.join("ext.cnf");
+    std::fs::write(
+        &ext,
+        format!("subjectAltName=URI:{principal}\nextendedKeyUsage=clientAuth\nkeyUsage=digitalSignature\n"),
+    )
+    .expect("ext");
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let p = |p: &Path| p.to_str().expect("utf8").to_string();
+    run(&[
+        "ecparam",
+        "-name",
+        "prime256v1",
+        "-genkey",
+        "-noout",
+        "-out",
+        &p(&key),
+    ]);
+    run(&[
+        "req",
+        "-new",
+        "-key",
+        &p(&key),
+        "-subj",
+        "/O=probe",
+        "-out",
+        &p(&csr),
+    ]);
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        &p(&csr),
+        "-CA",
+        &p(ca.0),
+        "-CAkey",
+        &p(ca.1),
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        &p(&ext),
+        "-out",
+        &p(&crt),
+    ]);
+    let out = lab
+        .a
+        .node
+        .cmd("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &format!("{}:15008", lab.node_b),
+            "-servername",
+            server_name,
+        ])
+        .args([
+            "-cert",
+            &p(&crt),
+            "-key",
+            &p(&key),
+            "-alpn",
+            "h2",
+            "-tls1_3",
+            "-showcerts",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            // Stay connected long enough to see the server's verdict on our certificate.
+            std::thread::sleep(Duration::from_millis(700));
+            drop(c.stdin.take());
+            c.wait_with_output()
+        })
+        .expect("s_client");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let pem_start = text.find("-----BEGIN CERTIFICATE-----");
+    let san = pem_start.map(|i| {
+        let pem = &text[i..];
+        let end = pem.find("-----END CERTIFICATE-----").expect("pem end") + 25;
+        let mut x = Command::new("openssl")
+            .args(["x509", "-noout", "-ext", "subjectAltName"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("x509");
+        x.stdin
+            .take()
+            .expect("stdin")
+            .write_all(&pem.as_bytes()[..end])
+            .expect("pem");
+        String::from_utf8_lossy(&x.wait_with_output().expect("x509").stdout).to_string()
+    });
+    (out.status.success(), san.unwrap_or_default())
+}
+
+#[test]
+fn pods_on_two_nodes_talk_through_the_mtls_tunnel() {
+    if !privileged("pods_on_two_nodes_talk_through_the_mtls_tunnel") {
+        return;
+    }
+    let lab = Lab::new();
+    let pcap = lab.dir.join("underlay.pcap");
+    let tcpdump = capture(&lab.a, &pcap);
+
+    // Allowed: client-a reaches the server, through the tunnel.
+    let marker = "PLAINTEXT-MARKER-5d1c";
+    let response = lab.request("client", marker).expect("client-a's request");
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(
+        response.contains(marker),
+        "the server saw the request: {response}"
+    );
+    // The server sees node B's agent as the peer (it delivered the connection).
+    assert!(
+        !response.contains(&format!("\"peer\": \"{}\"", lab.a.pod("client").ip4)),
+        "{response}"
+    );
+
+    // Refused by node B's agent: client-b is denied by principal.
+    let denied = lab.request("intruder", "INTRUDER-MARKER-77");
+    assert!(
+        !denied.as_ref().is_ok_and(|r| r.contains("200 OK")),
+        "client-b must be refused: {denied:?}"
+    );
+    stop(tcpdump);
+
+    // The underlay carried TLS to port 15008 and never the plaintext.
+    let bytes = std::fs::read(&pcap).expect("pcap");
+    let contains = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
+    assert!(
+        !contains(marker.as_bytes()),
+        "the payload crossed the underlay in plaintext"
+    );
+    assert!(
+        !contains(b"INTRUDER-MARKER"),
+        "the refused payload crossed the underlay in plaintext"
+    );
+    let summary = lab
+        .a
+        .node
+        .cmd("tcpdump")
+        .args(["-nn", "-r"])
+        .arg(&pcap)
+        .output()
+        .expect("tcpdump -r");
+    let summary = format!(
+        "{}{}",
+        String::from_utf8_lossy(&summary.stdout),
+        String::from_utf8_lossy(&summary.stderr)
+    );
+    assert!(
+        summary.contains(&format!("{}.15008", lab.node_b)),
+        "no tunnel packets: {summary}"
+    );
+    assert!(
+        !summary.contains(&format!(".{PORT}:")),
+        "plaintext to the pod port on the underlay: {summary}"
+    );
+
+    // Node B counted one allowed and at least one denied tunneled connection.
+    let allowed = metric(&lab.b, "mesh_tunnel_inbound_total{result=\"allowed\"}");
+    let denied = metric(&lab.b, "mesh_tunnel_inbound_total{result=\"denied\"}");
+    assert!(
+        allowed >= 1.0 && denied >= 1.0,
+        "allowed {allowed}, denied {denied}"
+    );
+    assert!(
+        metric(
+            &lab.a,
+            "mesh_tunnel_handshakes_total{side=\"client\",result=\"ok\"}"
+        ) >= 1.0
+    );
+    // Each node holds certificates for its own workloads only, with time left on them.
+    let expiry = |t: &Topology, sa: &str| {
+        metric(
+            t,
+            &format!(
+                "mesh_certificate_expiry_seconds{{identity=\"spiffe://{TRUST_DOMAIN}/ns/demo/sa/{sa}\"}}"
+            ),
+        )
+    };
+    assert!(expiry(&lab.a, "client-a") > 3600.0);
+    assert!(expiry(&lab.a, "client-b") > 3600.0);
+    assert_eq!(
+        expiry(&lab.a, "server"),
+        0.0,
+        "node A holds no certificate of node B's pod"
+    );
+    assert!(expiry(&lab.b, "server") > 3600.0);
+    // Node B's access log names both principals.
+    let log = lab._agents.1.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("tunneled connection accepted")
+                && l.contains(&format!("spiffe://{TRUST_DOMAIN}/ns/demo/sa/client-a"))
+                && l.contains(&format!("spiffe://{TRUST_DOMAIN}/ns/demo/sa/server"))),
+        "{log}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains("tunneled connection denied") && l.contains("not-client-b")),
+        "{log}"
+    );
+    let _ = ADMIN;
+}
+
+#[test]
+fn the_tunnel_proves_spiffe_ids_and_refuses_another_ca() {
+    if !privileged("the_tunnel_proves_spiffe_ids_and_refuses_another_ca") {
+        return;
+    }
+    let lab = Lab::new();
+    let ca_dir = lab.dir.join("ca");
+    let (ca_cert, ca_key) = (ca_dir.join("ca.crt"), ca_dir.join("ca.key"));
+    // A client with a certificate from the mesh's CA sees the server workload's SPIFFE ID.
+    let (_, san) = server_certificate(
+        &lab,
+        (&ca_cert, &ca_key),
+        &format!("spiffe://{TRUST_DOMAIN}/ns/demo/sa/probe"),
+        &format!("server.demo.{TRUST_DOMAIN}"),
+    );
+    assert!(
+        san.contains(&format!("URI:spiffe://{TRUST_DOMAIN}/ns/demo/sa/server")),
+        "server certificate SAN: {san}"
+    );
+    let ok_before = metric(
+        &lab.b,
+        "mesh_tunnel_handshakes_total{side=\"server\",result=\"ok\"}",
+    );
+    assert!(ok_before >= 1.0, "the mesh CA's client was accepted");
+
+    // A client whose certificate another CA signed is refused by the server.
+    let (other_cert, other_key) = ca(&lab.dir, "other-ca");
+    let _ = server_certificate(
+        &lab,
+        (&other_cert, &other_key),
+        &format!("spiffe://{TRUST_DOMAIN}/ns/demo/sa/client-a"),
+        &format!("server.demo.{TRUST_DOMAIN}"),
+    );
+    let bad = metric(
+        &lab.b,
+        "mesh_tunnel_handshakes_total{side=\"server\",result=\"bad_certificate\"}",
+    );
+    assert!(bad >= 1.0, "the other CA's certificate was not refused");
+    // And the mesh still works.
+    let r = lab.request("client", "after-probes").expect("request");
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    let _ = sh;
+}

@@ -28,6 +28,7 @@ pub const ENV_EBPF_LOG: &str = "MESH_EBPF_LOG";
 pub const ENV_KUBE_PROXY_NOTRACK: &str = "MESH_KUBE_PROXY_NOTRACK";
 pub const ENV_KUBERNETES: &str = "MESH_KUBERNETES";
 pub const ENV_NODE_NAME: &str = "MESH_NODE_NAME";
+pub const ENV_NODE_IP: &str = "MESH_NODE_IP";
 pub const ENV_KUBE_BACKOFF_MAX: &str = "MESH_KUBE_BACKOFF_MAX";
 pub const ENV_POD_NAME: &str = "MESH_POD_NAME";
 pub const ENV_LEASE_NAMESPACE: &str = "MESH_LEASE_NAMESPACE";
@@ -220,6 +221,10 @@ pub struct Overrides {
     /// This node's name (the downward API's `spec.nodeName`); required with `--kubernetes`.
     #[arg(long, env = ENV_NODE_NAME)]
     pub node_name: Option<String>,
+    /// This node's IP (the downward API's `status.hostIP`): `mesh.node_ip`, where the mTLS
+    /// tunnel listens.
+    #[arg(long, env = ENV_NODE_IP)]
+    pub node_ip: Option<String>,
     /// Longest wait between attempts to re-establish a failed watch (`30s`): the delay doubles
     /// from 800 ms, with jitter, up to this. Lower it on small clusters to resync sooner after an
     /// API server outage.
@@ -677,7 +682,10 @@ impl Config {
                 ),
             );
         }
-        let mesh = match file.mesh.map(mesh_settings) {
+        let mesh = match file.mesh.map(|mut m| {
+            m.node_ip = ov.node_ip.clone().or(m.node_ip);
+            mesh_settings(m)
+        }) {
             Some(Ok(m)) => Some(m),
             Some(Err(problems)) => {
                 for p in problems {

@@ -14,7 +14,7 @@ use std::{
 use mesh_identity::{RootCaPem, TrustDomain};
 use mesh_tests::{
     ADMIN, Agent, Topology,
-    kube::{join_underlay, metric},
+    kube::{ApiServer, join_underlay, metric, start_agent, until},
     privileged, sh,
 };
 
@@ -451,4 +451,102 @@ fn the_tunnel_proves_spiffe_ids_and_refuses_another_ca() {
     let r = lab.request("client", "after-probes").expect("request");
     assert!(r.starts_with("HTTP/1.1 200"), "{r}");
     let _ = sh;
+}
+
+/// A pod of `node` (IP `host`) with ServiceAccount `sa`, Running, as a kubelet reports it.
+fn k8s_pod(api: &ApiServer, name: &str, sa: &str, node: &str, ip: Ipv4Addr, host: Ipv4Addr) {
+    api.apply(&format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: demo}}\n\
+         spec:\n  nodeName: {node}\n  serviceAccountName: {sa}\n  containers: [{{name: app, image: app}}]\n"
+    ));
+    api.kubectl(
+        &[
+            "patch",
+            "pod",
+            name,
+            "-n",
+            "demo",
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &format!(
+                "{{\"status\":{{\"phase\":\"Running\",\"podIP\":\"{ip}\",\"podIPs\":[{{\"ip\":\"{ip}\"}}],\
+                 \"hostIP\":\"{host}\",\"conditions\":[{{\"type\":\"Ready\",\"status\":\"True\"}}]}}}}"
+            ),
+        ],
+        "",
+    );
+}
+
+/// Kubernetes mode: the workloads (identity, node) come from the API server's Pods, the node IP
+/// from `--node-ip` (the DaemonSet's downward API `status.hostIP`), the CA from files (a mounted
+/// Secret in a cluster).
+#[test]
+fn kubernetes_mode_tunnels_with_identities_from_the_pods() {
+    if !privileged("kubernetes_mode_tunnels_with_identities_from_the_pods") {
+        return;
+    }
+    let a = Topology::with_net(&["client"], 211);
+    let b = Topology::with_net(&["server"], 212);
+    let (node_a, node_b) = join_underlay(&a, &b);
+    a.node
+        .sh(&["ip", "route", "add", "10.212.0.0/16", "via", &node_b.to_string()]);
+    b.node
+        .sh(&["ip", "route", "add", "10.211.0.0/16", "via", &node_a.to_string()]);
+    let dir = std::env::temp_dir().join(format!("{}-mtls", a.id));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let (ca_cert, ca_key) = ca(&dir, "ca");
+    let (client, server) = (a.pod("client"), b.pod("server"));
+    server.ns.echo("server", PORT, &[]);
+    let api = ApiServer::start_at(&a, &format!("{node_a}:0"));
+    api.install_crds();
+    api.apply(&format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: demo, labels: {{skiff.dev/mesh: enabled}}}}\n---\n\
+         apiVersion: skiff.dev/v1alpha1\nkind: MeshPolicy\nmetadata: {{name: mesh, namespace: demo}}\n\
+         spec:\n  capture: [{{cidr: 10.212.0.0/16, ports: [{PORT}]}}]\n"
+    ));
+    k8s_pod(&api, "client", "client-a", "node-a", client.ip4, node_a);
+    k8s_pod(&api, "server", "server", "node-b", server.ip4, node_b);
+    let config = dir.join("agent.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "mesh:\n  trust_domain: {TRUST_DOMAIN}\n  ca_cert: {}\n  ca_key: {}\n",
+            ca_cert.display(),
+            ca_key.display()
+        ),
+    )
+    .expect("config");
+    let config = config.to_str().expect("utf8");
+    let _agent_a = start_agent(&a, &api, "node-a", &["--config", config, "--node-ip", &node_a.to_string()]);
+    let agent_b = start_agent(&b, &api, "node-b", &["--config", config, "--node-ip", &node_b.to_string()]);
+    // Both agents have seen the pods and hold their own workloads' certificates.
+    let expiry = |t: &Topology, sa: &str| {
+        metric(
+            t,
+            &format!("mesh_certificate_expiry_seconds{{identity=\"spiffe://{TRUST_DOMAIN}/ns/demo/sa/{sa}\"}}"),
+        )
+    };
+    until(Duration::from_secs(20), "certificates for the pods", || {
+        expiry(&a, "client-a") > 0.0 && expiry(&b, "server") > 0.0
+    });
+    assert_eq!(expiry(&a, "server"), 0.0);
+    let dst = SocketAddr::V4(SocketAddrV4::new(server.ip4, PORT));
+    let response = client.ns.run(move || {
+        let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(s, "GET /k8s HTTP/1.1\r\nHost: server\r\nConnection: close\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok::<_, std::io::Error>(out)
+    });
+    let response = response.expect("request");
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(metric(&b, "mesh_tunnel_inbound_total{result=\"allowed\"}") >= 1.0);
+    let log = agent_b.log();
+    assert!(
+        log.lines().any(|l| l.contains("tunneled connection accepted")
+            && l.contains(&format!("spiffe://{TRUST_DOMAIN}/ns/demo/sa/client-a"))),
+        "{log}"
+    );
 }

@@ -15,14 +15,16 @@ use mesh_policy::InterfaceName;
 use crate::ebpf::netlink;
 
 /// The label that enrols a namespace, or overrides it for one pod.
-pub const LABEL: &str = "skiff.dev/mesh";
+pub const LABEL: &str = mesh_policy::MESH_LABEL;
 
-/// Keeps what enrolment reads: labels, node, host network, phase, IPs, conditions.
+/// Keeps what enrolment and the mTLS tunnel's workloads read: labels, ServiceAccount, node,
+/// host network, phase, pod and node IPs, conditions.
 pub fn strip_pod(pod: &mut Pod) {
     super::kinds::strip_meta(&mut pod.metadata);
     pod.metadata.annotations = None;
     let spec = pod.spec.take().unwrap_or_default();
     pod.spec = Some(PodSpec {
+        service_account_name: spec.service_account_name,
         node_name: spec.node_name,
         host_network: spec.host_network,
         ..Default::default()
@@ -32,27 +34,25 @@ pub fn strip_pod(pod: &mut Pod) {
             phase: status.phase,
             pod_ip: status.pod_ip,
             pod_ips: status.pod_ips,
+            host_ip: status.host_ip,
+            host_ips: status.host_ips,
             conditions: status.conditions,
             ..Default::default()
         });
     }
 }
 
-/// Whether the pod's or its namespace's labels enrol it.
+/// Whether the pod's or its namespace's labels enrol it (the rule the policy's workloads use).
 pub fn enrolled(pod: &Pod, namespaces: &BTreeMap<String, &PartialObjectMeta<Namespace>>) -> bool {
-    let label =
-        |l: &Option<BTreeMap<String, String>>| l.as_ref().and_then(|l| l.get(LABEL)).cloned();
-    match label(&pod.metadata.labels).as_deref() {
-        Some("enabled") => true,
-        Some("disabled") => false,
-        _ => pod
-            .metadata
-            .namespace
-            .as_ref()
-            .and_then(|ns| namespaces.get(ns))
-            .and_then(|ns| label(&ns.metadata.labels))
-            .is_some_and(|v| v == "enabled"),
-    }
+    let namespace = pod
+        .metadata
+        .namespace
+        .as_ref()
+        .and_then(|ns| namespaces.get(ns));
+    mesh_policy::enrolled(
+        pod.metadata.labels.as_ref(),
+        namespace.and_then(|ns| ns.metadata.labels.as_ref()),
+    )
 }
 
 /// `namespace/name`.

@@ -391,7 +391,13 @@ pub async fn run(client: Client, node: String, backoff_max: Duration, t: Targets
         "v1".into(),
         watcher(
             Api::<Pod>::all(client.clone()),
-            cfg().fields(&format!("spec.nodeName={node}")),
+            // With mTLS, every pod: the tunnel needs the node and identity of each destination.
+            // Without, only this node's pods, the ones to capture.
+            if t.cfg.mesh.is_some() {
+                cfg()
+            } else {
+                cfg().fields(&format!("spec.nodeName={node}"))
+            },
         )
         .backoff(backoff())
         .modify(enrol::strip_pod),
@@ -510,6 +516,11 @@ impl Reconciler {
         let objects = self
             .parsed
             .objects(&s.services, &s.slices, &s.custom, &mut errors_now);
+        let mut objects = objects;
+        if self.t.cfg.mesh.is_some() {
+            // The workloads of the mTLS tunnel, from the same stores enrolment reads.
+            objects.extend(objects::workloads(&s.pods, &s.namespaces));
+        }
         let outcome = compile_keeping_last_good(&objects, &self.last_good, &mut errors_now);
         let desired = report::desired(
             &objects,

@@ -8,11 +8,14 @@
 use std::collections::{HashMap, HashSet};
 
 use k8s_openapi::api::{
-    core::v1::{Service, ServiceSpec},
+    core::v1::{Namespace, Pod, Service, ServiceSpec},
     discovery::v1::{Endpoint, EndpointConditions, EndpointSlice},
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::{core::DynamicObject, runtime::reflector::store::Store};
+use kube::{
+    core::{DynamicObject, PartialObjectMeta},
+    runtime::reflector::store::Store,
+};
 use mesh_policy::{Object, Resource};
 
 use super::kinds::Served;
@@ -81,6 +84,30 @@ impl Cache {
         objects.sort_by_cached_key(Object::display_name);
         objects
     }
+}
+
+/// The pods and namespaces of the stores as policy objects: the workloads of the mTLS tunnel
+/// (pods of every node, their identity and node) and the namespace labels that enrol them.
+pub fn workloads(
+    pods: &Store<Pod>,
+    namespaces: &Store<PartialObjectMeta<Namespace>>,
+) -> Vec<Object> {
+    let mut out: Vec<Object> = pods
+        .state()
+        .into_iter()
+        .map(|p| Object {
+            source: SOURCE.into(),
+            resource: Resource::Pod(p),
+        })
+        .collect();
+    out.extend(namespaces.state().into_iter().map(|n| Object {
+        source: SOURCE.into(),
+        resource: Resource::Namespace(std::sync::Arc::new(Namespace {
+            metadata: n.metadata.clone(),
+            ..Namespace::default()
+        })),
+    }));
+    out
 }
 
 /// Parses a dynamic object with the file loader's parser (JSON is YAML), which checks versions

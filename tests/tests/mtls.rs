@@ -489,10 +489,22 @@ fn kubernetes_mode_tunnels_with_identities_from_the_pods() {
     let a = Topology::with_net(&["client"], 211);
     let b = Topology::with_net(&["server"], 212);
     let (node_a, node_b) = join_underlay(&a, &b);
-    a.node
-        .sh(&["ip", "route", "add", "10.212.0.0/16", "via", &node_b.to_string()]);
-    b.node
-        .sh(&["ip", "route", "add", "10.211.0.0/16", "via", &node_a.to_string()]);
+    a.node.sh(&[
+        "ip",
+        "route",
+        "add",
+        "10.212.0.0/16",
+        "via",
+        &node_b.to_string(),
+    ]);
+    b.node.sh(&[
+        "ip",
+        "route",
+        "add",
+        "10.211.0.0/16",
+        "via",
+        &node_a.to_string(),
+    ]);
     let dir = std::env::temp_dir().join(format!("{}-mtls", a.id));
     std::fs::create_dir_all(&dir).expect("dir");
     let (ca_cert, ca_key) = ca(&dir, "ca");
@@ -518,13 +530,25 @@ fn kubernetes_mode_tunnels_with_identities_from_the_pods() {
     )
     .expect("config");
     let config = config.to_str().expect("utf8");
-    let _agent_a = start_agent(&a, &api, "node-a", &["--config", config, "--node-ip", &node_a.to_string()]);
-    let agent_b = start_agent(&b, &api, "node-b", &["--config", config, "--node-ip", &node_b.to_string()]);
+    let _agent_a = start_agent(
+        &a,
+        &api,
+        "node-a",
+        &["--config", config, "--node-ip", &node_a.to_string()],
+    );
+    let agent_b = start_agent(
+        &b,
+        &api,
+        "node-b",
+        &["--config", config, "--node-ip", &node_b.to_string()],
+    );
     // Both agents have seen the pods and hold their own workloads' certificates.
     let expiry = |t: &Topology, sa: &str| {
         metric(
             t,
-            &format!("mesh_certificate_expiry_seconds{{identity=\"spiffe://{TRUST_DOMAIN}/ns/demo/sa/{sa}\"}}"),
+            &format!(
+                "mesh_certificate_expiry_seconds{{identity=\"spiffe://{TRUST_DOMAIN}/ns/demo/sa/{sa}\"}}"
+            ),
         )
     };
     until(Duration::from_secs(20), "certificates for the pods", || {
@@ -535,7 +559,10 @@ fn kubernetes_mode_tunnels_with_identities_from_the_pods() {
     let response = client.ns.run(move || {
         let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
         s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(s, "GET /k8s HTTP/1.1\r\nHost: server\r\nConnection: close\r\n\r\n")?;
+        write!(
+            s,
+            "GET /k8s HTTP/1.1\r\nHost: server\r\nConnection: close\r\n\r\n"
+        )?;
         let mut out = String::new();
         s.read_to_string(&mut out)?;
         Ok::<_, std::io::Error>(out)
@@ -545,8 +572,9 @@ fn kubernetes_mode_tunnels_with_identities_from_the_pods() {
     assert!(metric(&b, "mesh_tunnel_inbound_total{result=\"allowed\"}") >= 1.0);
     let log = agent_b.log();
     assert!(
-        log.lines().any(|l| l.contains("tunneled connection accepted")
-            && l.contains(&format!("spiffe://{TRUST_DOMAIN}/ns/demo/sa/client-a"))),
+        log.lines()
+            .any(|l| l.contains("tunneled connection accepted")
+                && l.contains(&format!("spiffe://{TRUST_DOMAIN}/ns/demo/sa/client-a"))),
         "{log}"
     );
 }

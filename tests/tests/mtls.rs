@@ -49,6 +49,11 @@ fn pod(name: &str, sa: &str, ip: Ipv4Addr, host: Ipv4Addr) -> String {
 
 impl Lab {
     fn new() -> Lab {
+        Lab::build(None)
+    }
+
+    /// The lab with workload certificates of `lifetime` (renewed at half of it).
+    fn build(lifetime: Option<&str>) -> Lab {
         let a = Topology::with_net(&["client", "intruder"], 211);
         let b = Topology::with_net(&["server"], 212);
         let (node_a, node_b) = join_underlay(&a, &b);
@@ -95,11 +100,12 @@ impl Lab {
             std::fs::write(
                 &path,
                 format!(
-                    "interfaces: [{}]\npolicy: {}\nmesh:\n  trust_domain: {TRUST_DOMAIN}\n  ca_cert: {}\n  ca_key: {}\n  node_ip: {node_ip}\n",
+                    "interfaces: [{}]\npolicy: {}\nmesh:\n  trust_domain: {TRUST_DOMAIN}\n  ca_cert: {}\n  ca_key: {}\n  node_ip: {node_ip}\n{}",
                     ifaces.join(", "),
                     policy_path.display(),
                     ca_cert.display(),
-                    ca_key.display()
+                    ca_key.display(),
+                    lifetime.map_or(String::new(), |l| format!("  certificate_lifetime: {l}\n"))
                 ),
             )
             .expect("config");
@@ -577,4 +583,79 @@ fn kubernetes_mode_tunnels_with_identities_from_the_pods() {
                 && l.contains(&format!("spiffe://{TRUST_DOMAIN}/ns/demo/sa/client-a"))),
         "{log}"
     );
+}
+
+/// One HTTP/1.1 response (head and a Content-Length body) off a kept-alive connection.
+fn read_response(s: &mut TcpStream) -> std::io::Result<String> {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        if s.read(&mut byte)? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&buf).to_string();
+    let len = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse::<usize>().ok())?
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body)?;
+    Ok(head + &String::from_utf8_lossy(&body))
+}
+
+/// Certificates of one minute are renewed after 30 s on both nodes while one client connection
+/// keeps sending requests through the tunnel: none fails, the tunnel connection opened before
+/// the renewal carries on, and a new connection afterwards works.
+#[test]
+fn a_certificate_rotation_drops_no_open_connection() {
+    if !privileged("a_certificate_rotation_drops_no_open_connection") {
+        return;
+    }
+    let lab = Lab::build(Some("1m"));
+    let dst = SocketAddr::V4(SocketAddrV4::new(lab.b.pod("server").ip4, PORT));
+    let answered = lab.a.pod("client").ns.run(move || {
+        let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut answered = 0;
+        // 40 s: across the renewal at 30 s.
+        for i in 0..20 {
+            write!(s, "GET /rotation-{i} HTTP/1.1\r\nHost: server\r\n\r\n")?;
+            let r = read_response(&mut s)?;
+            if r.starts_with("HTTP/1.1 200") && r.contains(&format!("/rotation-{i}")) {
+                answered += 1;
+            }
+            std::thread::sleep(Duration::from_secs(2));
+        }
+        Ok::<_, std::io::Error>(answered)
+    });
+    assert_eq!(answered.expect("the connection across the rotation"), 20);
+    let renewed = |agent: &Agent, sa: &str| {
+        agent.log().lines().any(|l| {
+            l.contains("identity certificate renewed")
+                && l.contains(&format!("spiffe://{TRUST_DOMAIN}/ns/demo/sa/{sa}"))
+        })
+    };
+    assert!(
+        renewed(&lab._agents.0, "client-a"),
+        "client-a's certificate was renewed"
+    );
+    assert!(
+        renewed(&lab._agents.1, "server"),
+        "server's certificate was renewed"
+    );
+    assert_eq!(
+        metric(&lab.a, "mesh_tunnel_connections_total{side=\"client\"}"),
+        1.0,
+        "the tunnel connection opened before the renewal carried every request"
+    );
+    let r = lab
+        .request("client", "after-rotation")
+        .expect("new connection");
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
 }

@@ -8,6 +8,7 @@ pub mod data_path;
 mod ebpf;
 pub mod kubernetes;
 mod load;
+mod mtls;
 mod procs;
 mod report;
 mod table;
@@ -28,6 +29,9 @@ pub enum Section {
     /// Only the eBPF rows of the data path (per-packet cost, untargeted throughput), on a
     /// topology of their own; printed and written to `bench/results/ebpf.md`.
     Ebpf,
+    /// The mTLS tunnel between two nodes against plaintext through the agents and direct;
+    /// printed and written to `bench/results/mtls.md`.
+    Mtls,
 }
 
 /// Runs `only` the given section, or every section.
@@ -71,6 +75,24 @@ pub fn run(only: Option<Section>) -> anyhow::Result<()> {
             &file,
             format!(
                 "# eBPF rows (`cargo xtask bench --only ebpf`)\n\n{table}\n{}\n",
+                report::machine()
+            ),
+        )?;
+        println!("\nwritten: {}", file.display());
+    }
+    if only.is_none_or(|s| s == Section::Mtls) {
+        let agent = match std::env::var_os("MESH_AGENT_BIN") {
+            Some(bin) => std::path::PathBuf::from(bin),
+            None => build_release()?.0,
+        };
+        let plan = data_path::Plan::FULL;
+        let table = mtls::run(&agent, plan.rounds, plan.secs)?;
+        println!("\n{table}");
+        let file = root().join("bench/results/mtls.md");
+        std::fs::write(
+            &file,
+            format!(
+                "# mTLS tunnel rows (`cargo xtask bench --only mtls`)\n\n{table}\n{}\n",
                 report::machine()
             ),
         )?;

@@ -6,8 +6,8 @@
 //! An endpoint the [`crate::Dialer`] routes another way (the mTLS tunnel) is reached through
 //! its [`Route`]: the fast path's and the HTTP/2 pools then key connections by the endpoint and
 //! the route's key, so that connections opened for one source identity serve no other; hyper's
-//! HTTP/1 requests take a new routed connection each (hyper's pool knows only the URI
-//! authority), as upgrades and `CONNECT` do.
+//! HTTP/1 requests along a route (hyper's own pool knows only the URI
+//! authority) are pooled here by the same key.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -65,6 +65,9 @@ pub(crate) enum SendError {
         reason: String,
     },
 }
+
+/// One HTTP/1.1 connection's request handle.
+type H1Sender = hyper::client::conn::http1::SendRequest<Body>;
 
 /// What a pooled connection is kept under: the endpoint, and the key of the route it was
 /// opened along (`None`: plain TCP).
@@ -194,6 +197,9 @@ struct Pools {
     h2: HashMap<PoolKey, SendRequest<Body>>,
     /// Idle HTTP/1.1 connections of the fast path (`crate::h1`), newest last.
     raw: HashMap<PoolKey, Vec<(UpstreamIo, Instant)>>,
+    /// HTTP/1.1 connections along a route for hyper's path, busy or idle, newest last: the
+    /// legacy client's pool keys by URI authority alone, which cannot tell routes apart.
+    h1_routed: HashMap<PoolKey, Vec<(H1Sender, Instant)>>,
     /// A task closes this thread's idle fast-path connections once they expire.
     reaping: bool,
 }
@@ -217,6 +223,12 @@ async fn reap(owner: Weak<()>) {
                         idle.retain(|(_, since)| now.duration_since(*since) < RAW_IDLE_TIMEOUT);
                     }
                     p.raw.retain(|_, idle| !idle.is_empty());
+                    for kept in p.h1_routed.values_mut() {
+                        kept.retain(|(s, since)| {
+                            !s.is_closed() && now.duration_since(*since) < RAW_IDLE_TIMEOUT
+                        });
+                    }
+                    p.h1_routed.retain(|_, kept| !kept.is_empty());
                 }
             }
         });
@@ -279,6 +291,7 @@ impl Upstream {
                         h1,
                         h2: HashMap::new(),
                         raw: HashMap::new(),
+                        h1_routed: HashMap::new(),
                         reaping: false,
                     });
                     pools.len() - 1
@@ -386,8 +399,8 @@ impl Upstream {
         route: Option<&Route>,
         request: Request<Body>,
     ) -> Result<Response<Incoming>, SendError> {
-        if route.is_some() {
-            return self.send_once(endpoint, route, request, false).await;
+        if let Some(route) = route {
+            return self.send_h1_routed(endpoint, route, request).await;
         }
         let client = self.with_pools(|p| p.h1.clone());
         client.request(request).await.map_err(|e| {
@@ -405,6 +418,94 @@ impl Upstream {
                 }
             }
         })
+    }
+
+    /// [`Upstream::send_h1`] along a route: over a ready connection of this thread's pool for
+    /// (endpoint, route key), or a new one, which then joins the pool. A connection stays
+    /// listed while its response is read and is taken again once hyper says it is ready. A
+    /// pooled connection that turns out closed before the request went out is replaced by a
+    /// new one (the request was not sent, so any request may go again).
+    async fn send_h1_routed(
+        &self,
+        endpoint: SocketAddr,
+        route: &Route,
+        request: Request<Body>,
+    ) -> Result<Response<Incoming>, SendError> {
+        let key = pool_key(endpoint, Some(route));
+        let pooled = self.with_pools(|p| {
+            let kept = p.h1_routed.get_mut(&key)?;
+            let now = Instant::now();
+            kept.retain(|(s, since)| {
+                !s.is_closed() && now.duration_since(*since) < RAW_IDLE_TIMEOUT
+            });
+            let ready = kept.iter().rposition(|(s, _)| s.is_ready())?;
+            Some(kept.swap_remove(ready).0)
+        });
+        let reused = pooled.is_some();
+        let mut sender = match pooled {
+            Some(sender) => sender,
+            None => self.h1_routed_connect(endpoint, route).await?,
+        };
+        let mut request = request;
+        let mut fresh = !reused;
+        loop {
+            let ready = sender.ready().await;
+            let sent = match ready {
+                Ok(()) => sender.try_send_request(request),
+                Err(_) if !fresh => {
+                    // Closed while pooled; the request is still here.
+                    sender = self.h1_routed_connect(endpoint, route).await?;
+                    fresh = true;
+                    continue;
+                }
+                Err(e) => return Err(classify_hyper(endpoint, &e)),
+            };
+            self.keep_h1_routed(key.clone(), sender);
+            match sent.await {
+                Ok(response) => return Ok(response),
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if !fresh => {
+                        request = unsent;
+                        sender = self.h1_routed_connect(endpoint, route).await?;
+                        fresh = true;
+                    }
+                    _ => return Err(classify_hyper(endpoint, e.error())),
+                },
+            }
+        }
+    }
+
+    /// A new HTTP/1.1 connection along `route`.
+    async fn h1_routed_connect(
+        &self,
+        endpoint: SocketAddr,
+        route: &Route,
+    ) -> Result<H1Sender, SendError> {
+        let stream = self.connect_conn(endpoint, Some(route)).await?;
+        let (sender, connection) = hyper::client::conn::http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| classify_hyper(endpoint, &e))?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%endpoint, %error, "routed upstream connection ended");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// Lists a routed HTTP/1.1 connection in this thread's pool (busy until its response ends).
+    fn keep_h1_routed(&self, key: PoolKey, sender: H1Sender) {
+        self.with_pools(|p| {
+            let kept = p.h1_routed.entry(key).or_default();
+            if kept.len() < RAW_IDLE_PER_ENDPOINT {
+                kept.push((sender, Instant::now()));
+            }
+            if !p.reaping {
+                p.reaping = true;
+                tokio::spawn(reap(p.owner.clone()));
+            }
+        });
     }
 
     async fn h2_sender(
@@ -467,31 +568,14 @@ impl Upstream {
         route: Option<&Route>,
         request: Request<Body>,
     ) -> Result<Response<Incoming>, SendError> {
-        self.send_once(endpoint, route, request, true).await
-    }
-
-    /// Sends one HTTP/1.1 request over a new connection (along `route`, or plain TCP) that
-    /// closes after it, or becomes the tunnel of an `upgrade`.
-    async fn send_once(
-        &self,
-        endpoint: SocketAddr,
-        route: Option<&Route>,
-        request: Request<Body>,
-        upgrade: bool,
-    ) -> Result<Response<Incoming>, SendError> {
         let stream = self.connect_conn(endpoint, route).await?;
         let (mut sender, connection) = hyper::client::conn::http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| classify_hyper(endpoint, &e))?;
         tokio::spawn(async move {
-            let ended = if upgrade {
-                connection.with_upgrades().await
-            } else {
-                connection.await
-            };
-            if let Err(error) = ended {
-                tracing::debug!(%endpoint, %error, "upstream connection ended");
+            if let Err(error) = connection.with_upgrades().await {
+                tracing::debug!(%endpoint, %error, "upstream upgrade connection ended");
             }
         });
         sender

@@ -35,8 +35,12 @@ fn main() -> anyhow::Result<()> {
     // SAFETY: as above.
     unsafe { std::env::set_var("OUT_DIR", &out_dir) };
     let (from, to) = (shared.join("mesh-ebpf"), out_dir.join("mesh-ebpf"));
-    std::fs::copy(&from, &to)
-        .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+    // Without a shared folder the object is already in place: copying a file onto itself
+    // would truncate it to nothing.
+    if from != to {
+        std::fs::copy(&from, &to)
+            .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+    }
     Ok(())
 }
 

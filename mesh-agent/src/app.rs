@@ -72,7 +72,12 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
             ..Default::default()
         },
     )
-    .with_observer(metrics.http.clone());
+    .with_observer(metrics.http.clone())
+    // Requests to an enrolled pod of another node go through the mTLS tunnel, once it runs.
+    .with_dialer(Arc::new(crate::tunnel::Dialer {
+        mesh: mesh_cell.clone(),
+        policy: store.clone(),
+    }));
     metrics.register_http(http.clone());
     let kube_metrics = kube
         .as_ref()
@@ -173,7 +178,14 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
     // mTLS between nodes: identities of this node's workloads and the tunnel server.
     let mesh = match &cfg.mesh {
         Some(m) => {
-            let mesh = crate::mesh::Mesh::start(m, store.clone(), cfg.connect_timeout).await?;
+            let mesh = crate::mesh::Mesh::start(
+                m,
+                store.clone(),
+                cfg.connect_timeout,
+                http.clone(),
+                cfg.idle_timeout,
+            )
+            .await?;
             let _ = mesh_cell.set(mesh.clone());
             Some(mesh)
         }

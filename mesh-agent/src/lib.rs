@@ -12,5 +12,6 @@ pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod routing;
+pub mod tunnel;
 pub mod watch;
 pub mod workers;

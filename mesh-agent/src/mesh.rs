@@ -76,10 +76,14 @@ impl std::fmt::Debug for Mesh {
 impl Mesh {
     /// Loads the CA, starts the tunnel server on `node_ip:tunnel_port` and keeps the
     /// identities of this node's enrolled workloads in step with `policy`.
+    /// `http` serves tunneled HTTP whose requests the policy's HTTP deny rules may refuse by
+    /// the source's identity; `idle` is the idle timeout of connections.
     pub async fn start(
         cfg: &config::Mesh,
         policy: Store,
         connect_timeout: Duration,
+        http: mesh_http::Proxy,
+        idle: Duration,
     ) -> anyhow::Result<Arc<Mesh>> {
         let trust_domain = TrustDomain::new(&cfg.trust_domain)
             .map_err(|e| anyhow::anyhow!("mesh.trust_domain: {e}"))?;
@@ -107,6 +111,8 @@ impl Mesh {
             trust_domain: trust_domain.clone(),
             counts: inbound.clone(),
             connect_timeout,
+            http,
+            idle,
         };
         let server = TunnelServer::new(identities.clone(), &bundle, tunnel, handler)
             .map_err(|e| anyhow::anyhow!("tunnel server: {e}"))?;
@@ -247,18 +253,25 @@ struct Handler {
     trust_domain: TrustDomain,
     counts: Arc<InboundCounts>,
     connect_timeout: Duration,
+    http: mesh_http::Proxy,
+    idle: Duration,
 }
 
+/// The in-memory pipe between the tunnel stream and the HTTP check of a gated connection.
+const GATE_PIPE: usize = 256 * 1024;
+
 impl mesh_tunnel::InboundHandler for Handler {
-    type Upstream = TcpStream;
+    type Upstream = mesh_http::BoxedIo;
 
     fn handle(
         &self,
         inbound: Inbound,
-    ) -> impl std::future::Future<Output = Decision<TcpStream>> + Send {
+    ) -> impl std::future::Future<Output = Decision<mesh_http::BoxedIo>> + Send {
         let policy = self.policy.current();
         let counts = self.counts.clone();
         let timeout = self.connect_timeout;
+        let http = self.http.clone();
+        let idle = self.idle;
         let here = policy
             .workload(inbound.dst.ip())
             .filter(|w| w.enrolled && w.node_ip == Some(self.node_ip))
@@ -308,7 +321,29 @@ impl mesh_tunnel::InboundHandler for Handler {
                         rule = decision.rule.unwrap_or("default"),
                         "tunneled connection accepted"
                     );
-                    Decision::Accept(stream)
+                    // HTTP deny rules that name sources are decided here, per request, with
+                    // the identity only this end knows: such a policy puts the connection
+                    // through the HTTP check. Without one, bytes go straight to the pod.
+                    let by_identity = policy
+                        .settings()
+                        .authorization
+                        .http
+                        .iter()
+                        .any(|rule| !rule.source.is_empty());
+                    if !by_identity {
+                        return Decision::Accept(Box::new(stream) as mesh_http::BoxedIo);
+                    }
+                    let (near, far) = tokio::io::duplex(GATE_PIPE);
+                    tokio::spawn(crate::tunnel::deliver_gated(
+                        far,
+                        stream,
+                        http,
+                        identity,
+                        inbound.src_addr,
+                        inbound.dst,
+                        idle,
+                    ));
+                    Decision::Accept(Box::new(near))
                 }
                 Ok(Err(e)) => {
                     counts.unreachable.fetch_add(1, Ordering::Relaxed);

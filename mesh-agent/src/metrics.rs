@@ -437,6 +437,16 @@ impl Collector for HttpCollector {
                 s.ejections,
             ),
             ("http_mirrors", "Requests mirrored", s.mirrors),
+            (
+                "http_upstream_denied",
+                "Requests answered 403 because the destination's agent refused the tunnel stream",
+                s.denied_upstream,
+            ),
+            (
+                "http_tunneled_denied",
+                "Requests from other nodes refused 403 here by an HTTP deny rule (source identity)",
+                s.denied_tunneled,
+            ),
         ] {
             let c = ConstCounter::new(v);
             c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)?;

@@ -21,16 +21,16 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::Error;
 use crate::balance::InFlight;
+use crate::dial::Route;
 use crate::guard::{HeadScanner, Scan};
 use crate::headers::{apply_modifier, strip_hop_by_hop};
 use crate::io::now_ms;
 use crate::proxy::{ConnCtx, Exchange, denied_by, is_idempotent};
-use crate::upstream::{Body, SendError};
+use crate::upstream::{Body, SendError, UpstreamIo};
 
 /// Largest request body this path buffers (it is then replayable for retries); larger ones
 /// are streamed by hyper.
@@ -571,7 +571,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
             let in_flight = InFlight::new(state.clone());
             let mut rbuf = std::mem::take(&mut self.rbuf);
             rbuf.clear();
-            let attempt = send(ctx, endpoint, &request, &mut rbuf, head_request, idempotent);
+            let route = ctx.dial_route(endpoint);
+            let attempt = send(
+                ctx,
+                endpoint,
+                route.as_ref(),
+                &request,
+                &mut rbuf,
+                head_request,
+                idempotent,
+            );
             let result = match ConnCtx::attempt_deadline(&exchange, plan.backend_timeout) {
                 Some(at) => match tokio::time::timeout_at(at, attempt).await {
                     Ok(result) => result,
@@ -601,6 +610,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
                             &mut exchange,
                             &plan.response_modifiers,
                             endpoint,
+                            route.as_ref(),
                             upstream,
                             &mut rbuf,
                             response,
@@ -709,7 +719,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
         exchange: &mut Exchange,
         modifiers: &[&mesh_policy::HeaderModifier],
         endpoint: SocketAddr,
-        mut upstream: TcpStream,
+        route: Option<&Route>,
+        mut upstream: UpstreamIo,
         rbuf: &mut BytesMut,
         mut response: ResponseHead,
         client_close: bool,
@@ -751,7 +762,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
         match relayed {
             Ok(bytes_out) => {
                 if response.keep_alive && rbuf.is_empty() {
-                    self.ctx.shared.upstream.checkin(endpoint, upstream);
+                    self.ctx.shared.upstream.checkin(endpoint, route, upstream);
                 }
                 self.finish(exchange, response.status, bytes_out, true);
                 close
@@ -770,7 +781,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
     /// to the client. Returns the body bytes written.
     async fn relay(
         &mut self,
-        upstream: &mut TcpStream,
+        upstream: &mut UpstreamIo,
         rbuf: &mut BytesMut,
         framing: Framing,
     ) -> Result<u64, (u64, Relay)> {
@@ -843,13 +854,14 @@ fn put_status(out: &mut Vec<u8>, status: StatusCode) {
 async fn send(
     ctx: &ConnCtx,
     endpoint: SocketAddr,
+    route: Option<&Route>,
     request: &[u8],
     rbuf: &mut BytesMut,
     head_request: bool,
     idempotent: bool,
-) -> Result<(TcpStream, ResponseHead), SendError> {
+) -> Result<(UpstreamIo, ResponseHead), SendError> {
     let upstream = &ctx.shared.upstream;
-    let (mut stream, mut reused) = upstream.checkout(endpoint).await?;
+    let (mut stream, mut reused) = upstream.checkout(endpoint, route).await?;
     loop {
         rbuf.clear();
         rbuf.reserve(READ_SIZE);
@@ -875,7 +887,7 @@ async fn send(
             Ok(head) => return Ok((stream, head)),
             Err(SendError::Reset { .. }) if reused && idempotent && rbuf.is_empty() => {
                 // A new connection, not another pooled one that may be as stale.
-                stream = upstream.connect(endpoint).await?;
+                stream = upstream.connect_conn(endpoint, route).await?;
                 reused = false;
             }
             Err(error) => return Err(error),

@@ -45,9 +45,11 @@
 mod balance;
 mod body;
 mod config;
+mod dial;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
+mod gate;
 mod guard;
 mod h1;
 pub mod headers;
@@ -77,6 +79,7 @@ pub use config::{
     DEFAULT_H2_MAX_HEADER_LIST_SIZE, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_HEADERS, Resilience,
 };
+pub use dial::{BoxedIo, Dial, Dialer, Dialing, Io, Route};
 pub use rejection::Rejection;
 pub use stats::{Stats, StatsSnapshot};
 
@@ -272,6 +275,7 @@ impl Proxy {
             stats: Arc::new(Stats::default()),
             mirrors: Arc::new(Semaphore::new(MAX_MIRRORS_IN_FLIGHT)),
             observer: None,
+            dialer: None,
         };
         Self {
             shared: Arc::new(shared),
@@ -283,6 +287,17 @@ impl Proxy {
     pub fn with_observer(mut self, observer: Arc<dyn Observer>) -> Self {
         if let Some(shared) = Arc::get_mut(&mut self.shared) {
             shared.observer = Some(observer);
+        }
+        self
+    }
+
+    /// Adds a [`Dialer`]: upstream connections to the endpoints it routes go its way (the mTLS
+    /// tunnel) instead of plain TCP. Call before the proxy serves (clones made earlier keep
+    /// none).
+    #[must_use]
+    pub fn with_dialer(mut self, dialer: Arc<dyn Dialer>) -> Self {
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.dialer = Some(dialer);
         }
         self
     }
@@ -317,6 +332,105 @@ impl Proxy {
     ) -> Result<ConnSummary, Error> {
         let _ = client.set_nodelay(true);
         self.serve_io(client, prefix, src, dst, h2, None).await
+    }
+
+    /// Serves HTTP that came through the mTLS tunnel to this node's pod `dst`, from a client
+    /// whose identity the tunnel authenticated (`source`; `src` is the tunnel's remote
+    /// address). Each request is checked against the policy's HTTP deny rules with that
+    /// identity (403 when one matches, counted in [`Stats::denied_tunneled`]); the others go
+    /// to the pod as they are, over `pod` (already connected) and, once the pod closes it, a
+    /// new connection. No routing, filters or header injection: the sending agent did those.
+    /// `prefix` holds the bytes already read from `client`; `h2`: they are the HTTP/2 preface.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn serve_tunneled<S>(
+        &self,
+        client: S,
+        prefix: Vec<u8>,
+        h2: bool,
+        source: Option<mesh_policy::Identity>,
+        src: SocketAddr,
+        dst: SocketAddr,
+        pod: TcpStream,
+    ) -> Result<ConnSummary, Error>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let shared = &self.shared;
+        let config = &shared.config;
+        let _ = pod.set_nodelay(true);
+        let state = Arc::new(ConnState::new(!h2));
+        let gate = Arc::new(gate::Gate::new(
+            shared.clone(),
+            source,
+            src,
+            dst,
+            h2,
+            state.clone(),
+            pod,
+        ));
+        let scanner = (!h2).then(|| HeadScanner::new(config.max_header_bytes, config.max_headers));
+        let io = TokioIo::new(ClientIo::new(
+            client,
+            prefix,
+            scanner,
+            state.clone(),
+            shared.stats.clone(),
+        ));
+        let service = service_fn(move |request| {
+            let gate = gate.clone();
+            async move { Ok::<_, Infallible>(gate.handle(request).await) }
+        });
+        let watched = state.clone();
+        let span = tracing::debug_span!("tunneled", %src, %dst, h2);
+        let served = async move {
+            if h2 {
+                let mut builder = http2::Builder::new(TokioExecutor::new());
+                builder
+                    .timer(TokioTimer::new())
+                    .max_concurrent_streams(config.h2_max_concurrent_streams)
+                    .max_header_list_size(config.h2_max_header_list_size)
+                    .max_pending_accept_reset_streams(H2_MAX_PENDING_ACCEPT_RESET_STREAMS)
+                    .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESET_STREAMS);
+                drive!(
+                    builder.serve_connection(io, service),
+                    watched,
+                    config,
+                    false,
+                    src,
+                    shared.stats,
+                    None
+                )
+            } else {
+                let mut builder = http1::Builder::new();
+                builder
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(None)
+                    .max_headers(config.max_headers)
+                    .max_header_size(config.max_header_bytes)
+                    .keep_alive(true);
+                drive!(
+                    builder.serve_connection(io, service).with_upgrades(),
+                    watched,
+                    config,
+                    true,
+                    src,
+                    shared.stats,
+                    None
+                )
+            }
+        };
+        let result = served.instrument(span).await.map(|_| ());
+        let summary = ConnSummary {
+            requests: state.requests.load(Ordering::Relaxed),
+            moved: false,
+        };
+        match (result, state.rejection()) {
+            (Ok(()) | Err(Error::Downstream { .. }), Some(reason)) => {
+                Err(Error::Rejected { src, reason })
+            }
+            (Ok(()), None) => Ok(summary),
+            (Err(error), _) => Err(error),
+        }
     }
 
     /// [`Proxy::serve`] for a connection that may have to move to another process (the agent's

@@ -25,6 +25,7 @@ use tokio::sync::Semaphore;
 use crate::balance::{Balancer, EndpointState, InFlight, Pick, RetryBudget};
 use crate::body::{AccessLog, Active, Counted, Logged, empty, full};
 use crate::config::{Config, MIRROR_BODY_LIMIT, MIRROR_TIMEOUT};
+use crate::dial::Route;
 use crate::headers::{
     X_REQUEST_ID, apply_modifier, connection_has, inject, random_u32, strip_hop_by_hop,
 };
@@ -43,6 +44,8 @@ pub(crate) struct Shared {
     pub stats: Arc<Stats>,
     pub mirrors: Arc<Semaphore>,
     pub observer: Option<Arc<dyn crate::Observer>>,
+    /// Chooses, per attempt, a way to the endpoint other than plain TCP (the mTLS tunnel).
+    pub dialer: Option<Arc<dyn crate::Dialer>>,
 }
 
 /// One client connection.
@@ -167,6 +170,7 @@ fn catch_all() -> MatchedPath {
 fn grpc_status(status: StatusCode) -> &'static str {
     match status.as_u16() {
         400 => "13",
+        403 => "7",
         404 => "12",
         408 | 504 => "4",
         500 => "13",
@@ -673,6 +677,11 @@ impl ConnCtx {
         Some(request)
     }
 
+    /// How this connection's requests reach `endpoint`: the dialer's route, or plain TCP.
+    pub(crate) fn dial_route(&self, endpoint: SocketAddr) -> Option<Route> {
+        self.shared.dialer.as_ref()?.route(self.src, endpoint)
+    }
+
     async fn send(
         &self,
         endpoint: SocketAddr,
@@ -681,12 +690,14 @@ impl ConnCtx {
         h2: bool,
     ) -> Result<Response<Incoming>, SendError> {
         let upstream = &self.shared.upstream;
+        let route = self.dial_route(endpoint);
+        let route = route.as_ref();
         if upgrade {
-            upstream.send_upgrade(endpoint, request).await
+            upstream.send_upgrade(endpoint, route, request).await
         } else if h2 {
-            upstream.send_h2(endpoint, request).await
+            upstream.send_h2(endpoint, route, request).await
         } else {
-            upstream.send_h1(endpoint, request).await
+            upstream.send_h1(endpoint, route, request).await
         }
     }
 
@@ -807,6 +818,16 @@ impl ConnCtx {
         idempotent: bool,
     ) -> Result<(), Response<Body>> {
         let shared = &self.shared;
+        if let SendError::Denied { .. } = &error {
+            // The destination's policy, not the endpoint's health: no ejection, no retry.
+            tracing::debug!(%error, "refused by the destination's agent");
+            shared.stats.denied_upstream.fetch_add(1, Ordering::Relaxed);
+            return Err(self.local(
+                exchange,
+                StatusCode::FORBIDDEN,
+                "denied by the destination's policy",
+            ));
+        }
         shared.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
         shared
             .balancer
@@ -814,7 +835,7 @@ impl ConnCtx {
         let retryable = match &error {
             SendError::Connect { .. } => replayable,
             SendError::Reset { .. } => replayable && idempotent,
-            SendError::Protocol { .. } => false,
+            SendError::Protocol { .. } | SendError::Denied { .. } => false,
         };
         if retryable && self.take_retry(exchange) {
             tracing::debug!(%error, "retrying");
@@ -834,6 +855,11 @@ impl ConnCtx {
                 exchange,
                 StatusCode::SERVICE_UNAVAILABLE,
                 "upstream reset before response headers",
+            ),
+            SendError::Denied { .. } => self.local(
+                exchange,
+                StatusCode::FORBIDDEN,
+                "denied by the destination's policy",
             ),
         })
     }
@@ -990,13 +1016,15 @@ impl ConnCtx {
         };
         stats.mirrors.fetch_add(1, Ordering::Relaxed);
         let shared = self.shared.clone();
+        let route = self.dial_route(endpoint);
         tokio::spawn(async move {
             let _permit = permit;
             let exchange = async {
+                let route = route.as_ref();
                 let response = if h2 {
-                    shared.upstream.send_h2(endpoint, request).await
+                    shared.upstream.send_h2(endpoint, route, request).await
                 } else {
-                    shared.upstream.send_h1(endpoint, request).await
+                    shared.upstream.send_h1(endpoint, route, request).await
                 }
                 .map_err(|e| e.to_string())?;
                 let status = response.status();
@@ -1046,7 +1074,7 @@ fn authority_of(parts: &Parts, h2: bool) -> String {
     first.or(second).unwrap_or_default().to_owned()
 }
 
-async fn run_tunnel(client: OnUpgrade, upstream: OnUpgrade, src: SocketAddr) {
+pub(crate) async fn run_tunnel(client: OnUpgrade, upstream: OnUpgrade, src: SocketAddr) {
     let (client, upstream) = match tokio::try_join!(client, upstream) {
         Ok(pair) => pair,
         Err(error) => {

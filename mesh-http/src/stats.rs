@@ -35,6 +35,12 @@ pub struct Stats {
     pub rejected_requests: [AtomicU64; Rejection::ALL.len()],
     /// HTTP/1 connections closed because a request head did not arrive in time.
     pub header_timeouts: AtomicU64,
+    /// Requests answered 403 because the destination's agent refused the routed connection
+    /// (the mTLS tunnel's policy decision).
+    pub denied_upstream: AtomicU64,
+    /// Requests that came through the mTLS tunnel and were answered 403 here by an HTTP deny
+    /// rule ([`crate::Proxy::serve_tunneled`]).
+    pub denied_tunneled: AtomicU64,
 }
 
 impl StatsSnapshot {
@@ -78,6 +84,10 @@ pub struct StatsSnapshot {
     pub rejected_by_reason: [u64; Rejection::ALL.len()],
     /// See [`Stats::header_timeouts`].
     pub header_timeouts: u64,
+    /// See [`Stats::denied_upstream`].
+    pub denied_upstream: u64,
+    /// See [`Stats::denied_tunneled`].
+    pub denied_tunneled: u64,
 }
 
 impl Stats {
@@ -118,6 +128,8 @@ impl Stats {
             rejected_requests: self.rejected_requests.iter().map(get).sum(),
             rejected_by_reason: std::array::from_fn(|i| get(&self.rejected_requests[i])),
             header_timeouts: get(&self.header_timeouts),
+            denied_upstream: get(&self.denied_upstream),
+            denied_tunneled: get(&self.denied_tunneled),
         }
     }
 }

@@ -2,7 +2,9 @@
 //! agent and pods, routes between their pod ranges over the underlay. A pod of node A talks to
 //! a pod of node B through the agents' tunnel (HTTP/2 CONNECT in TLS 1.3 to node B's port
 //! 15008): the underlay carries TLS only, both sides prove SPIFFE identities from the mesh's
-//! CA, and node B's agent authorizes by the client's identity.
+//! CA, and node B's agent authorizes by the client's identity. HTTP goes through node A's
+//! HTTP proxy (routes, filters, injected headers) before the tunnel, and node B's agent applies
+//! the HTTP deny rules that name source identities.
 use std::{
     io::{Read, Write},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
@@ -15,6 +17,7 @@ use mesh_identity::{RootCaPem, TrustDomain};
 use mesh_tests::{
     ADMIN, Agent, Topology,
     kube::{ApiServer, join_underlay, metric, start_agent, until},
+    policy::service,
     privileged, sh,
 };
 
@@ -47,6 +50,16 @@ fn pod(name: &str, sa: &str, ip: Ipv4Addr, host: Ipv4Addr) -> String {
     )
 }
 
+/// The first lab's MeshPolicy: capture the pod on node B, refuse client-b by principal at L4.
+fn l4_policy(server: Ipv4Addr) -> String {
+    format!(
+        "apiVersion: skiff.dev/v1alpha1\nkind: MeshPolicy\nmetadata: {{name: mesh, namespace: demo}}\n\
+         spec:\n  capture: [{{cidr: 10.212.0.0/16, ports: [{PORT}]}}]\n  authorization:\n    rules:\n\
+         \x20   - name: not-client-b\n      action: Deny\n      to: [{server}/32]\n      ports: [{PORT}]\n\
+         \x20     principals: [\"spiffe://{TRUST_DOMAIN}/ns/demo/sa/client-b\"]\n"
+    )
+}
+
 impl Lab {
     fn new() -> Lab {
         Lab::build(None)
@@ -54,6 +67,12 @@ impl Lab {
 
     /// The lab with workload certificates of `lifetime` (renewed at half of it).
     fn build(lifetime: Option<&str>) -> Lab {
+        Lab::with_policy(|server| l4_policy(server.ip4), lifetime)
+    }
+
+    /// The lab with `policy(server pod)` as its documents besides the namespace and the pods,
+    /// and workload certificates of `lifetime` (default 24h).
+    fn with_policy(policy: impl FnOnce(&mesh_tests::Pod) -> String, lifetime: Option<&str>) -> Lab {
         let a = Topology::with_net(&["client", "intruder"], 211);
         let b = Topology::with_net(&["server"], 212);
         let (node_a, node_b) = join_underlay(&a, &b);
@@ -78,19 +97,14 @@ impl Lab {
         let (ca_cert, ca_key) = ca(&dir, "ca");
         let (client, intruder, server) = (a.pod("client"), a.pod("intruder"), b.pod("server"));
         server.ns.echo("server", PORT, &[]);
+        let extra = policy(server);
         let policy = [
             "apiVersion: v1\nkind: Namespace\nmetadata: {name: demo, labels: {skiff.dev/mesh: enabled}}\n"
                 .to_string(),
             pod("client", "client-a", client.ip4, node_a),
             pod("intruder", "client-b", intruder.ip4, node_a),
             pod("server", "server", server.ip4, node_b),
-            format!(
-                "apiVersion: skiff.dev/v1alpha1\nkind: MeshPolicy\nmetadata: {{name: mesh, namespace: demo}}\n\
-                 spec:\n  capture: [{{cidr: 10.212.0.0/16, ports: [{PORT}]}}]\n  authorization:\n    rules:\n\
-                 \x20   - name: not-client-b\n      action: Deny\n      to: [{}/32]\n      ports: [{PORT}]\n\
-                 \x20     principals: [\"spiffe://{TRUST_DOMAIN}/ns/demo/sa/client-b\"]\n",
-                server.ip4
-            ),
+            extra,
         ]
         .join("---\n");
         let policy_path = dir.join("policy.yaml");
@@ -127,13 +141,18 @@ impl Lab {
     /// An HTTP request from `pod` of node A to the server, carrying `marker`; the response.
     fn request(&self, pod: &str, marker: &str) -> std::io::Result<String> {
         let dst = SocketAddr::V4(SocketAddrV4::new(self.b.pod("server").ip4, PORT));
-        let marker = marker.to_string();
+        self.get(pod, dst, &format!("/{marker}"), marker)
+    }
+
+    /// `GET path` from `pod` of node A to `dst` with header `X-Marker: marker`; the response.
+    fn get(&self, pod: &str, dst: SocketAddr, path: &str, marker: &str) -> std::io::Result<String> {
+        let (path, marker) = (path.to_string(), marker.to_string());
         self.a.pod(pod).ns.run(move || {
             let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
             s.set_read_timeout(Some(Duration::from_secs(5)))?;
             write!(
                 s,
-                "GET /{marker} HTTP/1.1\r\nHost: server\r\nX-Marker: {marker}\r\nConnection: close\r\n\r\n"
+                "GET {path} HTTP/1.1\r\nHost: web\r\nX-Marker: {marker}\r\nConnection: close\r\n\r\n"
             )?;
             let mut out = String::new();
             s.read_to_string(&mut out)?;
@@ -658,4 +677,180 @@ fn a_certificate_rotation_drops_no_open_connection() {
         .request("client", "after-rotation")
         .expect("new connection");
     assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+}
+
+const WEB_VIP: &str = "10.96.7.10";
+const GRPC_VIP: &str = "10.96.7.11";
+const GRPC_PORT: u16 = 50051;
+
+/// The HTTP lab's documents: Services `web` (port 80) and `grpc` for the pod on node B, an
+/// HTTPRoute on `web` that only takes `/api` and adds a header, fixed headers from the
+/// MeshPolicy, and an HTTP deny rule for client-b on `/api/admin`, which node A cannot decide
+/// (it names a source identity) and node B must.
+fn l7_policy(server: &mesh_tests::Pod) -> String {
+    server.ns.serve(
+        "/usr/bin/python3",
+        &[
+            mesh_tests::support("grpc_server.py")
+                .to_string_lossy()
+                .to_string(),
+            "g".to_string(),
+            GRPC_PORT.to_string(),
+        ],
+    );
+    let ip = |s: &str| s.parse().expect("ip");
+    let endpoint = [std::net::IpAddr::V4(server.ip4)];
+    format!(
+        "apiVersion: skiff.dev/v1alpha1\nkind: MeshPolicy\nmetadata: {{name: mesh, namespace: demo}}\n\
+         spec:\n  capture:\n  - {{cidr: 10.212.0.0/16, ports: [{PORT}, {GRPC_PORT}]}}\n\
+         \x20 - {{cidr: 10.96.7.0/24, ports: [80, {GRPC_PORT}]}}\n\
+         \x20 headers: {{set: {{x-mesh-policy: tunneled}}}}\n\
+         \x20 authorization:\n    http:\n\
+         \x20   - name: no-admin-for-b\n      paths: [/api/admin]\n\
+         \x20     principals: [\"spiffe://{TRUST_DOMAIN}/ns/demo/sa/client-b\"]\n{}{}\
+         ---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: web-api, namespace: mesh-test}}\n\
+         spec:\n  parentRefs: [{{group: \"\", kind: Service, name: web, port: 80}}]\n  rules:\n\
+         \x20 - matches: [{{path: {{type: PathPrefix, value: /api}}}}]\n\
+         \x20   filters:\n    - type: RequestHeaderModifier\n      requestHeaderModifier: {{set: [{{name: x-route, value: web-api}}]}}\n\
+         \x20   backendRefs: [{{name: web, port: 80}}]\n",
+        service("web", ip(WEB_VIP), 80, PORT, &endpoint),
+        service("grpc", ip(GRPC_VIP), GRPC_PORT, GRPC_PORT, &endpoint),
+    )
+}
+
+/// The JSON body of an echo response.
+fn echoed(response: &str) -> serde_json::Value {
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {response}"))
+}
+
+#[test]
+fn http_routes_grpc_and_identity_deny_rules_work_through_the_tunnel() {
+    if !privileged("http_routes_grpc_and_identity_deny_rules_work_through_the_tunnel") {
+        return;
+    }
+    let lab = Lab::with_policy(l7_policy, None);
+    let pcap = lab.dir.join("underlay-l7.pcap");
+    let tcpdump = capture(&lab.a, &pcap);
+    let web: SocketAddr = format!("{WEB_VIP}:80").parse().expect("addr");
+
+    // Routed on node A (the HTTPRoute's filter, the policy's fixed header, a request id), then
+    // carried to node B's pod through the tunnel.
+    let marker = "L7-PLAINTEXT-MARKER-9e2f";
+    let response = lab
+        .get("client", web, "/api/hello", marker)
+        .expect("client-a's request");
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    let seen = echoed(&response);
+    assert_eq!(seen["path"], "/api/hello", "{seen}");
+    assert_eq!(seen["headers"]["x-marker"], marker, "{seen}");
+    assert_eq!(seen["headers"]["x-route"], "web-api", "{seen}");
+    assert_eq!(seen["headers"]["x-mesh-policy"], "tunneled", "{seen}");
+    assert!(
+        seen["headers"]["x-request-id"]
+            .as_str()
+            .is_some_and(|id| !id.is_empty()),
+        "{seen}"
+    );
+    // The pod's peer is node B's agent: the request came out of the tunnel there.
+    assert_ne!(seen["peer"], lab.a.pod("client").ip4.to_string(), "{seen}");
+    // Routing is node A's: a path no rule takes is answered there.
+    let unrouted = lab
+        .get("client", web, "/elsewhere", "unrouted")
+        .expect("request");
+    assert!(unrouted.starts_with("HTTP/1.1 404"), "{unrouted}");
+
+    // The deny rule names client-b: node B refuses it /api/admin and nothing else; client-a
+    // gets through. Node A could not have decided it (it has no source condition of its own).
+    let admin_a = lab
+        .get("client", web, "/api/admin", "admin-a")
+        .expect("request");
+    assert!(admin_a.starts_with("HTTP/1.1 200"), "{admin_a}");
+    let admin_b = lab
+        .get("intruder", web, "/api/admin", "ADMIN-B-MARKER")
+        .expect("request");
+    assert!(admin_b.starts_with("HTTP/1.1 403"), "{admin_b}");
+    assert!(admin_b.contains("denied by policy"), "{admin_b}");
+    let hello_b = lab
+        .get("intruder", web, "/api/hello", "hello-b")
+        .expect("request");
+    assert!(hello_b.starts_with("HTTP/1.1 200"), "{hello_b}");
+
+    // gRPC (HTTP/2 to the Service) through the tunnel, unary and server-streaming.
+    let grpc = |method: &str, payload: &str| -> serde_json::Value {
+        let out = lab
+            .a
+            .pod("client")
+            .ns
+            .cmd("/usr/bin/python3")
+            .arg(mesh_tests::support("grpc_client.py"))
+            .args([&format!("{GRPC_VIP}:{GRPC_PORT}"), method, payload])
+            .output()
+            .expect("grpc client");
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{e}: {}\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                lab._agents.0.log()
+            )
+        })
+    };
+    let echo = grpc("Echo", "GRPC-MARKER-41");
+    assert_eq!(echo["code"], "OK", "{echo}");
+    let reply = echo["replies"][0].as_str().expect("reply");
+    assert!(
+        reply.starts_with("g:GRPC-MARKER-41:rid=") && reply.len() > "g:GRPC-MARKER-41:rid=".len(),
+        "unary reply with an injected request id: {reply}"
+    );
+    assert_eq!(echo["trailers"]["x-served-by"], "g", "{echo}");
+    let count = grpc("Count", "3");
+    assert_eq!(count["code"], "OK", "{count}");
+    assert_eq!(
+        count["replies"],
+        serde_json::json!(["g:0", "g:1", "g:2"]),
+        "{count}"
+    );
+    stop(tcpdump);
+
+    // The underlay carried none of it in plaintext, and nothing to the pods' ports.
+    let bytes = std::fs::read(&pcap).expect("pcap");
+    let contains = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
+    for needle in [marker, "ADMIN-B-MARKER", "GRPC-MARKER-41", "web-api"] {
+        assert!(
+            !contains(needle.as_bytes()),
+            "{needle} crossed the underlay in plaintext"
+        );
+    }
+    let summary = lab
+        .a
+        .node
+        .cmd("tcpdump")
+        .args(["-nn", "-r"])
+        .arg(&pcap)
+        .output()
+        .expect("tcpdump -r");
+    let summary = String::from_utf8_lossy(&summary.stdout).to_string();
+    assert!(
+        summary.contains(&format!("{}.15008", lab.node_b)),
+        "no tunnel packets: {summary}"
+    );
+    for port in [PORT, GRPC_PORT] {
+        assert!(
+            !summary.contains(&format!(".{port}:")),
+            "plaintext to port {port} on the underlay: {summary}"
+        );
+    }
+
+    // Node B counted and logged the refusal with the rule and the principal.
+    assert!(
+        metric(&lab.b, "mesh_http_tunneled_denied_total") >= 1.0,
+        "node B counted the denial"
+    );
+    let log = lab._agents.1.log();
+    assert!(
+        log.lines().any(|l| l.contains("tunneled request denied")
+            && l.contains("no-admin-for-b")
+            && l.contains(&format!("spiffe://{TRUST_DOMAIN}/ns/demo/sa/client-b"))),
+        "{log}"
+    );
 }

@@ -924,23 +924,9 @@ async fn handle(
         };
         let span = Span::current();
         span.record("proto", protocol_name(&inspected.detection));
-        // Not yet: the HTTP proxy's upstream through the tunnel. Until then a connection that
-        // may reach an enrolled pod of another node stays at L4, where it is tunneled, rather
-        // than go to the HTTP proxy and leave the node in plaintext.
-        let tunneled = settings.mesh.as_ref().is_some_and(|m| {
-            m.target(&policy, src.0.ip(), dst.0).is_some()
-                || service.is_some_and(|sp| {
-                    sp.endpoints
-                        .iter()
-                        .any(|ep| m.target(&policy, src.0.ip(), *ep).is_some())
-                })
-        });
-        if tunneled {
-            debug!("destination reached through the mTLS tunnel: forwarded at L4");
-        }
-        if let Detection::Http1(_) | Detection::H2PriorKnowledge = inspected.detection
-            && !tunneled
-        {
+        // HTTP goes to the HTTP proxy also when its endpoints are enrolled pods of other
+        // nodes: its dialer (`crate::tunnel::Dialer`) takes those requests through the tunnel.
+        if let Detection::Http1(_) | Detection::H2PriorKnowledge = inspected.detection {
             forward::disarm_reset(&client);
             let c = HttpConn {
                 client,

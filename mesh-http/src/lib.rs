@@ -384,13 +384,7 @@ impl Proxy {
         let span = tracing::debug_span!("tunneled", %src, %dst, h2);
         let served = async move {
             if h2 {
-                let mut builder = http2::Builder::new(TokioExecutor::new());
-                builder
-                    .timer(TokioTimer::new())
-                    .max_concurrent_streams(config.h2_max_concurrent_streams)
-                    .max_header_list_size(config.h2_max_header_list_size)
-                    .max_pending_accept_reset_streams(H2_MAX_PENDING_ACCEPT_RESET_STREAMS)
-                    .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESET_STREAMS);
+                let builder = h2_server(config);
                 drive!(
                     builder.serve_connection(io, service),
                     watched,
@@ -401,13 +395,7 @@ impl Proxy {
                     None
                 )
             } else {
-                let mut builder = http1::Builder::new();
-                builder
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(None)
-                    .max_headers(config.max_headers)
-                    .max_header_size(config.max_header_bytes)
-                    .keep_alive(true);
+                let builder = h1_server(config);
                 drive!(
                     builder.serve_connection(io, service).with_upgrades(),
                     watched,
@@ -542,13 +530,7 @@ impl Proxy {
         let watched = state.clone();
         let served = async move {
             if h2 {
-                let mut builder = http2::Builder::new(TokioExecutor::new());
-                builder
-                    .timer(TokioTimer::new())
-                    .max_concurrent_streams(config.h2_max_concurrent_streams)
-                    .max_header_list_size(config.h2_max_header_list_size)
-                    .max_pending_accept_reset_streams(H2_MAX_PENDING_ACCEPT_RESET_STREAMS)
-                    .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESET_STREAMS);
+                let builder = h2_server(config);
                 drive!(
                     builder.serve_connection(io, service),
                     watched,
@@ -559,13 +541,7 @@ impl Proxy {
                     moving
                 )
             } else {
-                let mut builder = http1::Builder::new();
-                builder
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(None)
-                    .max_headers(config.max_headers)
-                    .max_header_size(config.max_header_bytes)
-                    .keep_alive(true);
+                let builder = h1_server(config);
                 drive!(
                     builder.serve_connection(io, service).with_upgrades(),
                     watched,
@@ -594,4 +570,29 @@ impl Proxy {
             (Err(error), _) => Err(error),
         }
     }
+}
+
+/// The HTTP/2 server settings of every downstream connection (captured or tunneled).
+fn h2_server(config: &Config) -> http2::Builder<TokioExecutor> {
+    let mut builder = http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(config.h2_max_concurrent_streams)
+        .max_header_list_size(config.h2_max_header_list_size)
+        .max_pending_accept_reset_streams(H2_MAX_PENDING_ACCEPT_RESET_STREAMS)
+        .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESET_STREAMS);
+    builder
+}
+
+/// The HTTP/1 server settings of every downstream connection (captured or tunneled); the head
+/// timeout is the proxy's own.
+fn h1_server(config: &Config) -> http1::Builder {
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(None)
+        .max_headers(config.max_headers)
+        .max_header_size(config.max_header_bytes)
+        .keep_alive(true);
+    builder
 }

@@ -383,12 +383,14 @@ impl Config {
         })
     }
 
-    /// The node's part of the kernel plan: interfaces, extra capture rules, fail mode.
+    /// The node's part of the kernel plan: interfaces, extra capture rules, fail mode, and the
+    /// node IP that picks this node's STRICT pods.
     pub fn node_settings(&self) -> NodeSettings {
         NodeSettings {
             interfaces: self.interfaces.clone(),
             capture: self.capture.clone(),
             fail_mode: self.fail_mode,
+            mesh_node_ip: self.mesh.as_ref().map(|m| m.node_ip),
         }
     }
 

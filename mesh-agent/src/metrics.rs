@@ -381,6 +381,21 @@ impl Collector for KernelCollector {
                 ConstCounter::new(c.bytes).encode(b.encode_family(&labels)?)?;
             }
         }
+        let refused = capture
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .strict_refused();
+        if !refused.is_empty() {
+            let mut r = encoder.encode_descriptor(
+                "mtls_strict_refused",
+                "Plaintext connection openings to STRICT pods dropped, by the pod's host-side interface",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for (iface, n) in &refused {
+                ConstCounter::new(*n).encode(r.encode_family(&[("interface", iface.as_str())])?)?;
+            }
+        }
         let mut m = encoder.encode_descriptor(
             "capture_packets",
             "Packets seen by the TC capture program, by what happened to them",

@@ -7,4 +7,5 @@
 
 pub mod authz;
 pub mod counters;
+pub mod mtls;
 pub mod redirect;

@@ -5,6 +5,9 @@
 //! policy routing delivers it locally) and assigns it to an agent socket: a SYN to the agent's
 //! transparent listener, any later segment to the agent socket that already owns the flow. All
 //! other traffic passes untouched. When no listener exists the configured fail mode decides.
+//!
+//! The object also holds `steer` (sk_lookup, below), the authorization programs (`authz`) and
+//! `refuse_plaintext` (`strict`: STRICT mTLS at TC egress of the same veths).
 // Built for bpfel-unknown-none by mesh-agent's build script. On the host (`cargo clippy
 // --workspace`) it is an ordinary binary with an empty `main`, so the workspace checks cleanly.
 #![cfg_attr(target_arch = "bpf", no_std)]
@@ -14,6 +17,7 @@ mod authz;
 mod maps;
 mod parse;
 mod reset;
+mod strict;
 
 use aya_ebpf::{
     bindings::{BPF_F_CURRENT_NETNS, TC_ACT_UNSPEC, bpf_sock, bpf_sock_tuple},

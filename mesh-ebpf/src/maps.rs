@@ -5,7 +5,7 @@ use aya_ebpf::{
 };
 use mesh_common::{
     authz::{self, DstV4, DstV6, IfaceCounters, RuleList},
-    counters,
+    counters, mtls,
     redirect::{self, AddrV4, AddrV6, FlowKey, PortSet, Settings},
 };
 
@@ -73,6 +73,17 @@ pub static RULE_STATS: PerCpuArray<authz::Counters> =
 #[map(name = "AUTHZ_IFACE_STATS")]
 pub static IFACE_STATS: LruPerCpuHashMap<u32, IfaceCounters> =
     LruPerCpuHashMap::with_max_entries(authz::MAX_IFACES, 0);
+
+// STRICT mTLS (program `refuse_plaintext`): destinations refused plaintext, and refusals per
+// interface; see `mesh_common::mtls`.
+
+#[map(name = "MTLS_STRICT_V4")]
+pub static STRICT_V4: HashMap<[u8; 4], u32> = HashMap::with_max_entries(mtls::MAX_STRICT, 0);
+#[map(name = "MTLS_STRICT_V6")]
+pub static STRICT_V6: HashMap<[u8; 16], u32> = HashMap::with_max_entries(mtls::MAX_STRICT, 0);
+#[map(name = "MTLS_REFUSED")]
+pub static STRICT_REFUSED: LruPerCpuHashMap<u32, u64> =
+    LruPerCpuHashMap::with_max_entries(mtls::MAX_IFACES, 0);
 
 /// Adds one to a per-CPU counter slot.
 #[inline(always)]

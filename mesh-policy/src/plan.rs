@@ -10,13 +10,16 @@
 //!                                 authz:   rules + closure entries        AUTHZ_* (generation swap)
 //!                                 interfaces, fail mode                   attach, CAPTURE_SETTINGS
 //! ```
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
 
-use mesh_common::{authz as kauthz, redirect};
+use mesh_common::{authz as kauthz, mtls as kmtls, redirect};
 use serde::Serialize;
 
 use crate::{
-    AuthzAction, Compiled, FailMode,
+    AuthzAction, Compiled, FailMode, MtlsMode,
     compiled::CaptureRule,
     net::{InterfaceName, Prefix, merge_ranges},
     settings::AuthzRule,
@@ -32,6 +35,10 @@ pub struct NodeSettings {
     pub capture: Vec<CaptureRule>,
     /// Overrides the policy's fail mode when set.
     pub fail_mode: Option<FailMode>,
+    /// With the mesh on (the agent's `mesh:`), this node's IP: the enrolled pods on it whose
+    /// namespace is STRICT are refused plaintext. Without the mesh there is no tunnel to
+    /// arrive through, so nothing is STRICT.
+    pub mesh_node_ip: Option<IpAddr>,
 }
 
 /// What the kernel must enforce.
@@ -45,6 +52,9 @@ pub struct KernelPlan {
     pub capture: Vec<CaptureRule>,
     /// L4 authorization for the XDP program.
     pub authz: AuthzPlan,
+    /// Addresses of this node's enrolled pods in STRICT namespaces, sorted: a connection
+    /// opening that the node forwards to one of them in plaintext is dropped.
+    pub strict: Vec<IpAddr>,
 }
 
 /// Why a plan cannot be built: each message names the entry at fault and the limit.
@@ -63,6 +73,7 @@ impl Compiled {
                 errors.extend(e);
                 AuthzPlan::default()
             });
+        let strict = self.strict_destinations(node.mesh_node_ip, &mut errors);
         if !errors.is_empty() {
             return Err(PlanError(errors));
         }
@@ -72,7 +83,35 @@ impl Compiled {
             interfaces: interfaces.into_iter().collect(),
             capture,
             authz,
+            strict,
         })
+    }
+
+    /// The enrolled workloads on the node at `node_ip` whose namespace is STRICT.
+    fn strict_destinations(
+        &self,
+        node_ip: Option<IpAddr>,
+        errors: &mut Vec<String>,
+    ) -> Vec<IpAddr> {
+        let Some(node_ip) = node_ip else {
+            return Vec::new();
+        };
+        let strict: BTreeSet<IpAddr> = self
+            .workloads()
+            .filter(|w| w.enrolled && (w.node_ip == Some(node_ip) || w.node_ips.contains(&node_ip)))
+            .filter(|w| self.mtls_mode(&w.namespace) == MtlsMode::Strict)
+            .flat_map(|w| w.ips.iter().map(|ip| ip.to_canonical()))
+            .collect();
+        let v4 = strict.iter().filter(|a| a.is_ipv4()).count();
+        for (family, n) in [("IPv4", v4), ("IPv6", strict.len() - v4)] {
+            if n > kmtls::MAX_STRICT as usize {
+                errors.push(format!(
+                    "mtls: {n} {family} addresses of STRICT pods on this node; at most {} fit",
+                    kmtls::MAX_STRICT
+                ));
+            }
+        }
+        strict.into_iter().collect()
     }
 }
 

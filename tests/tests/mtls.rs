@@ -25,7 +25,9 @@ const TRUST_DOMAIN: &str = "cluster.local";
 const PORT: u16 = 7000;
 
 /// Two nodes: A with pods `client` (ServiceAccount client-a) and `intruder` (client-b), B with
-/// `server` (ServiceAccount server), all in namespace `demo`, which is in the mesh.
+/// `server` (ServiceAccount server), all in namespace `demo`, which is in the mesh. Node A's
+/// pod `outsider` is not in the mesh: no Pod object, its veth not captured, so it talks
+/// plaintext straight over the underlay.
 struct Lab {
     a: Topology,
     b: Topology,
@@ -73,7 +75,7 @@ impl Lab {
     /// The lab with `policy(server pod)` as its documents besides the namespace and the pods,
     /// and workload certificates of `lifetime` (default 24h).
     fn with_policy(policy: impl FnOnce(&mesh_tests::Pod) -> String, lifetime: Option<&str>) -> Lab {
-        let a = Topology::with_net(&["client", "intruder"], 211);
+        let a = Topology::with_net(&["client", "intruder", "outsider"], 211);
         let b = Topology::with_net(&["server"], 212);
         let (node_a, node_b) = join_underlay(&a, &b);
         a.node.sh(&[
@@ -136,6 +138,14 @@ impl Lab {
             dir,
             node_b,
         }
+    }
+
+    /// Replaces `from` with `to` in the policy file; the agents reload it.
+    fn edit_policy(&self, from: &str, to: &str) {
+        let path = self.dir.join("policy.yaml");
+        let text = std::fs::read_to_string(&path).expect("policy");
+        assert!(text.contains(from), "{from:?} not in the policy");
+        std::fs::write(&path, text.replace(from, to)).expect("policy");
     }
 
     /// An HTTP request from `pod` of node A to the server, carrying `marker`; the response.
@@ -853,4 +863,90 @@ fn http_routes_grpc_and_identity_deny_rules_work_through_the_tunnel() {
             && l.contains(&format!("spiffe://{TRUST_DOMAIN}/ns/demo/sa/client-b"))),
         "{log}"
     );
+}
+
+/// Capture the pods of node B, and `mode` for namespace `demo`.
+fn mtls_policy(mode: &str) -> String {
+    format!(
+        "apiVersion: skiff.dev/v1alpha1\nkind: MeshPolicy\nmetadata: {{name: mesh, namespace: demo}}\n\
+         spec:\n  capture: [{{cidr: 10.212.0.0/16, ports: [{PORT}]}}]\n  mtls:\n    namespaces: {{demo: {mode}}}\n"
+    )
+}
+
+#[test]
+fn strict_refuses_plaintext_from_outside_the_mesh_and_permissive_accepts_it() {
+    if !privileged("strict_refuses_plaintext_from_outside_the_mesh_and_permissive_accepts_it") {
+        return;
+    }
+    let mut lab = Lab::with_policy(|_| mtls_policy("STRICT"), None);
+    let server = lab.b.pod("server").clone();
+    let strict_interfaces = |lab: &Lab| {
+        mesh_tests::kube::status(&lab.b)["mtls_strict"]["interfaces"]
+            .as_array()
+            .map_or(0, Vec::len)
+    };
+    let refused = |lab: &Lab| {
+        metric(
+            &lab.b,
+            &format!(
+                "mesh_mtls_strict_refused_total{{interface=\"{}\"}}",
+                server.host_if
+            ),
+        )
+    };
+    until(Duration::from_secs(10), "STRICT attached on node B", || {
+        strict_interfaces(&lab) == 1
+    });
+
+    // In the mesh: through the tunnel, delivered by node B's agent.
+    let r = lab
+        .request("client", "in-mesh")
+        .expect("client-a's request");
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    // Outside the mesh: plaintext over the underlay, refused at the pod's veth.
+    let outside = lab.request("outsider", "from-outside");
+    assert!(
+        outside.is_err(),
+        "STRICT must refuse plaintext from outside the mesh: {outside:?}"
+    );
+    assert!(
+        refused(&lab) >= 1.0,
+        "the refusal is counted on {}",
+        server.host_if
+    );
+    // The node itself (a kubelet probe) still reaches the pod: its SYN carries a local socket.
+    let probe = lab.b.node.http_get(
+        SocketAddr::V4(SocketAddrV4::new(server.ip4, PORT)),
+        "/healthz",
+    );
+    assert!(probe.starts_with("HTTP/1.1 200"), "{probe}");
+
+    // PERMISSIVE: both.
+    lab.edit_policy("demo: STRICT", "demo: PERMISSIVE");
+    until(Duration::from_secs(10), "STRICT detached", || {
+        strict_interfaces(&lab) == 0
+    });
+    let r = lab
+        .request("outsider", "permissive")
+        .expect("plaintext accepted");
+    assert!(
+        r.starts_with("HTTP/1.1 200") && r.contains("permissive"),
+        "{r}"
+    );
+    let r = lab.request("client", "still-in-mesh").expect("tunnel");
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+
+    // STRICT again, then a clean stop of node B's agent takes the program away with it.
+    let before = refused(&lab);
+    lab.edit_policy("demo: PERMISSIVE", "demo: STRICT");
+    until(Duration::from_secs(10), "STRICT attached again", || {
+        strict_interfaces(&lab) == 1
+    });
+    assert!(lab.request("outsider", "strict-again").is_err());
+    assert!(refused(&lab) > before);
+    lab._agents.1.terminate(Duration::from_secs(10));
+    let r = lab
+        .request("outsider", "agent-gone")
+        .expect("nothing left behind after a clean stop");
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
 }

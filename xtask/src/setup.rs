@@ -23,6 +23,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("socat", "socat"),
     ("iperf3", "iperf3"),
     ("bpftool", "bpftool"),
+    // The mTLS tests read what crosses the underlay between two nodes.
+    ("tcpdump", "tcpdump"),
     ("h2load", "nghttp2-client"),
     // `cargo xtask bench`: the peers the agent is measured against, and HTTP/1.1 load.
     ("haproxy", "haproxy"),

@@ -11,7 +11,8 @@
 //! (netlink replace of the same priority and handle), and a clean detach deletes the filter.
 //!
 //! Two TC programs can share an interface's ingress: `authorize_tc` runs first (TCX: attached
-//! before every other link; clsact: a lower priority), then `capture`.
+//! before every other link; clsact: a lower priority), then `capture`. `refuse_plaintext` (STRICT
+//! mTLS) runs at the egress, alone.
 use std::path::{Path, PathBuf};
 
 use aya::programs::{
@@ -82,11 +83,13 @@ enum Handle {
     Filter(SchedClassifierLink),
 }
 
-/// Where a TC program sits on an interface's ingress.
+/// Where a TC program sits on an interface.
 #[derive(Clone, Copy, Debug)]
 pub struct TcSlot {
     /// What logs call it.
     pub what: &'static str,
+    /// Ingress (packets leaving the pod) or egress (packets entering it).
+    pub direction: TcAttachType,
     /// TCX: attached before every other link (else after them).
     pub first: bool,
     /// clsact filter priority and handle on kernels without TCX: fixed, so that the next agent
@@ -98,6 +101,7 @@ pub struct TcSlot {
 /// The capture program's place.
 pub const CAPTURE_SLOT: TcSlot = TcSlot {
     what: "capture",
+    direction: TcAttachType::Ingress,
     first: false,
     priority: 50,
     handle: TcHandle::new(0, 0x5c1f),
@@ -106,10 +110,30 @@ pub const CAPTURE_SLOT: TcSlot = TcSlot {
 /// The TC authorization program's place: before capture, so a denied packet is never captured.
 pub const AUTHZ_SLOT: TcSlot = TcSlot {
     what: "authorization",
+    direction: TcAttachType::Ingress,
     first: true,
     priority: 40,
     handle: TcHandle::new(0, 0x5c1e),
 };
+
+/// STRICT mTLS's place: egress, where packets enter the pod.
+pub const STRICT_SLOT: TcSlot = TcSlot {
+    what: "STRICT mTLS",
+    direction: TcAttachType::Egress,
+    first: true,
+    priority: 40,
+    handle: TcHandle::new(0, 0x5c1d),
+};
+
+impl TcSlot {
+    /// `tc ingress` or `tc egress`, as logs and `/status` say.
+    pub fn hook(&self) -> &'static str {
+        match self.direction {
+            TcAttachType::Egress => "tc egress",
+            _ => "tc ingress",
+        }
+    }
+}
 
 /// Takes over the link a previous agent pinned at `pin`, if any, with `attach_to_link`.
 fn take_over<L>(
@@ -151,7 +175,7 @@ fn attach_err(iface: &InterfaceName, reason: String) -> Error {
     }
 }
 
-/// Attaches `prog` at TC ingress of `iface` in `slot`, replacing a previous agent's program in
+/// Attaches `prog` at `iface`'s TC hook in `slot`, replacing a previous agent's program in
 /// place: as a TCX link pinned at `pin` when the kernel has TCX, else as a clsact filter.
 pub fn tc(
     prog: &mut SchedClassifier,
@@ -176,11 +200,7 @@ pub fn tc(
     let id = match id {
         Some(id) => id,
         None => prog
-            .attach_with_options(
-                iface,
-                TcAttachType::Ingress,
-                TcAttachOptions::TcxOrder(order),
-            )
+            .attach_with_options(iface, slot.direction, TcAttachOptions::TcxOrder(order))
             .map_err(|e| {
                 attach_err(
                     iface,
@@ -192,7 +212,7 @@ pub fn tc(
         attach_err(iface, format!("not a bpf_link, cannot be pinned: {e}"))
     })?;
     let link = pin_link(iface, link, pin)?;
-    info!(iface = %iface, mode = "tcx", replaced, "{} attached at TC ingress", slot.what);
+    info!(iface = %iface, mode = "tcx", replaced, "{} attached at {}", slot.what, slot.hook());
     Ok(Attached {
         iface: iface.clone(),
         mode: Mode::Tcx,
@@ -202,7 +222,7 @@ pub fn tc(
     })
 }
 
-/// The pre-6.6 path: a `clsact` ingress filter at the slot's priority and handle.
+/// The pre-6.6 path: a `clsact` filter at the slot's hook, priority and handle.
 fn tc_filter(
     prog: &mut SchedClassifier,
     slot: TcSlot,
@@ -210,14 +230,9 @@ fn tc_filter(
 ) -> Result<Attached, Error> {
     // EEXIST when the interface has clsact already (ours from before, or another tool's).
     let _ = qdisc_add_clsact(iface);
-    let previous = SchedClassifierLink::attached(
-        iface,
-        TcAttachType::Ingress,
-        slot.priority,
-        slot.handle,
-        None,
-    )
-    .map_err(|e| e.to_string());
+    let previous =
+        SchedClassifierLink::attached(iface, slot.direction, slot.priority, slot.handle, None)
+            .map_err(|e| e.to_string());
     let (id, replaced) = match previous
         .and_then(|l| prog.attach_to_link(l).map_err(|e| e.to_string()))
     {
@@ -226,7 +241,7 @@ fn tc_filter(
             let id = prog
                 .attach_with_options(
                     iface,
-                    TcAttachType::Ingress,
+                    slot.direction,
                     TcAttachOptions::Netlink(NlOptions {
                         priority: slot.priority,
                         handle: slot.handle,
@@ -243,7 +258,7 @@ fn tc_filter(
         }
     };
     let link = prog.take_link(id)?;
-    info!(iface = %iface, mode = "clsact", replaced, "{} attached at TC ingress (no TCX before Linux 6.6)", slot.what);
+    info!(iface = %iface, mode = "clsact", replaced, "{} attached at {} (no TCX before Linux 6.6)", slot.what, slot.hook());
     Ok(Attached {
         iface: iface.clone(),
         mode: Mode::Clsact,

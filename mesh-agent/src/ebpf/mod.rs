@@ -4,19 +4,22 @@
 //! - [`capture`]: the capture settings and tries;
 //! - [`authz`]: the authorization maps (generation swap), rule ids and counters, and where the
 //!   authorization program of each interface runs (TC on veths, XDP elsewhere);
+//! - [`strict`]: STRICT mTLS, the destinations refused plaintext and the egress program;
 //! - [`attach`]: attaching, replacing in place and detaching programs, with pinned links;
 //! - [`netlink`]: rtnetlink queries;
 //! - `maps`: typed map access by `mesh_common` name.
 //!
 //! [`Programs::apply`] makes the kernel match a plan: maps first, then the interfaces: the
 //! capture program is attached to every interface of the plan and detached from the ones that
-//! left it, and the authorization program likewise while the plan has authorization to enforce.
+//! left it, the authorization program likewise while the plan has authorization to enforce, and
+//! the STRICT program while the plan has STRICT destinations.
 pub mod attach;
 pub mod authz;
 pub mod capture;
 pub mod kernel;
 mod maps;
 pub mod netlink;
+pub mod strict;
 
 use std::{
     collections::BTreeMap,
@@ -52,6 +55,8 @@ const STEER_PIN: &str = "steer";
 /// Version of what the agent keeps in `bpffs_dir`: the pin names (`capture-<iface>`,
 /// `authz-<iface>`, `steer`, `counters`), the program type behind each link and the counters map's
 /// layout. A successor reuses pins only of its own version; raise it when any of these changes.
+/// (`strict-<iface>` came later without a raise: a pin name added is one a predecessor never
+/// made, so the names it did make keep their meaning.)
 pub const PIN_LAYOUT: u32 = 1;
 /// bpffs holds no regular files, but it does hold symlinks: the version is the link's target.
 const LAYOUT_PIN: &str = "layout";
@@ -164,6 +169,7 @@ pub struct Programs {
     mark: u32,
     capture: BTreeMap<InterfaceName, Attached>,
     authz: BTreeMap<InterfaceName, Attached>,
+    strict: BTreeMap<InterfaceName, Attached>,
     rule_ids: authz::RuleIds,
     /// The last plan applied, with the counter id of each authorization rule.
     plan: Option<(KernelPlan, Vec<u32>)>,
@@ -206,6 +212,7 @@ impl Programs {
             mark,
             capture: BTreeMap::new(),
             authz: BTreeMap::new(),
+            strict: BTreeMap::new(),
             rule_ids: authz::RuleIds::default(),
             plan: None,
             capture_written: None,
@@ -231,15 +238,38 @@ impl Programs {
         self.capture_written = Some(plan.capture.clone());
         let (ids, fresh) = self.rule_ids.assign(&plan.authz.rules);
         authz::write(&mut self.bpf, &plan.authz, &ids, &fresh)?;
+        strict::write(&mut self.bpf, &plan.strict)?;
         self.plan = Some((plan.clone(), ids));
+        self.sync_links(plan)
+    }
 
+    /// Attaches every program the plan uses where it says, and detaches the rest.
+    fn sync_links(&mut self, plan: &KernelPlan) -> Result<(), Error> {
         self.sync_capture_links(&plan.interfaces)?;
-        let authz: &[InterfaceName] = if plan.authz.is_empty() {
-            &[]
-        } else {
-            &plan.interfaces
-        };
-        self.sync_authz_links(authz)
+        let when = |used: bool| -> &[InterfaceName] { if used { &plan.interfaces } else { &[] } };
+        self.sync_authz_links(when(!plan.authz.is_empty()))?;
+        self.sync_strict_links(when(!plan.strict.is_empty()))
+    }
+
+    fn sync_strict_links(&mut self, want: &[InterfaceName]) -> Result<(), Error> {
+        authz::detach(drop_unwanted(&mut self.strict, want))?;
+        let missing: Vec<InterfaceName> = want
+            .iter()
+            .filter(|i| !self.strict.contains_key(*i))
+            .cloned()
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        for a in strict::attach(&mut self.bpf, &missing, &self.dir, self.kernel.tcx)? {
+            self.strict.insert(a.iface.clone(), a);
+        }
+        Ok(())
+    }
+
+    /// Plaintext connection openings STRICT refused, by interface.
+    pub fn strict_refused(&self) -> Vec<(String, u64)> {
+        strict::refused(&self.bpf).unwrap_or_default()
     }
 
     fn sync_capture_links(&mut self, want: &[InterfaceName]) -> Result<(), Error> {
@@ -309,6 +339,17 @@ impl Programs {
         };
         let listeners = maps::get::<SockMap<&MapData>>(&self.bpf, redirect::MAP_LISTENERS)
             .map_or(0, |m| m.indices().filter(|i| i.is_ok()).count());
+        let strict_links = |m: &BTreeMap<InterfaceName, Attached>| {
+            m.values()
+                .map(|a| {
+                    serde_json::json!({
+                        "name": a.iface,
+                        "mode": a.mode.as_str(),
+                        "pin": a.pin,
+                    })
+                })
+                .collect::<Vec<_>>()
+        };
         let links = |m: &BTreeMap<InterfaceName, Attached>| {
             m.values()
                 .map(|a| {
@@ -336,6 +377,13 @@ impl Programs {
                 "mode": if self.kernel.tcx { "tcx" } else { "clsact" },
                 "interfaces": links(&self.capture),
                 "fail_mode": self.plan.as_ref().map(|(p, _)| p.fail_mode.to_string()),
+            },
+            "mtls_strict": {
+                "program": strict::PROGRAM,
+                "hook": attach::STRICT_SLOT.hook(),
+                "interfaces": strict_links(&self.strict),
+                "destinations": self.plan.as_ref().map_or(0, |(p, _)| p.strict.len()),
+                "max_per_family": mesh_common::mtls::MAX_STRICT,
             },
             "maps": {
                 redirect::MAP_CAPTURE_V4: {"entries": v4, "max": redirect::MAX_PREFIXES},
@@ -435,6 +483,9 @@ impl Programs {
         if let Err(e) = authz::detach(std::mem::take(&mut self.authz).into_values().collect()) {
             warn!(error = %e, "detaching authorization");
         }
+        if let Err(e) = authz::detach(std::mem::take(&mut self.strict).into_values().collect()) {
+            warn!(error = %e, "detaching STRICT mTLS");
+        }
         for (iface, a) in std::mem::take(&mut self.capture) {
             if let Err(e) = attach::detach(a) {
                 warn!(iface = %iface, error = %e, "detaching capture");
@@ -460,36 +511,31 @@ impl Programs {
     /// through the pinned links (an atomic replacement, as at any start), so its maps, the
     /// ones its policy updates write, are the ones in use again.
     pub fn reclaim(&mut self) -> Result<(), Error> {
-        let links = std::mem::take(&mut self.capture)
-            .into_values()
-            .chain(std::mem::take(&mut self.authz).into_values());
-        for a in links {
-            attach::release(a);
-        }
+        self.release_links();
         let Some((plan, _)) = self.plan.clone() else {
             return Ok(());
         };
-        self.sync_capture_links(&plan.interfaces)?;
-        let authz: &[InterfaceName] = if plan.authz.is_empty() {
-            &[]
-        } else {
-            &plan.interfaces
-        };
-        self.sync_authz_links(authz)?;
+        self.sync_links(&plan)?;
         info!("programs attached again after a failed takeover");
         Ok(())
+    }
+
+    /// Lets go of every interface link without detaching (see [`attach::release`]).
+    fn release_links(&mut self) {
+        let links = std::mem::take(&mut self.capture)
+            .into_values()
+            .chain(std::mem::take(&mut self.authz).into_values())
+            .chain(std::mem::take(&mut self.strict).into_values());
+        for a in links {
+            attach::release(a);
+        }
     }
 
     /// Hands the attachments to a successor that took over (see `handover`): links stay
     /// attached and pinned, the counters pin stays, and dropping `self` detaches nothing.
     pub fn release(&mut self) {
         self.released = true;
-        let links = std::mem::take(&mut self.capture)
-            .into_values()
-            .chain(std::mem::take(&mut self.authz).into_values());
-        for a in links {
-            attach::release(a);
-        }
+        self.release_links();
         // The successor attached its own sk_lookup link and pinned it in place of ours: closing
         // ours (no longer pinned) takes our program out of the namespace, and leaves its.
         drop(self.steer.take());
@@ -594,6 +640,9 @@ mod tests {
             mesh_common::authz::MAP_GENERATION,
             mesh_common::authz::MAP_RULE_STATS,
             mesh_common::authz::MAP_IFACE_STATS,
+            mesh_common::mtls::MAP_STRICT_V4,
+            mesh_common::mtls::MAP_STRICT_V6,
+            mesh_common::mtls::MAP_REFUSED,
         ];
         shared.extend(mesh_common::authz::MAP_V4);
         shared.extend(mesh_common::authz::MAP_V6);

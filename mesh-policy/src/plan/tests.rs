@@ -167,6 +167,7 @@ fn the_plan_merges_policy_and_node_capture_and_takes_the_node_fail_mode() {
             capture("fd00::/64", &["*"]),
         ],
         fail_mode: None,
+        mesh_node_ip: None,
     };
     let plan = policy.kernel_plan(&node).expect("fits");
     assert_eq!(plan.fail_mode, FailMode::Closed, "the policy's");

@@ -557,3 +557,48 @@ fn the_manifest_example_compiles_and_decides_as_its_comments_say() {
             .is_empty()
     );
 }
+
+#[test]
+fn the_plan_lists_this_nodes_enrolled_strict_pods_only() {
+    let text = [
+        namespace("shop", Some("enabled")),
+        namespace("pay", Some("enabled")),
+        namespace("plain", None),
+        running("shop", "web", "10.244.1.5", "web"),
+        running("pay", "api", "10.244.1.6", "api"),
+        // STRICT but not in the mesh: nothing could reach it through the tunnel.
+        running("plain", "outside", "10.244.1.7", "default"),
+        // STRICT, enrolled, on another node (and dual-stack).
+        pod(
+            "pay",
+            "api-2",
+            "",
+            "  serviceAccountName: api\n  nodeName: n2\n",
+            "  phase: Running\n  hostIPs: [{ip: 10.0.0.2}, {ip: \"fd00::2\"}]\n  podIP: 10.244.2.6\n  podIPs: [{ip: 10.244.2.6}, {ip: \"fd00:244::6\"}]\n",
+        ),
+        mesh_policy(
+            "mesh",
+            "2026-01-01T00:00:00Z",
+            "  mtls:\n    namespaces: {pay: STRICT, plain: STRICT}\n",
+        ),
+    ]
+    .concat();
+    let policy = compile(&text);
+    let on = |node: &str| NodeSettings {
+        mesh_node_ip: Some(ip(node)),
+        ..NodeSettings::default()
+    };
+    let plan = policy.kernel_plan(&on("10.0.0.1")).expect("fits");
+    assert_eq!(plan.strict, [ip("10.244.1.6")], "pay/api only");
+    let plan = policy.kernel_plan(&on("fd00::2")).expect("fits");
+    assert_eq!(
+        plan.strict,
+        [ip("10.244.2.6"), ip("fd00:244::6")],
+        "a node found by any of its IPs, both families of its pod"
+    );
+    let plan = policy.kernel_plan(&NodeSettings::default()).expect("fits");
+    assert!(
+        plan.strict.is_empty(),
+        "without the mesh there is no tunnel, so nothing is STRICT"
+    );
+}

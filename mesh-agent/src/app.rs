@@ -109,7 +109,7 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
         config: cfg.to_json(),
         status,
     });
-    let (channel, listeners, admin_listener) = match takeover {
+    let (channel, listeners, admin_listener, tunnel_fd) = match takeover {
         Some(t) => (
             Some(t.channel),
             Listeners::from_fds(t.v4, t.v6, cfg.listen_port)?,
@@ -117,16 +117,23 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
                 Some(fd) => std::net::TcpListener::from(fd),
                 None => admin::bind(cfg.admin_address)?,
             },
+            t.tunnel,
         ),
         // Listeners first: once the program is attached, SYNs need somewhere to go.
         None => (
             None,
             Listeners::bind(cfg.listen_port)?,
             admin::bind(cfg.admin_address)?,
+            None,
         ),
     };
+    let tunnel_listener = match &cfg.mesh {
+        Some(m) => Some(crate::mesh::tunnel_listener(m, tunnel_fd)?),
+        None => None,
+    };
     // Copies of the sockets for the next agent, should one take over from this one.
-    let offered = crate::handover::Offered::new(&listeners, &admin_listener)?;
+    let offered =
+        crate::handover::Offered::new(&listeners, &admin_listener, tunnel_listener.as_ref())?;
     let (admin_addr, admin_task) = admin::spawn_on(admin_listener, admin_state, cfg.admin_address)?;
     let mut routing = if channel.is_some() {
         PolicyRouting::adopt(cfg.mark, cfg.route_table)?
@@ -176,10 +183,11 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
     });
 
     // mTLS between nodes: identities of this node's workloads and the tunnel server.
-    let mesh = match &cfg.mesh {
-        Some(m) => {
+    let mesh = match (&cfg.mesh, tunnel_listener) {
+        (Some(m), Some(listener)) => {
             let mesh = crate::mesh::Mesh::start(
                 m,
+                listener,
                 store.clone(),
                 cfg.connect_timeout,
                 http.clone(),
@@ -189,7 +197,7 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
             let _ = mesh_cell.set(mesh.clone());
             Some(mesh)
         }
-        None => None,
+        _ => None,
     };
 
     let (start_moving, handoff, moved) = proxy::Handoff::new();
@@ -205,7 +213,7 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
         metrics: metrics.tcp.clone(),
         http: http.clone(),
         handoff,
-        mesh,
+        mesh: mesh.clone(),
     });
     let stats = Arc::new(Stats::default());
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -350,7 +358,17 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
         for l in loops {
             let _ = l.await;
         }
-        crate::handover::hand_over(channel, start_moving, moved, &stats, cfg.drain_timeout).await;
+        // The successor accepts on the tunnel socket too; this agent's tunnel connections finish
+        // their streams while the proxied connections move.
+        let tunnel = async {
+            if let Some(m) = &mesh {
+                m.stop_serving(cfg.drain_timeout).await;
+            }
+        };
+        tokio::join!(
+            crate::handover::hand_over(channel, start_moving, moved, &stats, cfg.drain_timeout),
+            tunnel
+        );
         info!(
             accepted = stats.accepted.load(Ordering::Relaxed),
             "agent stopped: handed over"
@@ -376,7 +394,12 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
     for l in loops {
         let _ = l.await;
     }
-    let left = stats.drain(cfg.drain_timeout).await;
+    let tunnel = async {
+        if let Some(m) = &mesh {
+            m.stop_serving(cfg.drain_timeout).await;
+        }
+    };
+    let (left, ()) = tokio::join!(stats.drain(cfg.drain_timeout), tunnel);
     if left > 0 {
         warn!(open = left, grace = ?cfg.drain_timeout, "drain period over; closing the rest");
     }

@@ -7,7 +7,8 @@
 //! datagram, so file descriptors passed with SCM_RIGHTS arrive with the message they belong to):
 //!
 //! 1. successor -> `Hello` (protocol version, binary version, pin layout version);
-//! 2. running agent -> `Listeners` with the transparent listeners and the admin listener attached,
+//! 2. running agent -> `Listeners` with the transparent listeners, the admin listener and the
+//!    mTLS tunnel listener attached,
 //!    or `Refused` with the reason (another protocol, another pin layout, a handover under way);
 //! 3. the successor puts the *same* listening sockets in its SockMap (their accept queues and
 //!    handshakes in progress carry over), installs routing idempotently, attaches its programs
@@ -139,13 +140,16 @@ pub enum Message {
     Refused {
         reason: String,
     },
-    /// fds: the IPv4 listener, the IPv6 listener if `v6`, the admin listener if `admin`.
+    /// fds: the IPv4 listener, the IPv6 listener if `v6`, the admin listener if `admin`, the
+    /// mTLS tunnel listener if `tunnel` (absent from agents before mTLS: false).
     Listeners {
         protocol: u32,
         version: String,
         layout: u32,
         v6: bool,
         admin: bool,
+        #[serde(default)]
+        tunnel: bool,
     },
     Ready,
     Connections {
@@ -162,7 +166,9 @@ impl Message {
     /// How many fds travel with this message.
     fn fds(&self) -> usize {
         match self {
-            Message::Listeners { v6, admin, .. } => 1 + usize::from(*v6) + usize::from(*admin),
+            Message::Listeners {
+                v6, admin, tunnel, ..
+            } => 1 + usize::from(*v6) + usize::from(*admin) + usize::from(*tunnel),
             Message::Connections { conns } => conns
                 .iter()
                 .map(|c| match c.kind {
@@ -287,6 +293,8 @@ pub struct Takeover {
     pub v4: OwnedFd,
     pub v6: Option<OwnedFd>,
     pub admin: Option<OwnedFd>,
+    /// The mTLS tunnel listener, when the predecessor has one.
+    pub tunnel: Option<OwnedFd>,
     /// The predecessor's binary version.
     pub version: String,
 }
@@ -349,11 +357,13 @@ pub fn connect(path: &Path) -> Result<Option<Takeover>, Error> {
             version,
             v6,
             admin,
+            tunnel,
             ..
         } if protocol == PROTOCOL => {
             let v4 = fds.next().ok_or(Error::Closed)?;
             let v6 = if v6 { fds.next() } else { None };
             let admin = if admin { fds.next() } else { None };
+            let tunnel = if tunnel { fds.next() } else { None };
             // The rest of the conversation waits on our own start, then on the old agent's
             // connections: no timeout.
             channel.set_timeout(None)?;
@@ -362,6 +372,7 @@ pub fn connect(path: &Path) -> Result<Option<Takeover>, Error> {
                 v4,
                 v6,
                 admin,
+                tunnel,
                 version,
             }))
         }
@@ -424,7 +435,12 @@ impl Server {
     /// Waits (blocking) for a successor and answers its hello: `Ok(channel)` once the listeners
     /// went out, so the caller waits for `Ready`. A peer that is refused gets the reason and
     /// `Err` (the caller counts it and waits for the next one).
-    pub fn accept(&self, listeners: &[RawFd], admin: Option<RawFd>) -> Result<Channel, Error> {
+    pub fn accept(
+        &self,
+        listeners: &[RawFd],
+        admin: Option<RawFd>,
+        tunnel: Option<RawFd>,
+    ) -> Result<Channel, Error> {
         let fd = loop {
             match socket::accept4(self.fd.as_raw_fd(), SockFlag::SOCK_CLOEXEC) {
                 // SAFETY: accept4 returned a new descriptor that nothing else owns.
@@ -482,6 +498,7 @@ impl Server {
         }
         let mut fds = listeners.to_vec();
         fds.extend(admin);
+        fds.extend(tunnel);
         channel.send(
             &Message::Listeners {
                 protocol: PROTOCOL,
@@ -489,6 +506,7 @@ impl Server {
                 layout: crate::ebpf::PIN_LAYOUT,
                 v6: listeners.len() > 1,
                 admin: admin.is_some(),
+                tunnel: tunnel.is_some(),
             },
             &fds,
         )?;
@@ -546,10 +564,15 @@ impl Metrics {
 pub struct Offered {
     listeners: Vec<OwnedFd>,
     admin: OwnedFd,
+    tunnel: Option<OwnedFd>,
 }
 
 impl Offered {
-    pub fn new(l: &Listeners, admin: &std::net::TcpListener) -> std::io::Result<Self> {
+    pub fn new(
+        l: &Listeners,
+        admin: &std::net::TcpListener,
+        tunnel: Option<&std::net::TcpListener>,
+    ) -> std::io::Result<Self> {
         let mut listeners = vec![l.v4.as_fd().try_clone_to_owned()?];
         if let Some(v6) = &l.v6 {
             listeners.push(v6.as_fd().try_clone_to_owned()?);
@@ -557,6 +580,7 @@ impl Offered {
         Ok(Offered {
             listeners,
             admin: admin.as_fd().try_clone_to_owned()?,
+            tunnel: tunnel.map(|t| t.as_fd().try_clone_to_owned()).transpose()?,
         })
     }
 }
@@ -617,7 +641,11 @@ pub fn serve(
         info!(socket = %path.display(), "handover socket ready");
         let listeners: Vec<RawFd> = offered.listeners.iter().map(AsRawFd::as_raw_fd).collect();
         loop {
-            let ch = match server.accept(&listeners, Some(offered.admin.as_raw_fd())) {
+            let ch = match server.accept(
+                &listeners,
+                Some(offered.admin.as_raw_fd()),
+                offered.tunnel.as_ref().map(AsRawFd::as_raw_fd),
+            ) {
                 Ok(ch) => ch,
                 Err(e) => {
                     metrics.handover("failed");
@@ -831,6 +859,7 @@ mod tests {
                 layout: 1,
                 v6: false,
                 admin: false,
+                tunnel: false,
             },
             &[l.as_raw_fd()],
         )
@@ -854,12 +883,22 @@ mod tests {
                 layout: 1,
                 v6: true,
                 admin: false,
+                tunnel: true,
             },
             &[],
         )
         .expect("send");
         let e = b.recv().expect_err("refused");
-        assert!(e.to_string().contains("carries 0 fds, 2 expected"), "{e}");
+        assert!(e.to_string().contains("carries 0 fds, 3 expected"), "{e}");
+    }
+
+    /// Agents from before mTLS send no `tunnel`: they offer no tunnel listener.
+    #[test]
+    fn listeners_from_an_agent_before_mtls_have_no_tunnel() {
+        let old = r#"{"type":"listeners","protocol":1,"version":"0.1.0","layout":1,"v6":false,"admin":true}"#;
+        let msg: Message = serde_json::from_str(old).expect("parses");
+        assert!(matches!(msg, Message::Listeners { tunnel: false, .. }));
+        assert_eq!(msg.fds(), 2);
     }
 
     #[test]
@@ -869,7 +908,7 @@ mod tests {
         let server = Server::bind(&path).expect("bind");
         let t = std::thread::spawn(move || {
             let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-            server.accept(&[l.as_raw_fd()], None).err()
+            server.accept(&[l.as_raw_fd()], None, None).err()
         });
         let fd = socket::socket(
             AddressFamily::Unix,

@@ -24,7 +24,10 @@ use anyhow::Context;
 use mesh_identity::{FileCa, Identities, IdentitiesConfig, SpiffeId, TrustDomain};
 use mesh_policy::{Compiled, Identity};
 use mesh_tunnel::{Decision, Inbound, TunnelClient, TunnelConfig, TunnelServer, TunnelStats};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::watch,
+};
 use tracing::{info, warn};
 
 use crate::{config, policy::Store};
@@ -61,6 +64,37 @@ pub struct Mesh {
     client: TunnelClient,
     server_stats: Arc<TunnelStats>,
     pub inbound: Arc<InboundCounts>,
+    /// Tells the tunnel server to stop accepting and finish its connections.
+    stop: watch::Sender<bool>,
+    /// Turns true once the tunnel server has no connection left after `stop`.
+    finished: watch::Receiver<bool>,
+}
+
+/// The tunnel's listening socket: the one a predecessor handed over when it listens on this
+/// configuration's address (both agents then accept on it until the predecessor stops), else a
+/// new one.
+pub fn tunnel_listener(
+    cfg: &config::Mesh,
+    handed_over: Option<std::os::fd::OwnedFd>,
+) -> anyhow::Result<std::net::TcpListener> {
+    let addr = SocketAddr::new(cfg.node_ip, cfg.tunnel_port);
+    if let Some(fd) = handed_over {
+        let listener = std::net::TcpListener::from(fd);
+        match listener.local_addr() {
+            Ok(have) if have == addr => {
+                listener.set_nonblocking(true)?;
+                info!(%addr, "mTLS tunnel listener taken over from the running agent");
+                return Ok(listener);
+            }
+            have => {
+                warn!(?have, want = %addr, "the running agent's tunnel listener is on another address; binding anew")
+            }
+        }
+    }
+    let listener = std::net::TcpListener::bind(addr)
+        .with_context(|| format!("mesh.node_ip / mesh.tunnel_port: cannot listen on {addr}"))?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
 }
 
 impl std::fmt::Debug for Mesh {
@@ -74,12 +108,13 @@ impl std::fmt::Debug for Mesh {
 }
 
 impl Mesh {
-    /// Loads the CA, starts the tunnel server on `node_ip:tunnel_port` and keeps the
+    /// Loads the CA, starts the tunnel server on `listener` (see [`tunnel_listener`]) and keeps the
     /// identities of this node's enrolled workloads in step with `policy`.
     /// `http` serves tunneled HTTP whose requests the policy's HTTP deny rules may refuse by
     /// the source's identity; `idle` is the idle timeout of connections.
     pub async fn start(
         cfg: &config::Mesh,
+        listener: std::net::TcpListener,
         policy: Store,
         connect_timeout: Duration,
         http: mesh_http::Proxy,
@@ -118,11 +153,15 @@ impl Mesh {
             .map_err(|e| anyhow::anyhow!("tunnel server: {e}"))?;
         let server_stats = server.stats().clone();
         let addr = SocketAddr::new(cfg.node_ip, cfg.tunnel_port);
-        let listener = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("mesh.node_ip / mesh.tunnel_port: cannot listen on {addr}"))?;
+        let listener = TcpListener::from_std(listener)
+            .with_context(|| format!("mTLS tunnel listener on {addr}"))?;
         info!(%addr, trust_domain = %trust_domain, "mTLS tunnel listening");
-        tokio::spawn(async move { server.serve(listener).await });
+        let (stop, stopped) = watch::channel(false);
+        let (finish, finished) = watch::channel(false);
+        tokio::spawn(async move {
+            server.serve_until(listener, stopped).await;
+            let _ = finish.send(true);
+        });
         let mesh = Arc::new(Mesh {
             node_ip: cfg.node_ip,
             port: cfg.tunnel_port,
@@ -131,6 +170,8 @@ impl Mesh {
             client,
             server_stats,
             inbound,
+            stop,
+            finished,
         });
         // The first certificates before the agent says it is ready.
         mesh.sync(&policy.current()).await;
@@ -147,6 +188,27 @@ impl Mesh {
             }
         });
         Ok(mesh)
+    }
+
+    /// Stops accepting tunnel connections (a successor holding the same socket takes the new
+    /// ones) and tells the open ones to finish (GOAWAY: their streams in progress go on, new
+    /// streams go to a new connection). Returns once none is left or after `grace`, with the
+    /// number of streams still open then.
+    pub async fn stop_serving(&self, grace: Duration) -> u64 {
+        let _ = self.stop.send(true);
+        let mut finished = self.finished.clone();
+        let _ = tokio::time::timeout(grace, finished.wait_for(|f| *f)).await;
+        let left = self.server_stats.snapshot().streams_open;
+        if left > 0 {
+            warn!(
+                streams = left,
+                ?grace,
+                "tunnel streams still open at the end of the drain period"
+            );
+        } else {
+            info!("tunnel server finished: no connection left");
+        }
+        left
     }
 
     /// The identity of an enrolled workload at `ip`, if it runs on this node (`local`) or on

@@ -18,6 +18,7 @@ use rustls::ServerConfig;
 use rustls::server::Acceptor;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_rustls::LazyConfigAcceptor;
 use tokio_rustls::server::TlsStream;
@@ -152,15 +153,43 @@ impl<H: InboundHandler> TunnelServer<H> {
     /// Accepts and serves tunnel connections on `listener` until the returned future is dropped;
     /// dropping it closes every connection it accepted (and their streams) at once.
     pub async fn serve(&self, listener: TcpListener) {
+        let (_never, stop) = watch::channel(false);
+        self.serve_until(listener, stop).await
+    }
+
+    /// Like [`TunnelServer::serve`] until `stop` turns true (or its sender goes): then the
+    /// listener is closed here (a successor that holds the same socket goes on accepting), every
+    /// connection is sent a GOAWAY so that its client opens new streams elsewhere while the
+    /// streams in progress finish, and the future returns once no connection is left.
+    pub async fn serve_until(&self, listener: TcpListener, mut stop: watch::Receiver<bool>) {
         let mut connections = JoinSet::new();
+        let mut listener = Some(listener);
+        let for_connections = stop.clone();
         loop {
+            let accept = async {
+                match &listener {
+                    Some(l) => l.accept().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
-                accepted = listener.accept() => match accepted {
+                _ = stopped(&mut stop), if listener.is_some() => {
+                    listener = None;
+                    tracing::info!(
+                        connections = connections.len(),
+                        "tunnel server: no longer accepting; connections told to finish (GOAWAY)"
+                    );
+                    if connections.is_empty() {
+                        return;
+                    }
+                }
+                accepted = accept => match accepted {
                     Ok((tcp, src_addr)) => {
                         let inner = self.inner.clone();
                         let span = tracing::info_span!("tunnel_inbound", src = %src_addr);
+                        let stop = for_connections.clone();
                         connections.spawn(
-                            async move { inner.serve_connection(tcp, src_addr).await }
+                            async move { inner.serve_connection(tcp, src_addr, stop).await }
                                 .instrument(span),
                         );
                     }
@@ -170,14 +199,32 @@ impl<H: InboundHandler> TunnelServer<H> {
                     }
                 },
                 // Reap finished connections so the set does not grow.
-                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+                Some(_) = connections.join_next(), if !connections.is_empty() => {
+                    if listener.is_none() && connections.is_empty() {
+                        return;
+                    }
+                }
             }
         }
     }
 }
 
+/// Returns once `stop` is true or its sender is gone.
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    while !*stop.borrow_and_update() {
+        if stop.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 impl<H: InboundHandler> Inner<H> {
-    async fn serve_connection(self: Arc<Self>, tcp: TcpStream, src_addr: SocketAddr) {
+    async fn serve_connection(
+        self: Arc<Self>,
+        tcp: TcpStream,
+        src_addr: SocketAddr,
+        mut stop: watch::Receiver<bool>,
+    ) {
         // Tunnel streams carry interactive traffic too; do not hold back small writes.
         let _ = tcp.set_nodelay(true);
         let timeout = self.config.handshake_timeout;
@@ -213,8 +260,14 @@ impl<H: InboundHandler> Inner<H> {
         // Streams live in the connection's task set: when the server drops the connection, its
         // streams go with it.
         let mut streams = JoinSet::new();
+        let mut closing = false;
         loop {
             tokio::select! {
+                _ = stopped(&mut stop), if !closing => {
+                    closing = true;
+                    // `accept` below then ends once the streams in progress have.
+                    connection.graceful_shutdown();
+                }
                 request = connection.accept() => match request {
                     Some(Ok((request, respond))) => {
                         let inner = self.clone();
@@ -235,6 +288,10 @@ impl<H: InboundHandler> Inner<H> {
                     }
                     Some(Err(error)) => {
                         tracing::warn!(%error, "tunnel connection failed");
+                        break;
+                    }
+                    None if closing => {
+                        tracing::info!("tunnel connection finished after GOAWAY");
                         break;
                     }
                     None => {

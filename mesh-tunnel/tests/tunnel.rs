@@ -561,3 +561,62 @@ async fn half_close_from_the_destination_and_resets_cross_the_tunnel() {
         "tunnel stream reset by the peer: stream no longer needed"
     );
 }
+
+/// An agent handing over to its successor: both hold the same listening socket; the old server
+/// is told to stop, sends GOAWAY, finishes the stream in progress and returns, while new
+/// streams reach the successor.
+#[tokio::test]
+async fn a_server_told_to_stop_finishes_its_streams_and_the_successor_takes_new_ones() {
+    let (ids, bundle) = identities(file_ca(), &[SERVER, CLIENT]).await;
+    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    std_listener.set_nonblocking(true).unwrap();
+    let addr = std_listener.local_addr().unwrap();
+    let successor_socket = std_listener.try_clone().unwrap();
+    let old = mesh_tunnel::TunnelServer::new(
+        ids.clone(),
+        &bundle,
+        TunnelConfig::default(),
+        common::recording_handler(common::Seen::default()),
+    )
+    .unwrap();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let serving = old.clone();
+    let old_task = tokio::spawn(async move {
+        serving
+            .serve_until(TcpListener::from_std(std_listener).unwrap(), stopped)
+            .await
+    });
+    let backend = echo_backend().await;
+    let client = TunnelClient::new(ids.clone(), bundle.clone(), TunnelConfig::default()).unwrap();
+    let mut in_progress = client
+        .connect(&id(CLIENT), &id(SERVER), addr, backend)
+        .await
+        .unwrap();
+    assert_eq!(exchange(&mut in_progress, b"before").await, b"before");
+
+    let successor = Server::start_on(
+        TcpListener::from_std(successor_socket).unwrap(),
+        ids,
+        &bundle,
+        TunnelConfig::default(),
+    );
+    stop.send(true).unwrap();
+    // The old server's connection got GOAWAY: the stream in progress goes on.
+    assert_eq!(exchange(&mut in_progress, b"during").await, b"during");
+    // A new stream cannot use that connection; a new one reaches the successor.
+    let mut fresh = client
+        .connect(&id(CLIENT), &id(SERVER), addr, backend)
+        .await
+        .unwrap();
+    assert_eq!(exchange(&mut fresh, b"after").await, b"after");
+    assert_ne!(fresh.connection_id(), in_progress.connection_id());
+    assert_eq!(successor.tunnel.stats().snapshot().connections_opened, 1);
+    assert_eq!(old.stats().snapshot().connections_opened, 1);
+    assert!(!old_task.is_finished(), "a stream is still open on it");
+
+    drop(in_progress);
+    tokio::time::timeout(Duration::from_secs(5), old_task)
+        .await
+        .expect("the old server returns once its last stream ended")
+        .unwrap();
+}

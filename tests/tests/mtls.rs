@@ -950,3 +950,113 @@ fn strict_refuses_plaintext_from_outside_the_mesh_and_permissive_accepts_it() {
         .expect("nothing left behind after a clean stop");
     assert!(r.starts_with("HTTP/1.1 200"), "{r}");
 }
+
+/// GETs from `pod` of node A to the server, each on a new connection, every 20 ms until `stop`;
+/// (answered, failures with their errors).
+fn request_loop(
+    lab: &Lab,
+    pod: &str,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<(u32, Vec<String>)> {
+    let dst = SocketAddr::V4(SocketAddrV4::new(lab.b.pod("server").ip4, PORT));
+    lab.a.pod(pod).ns.spawn(move || {
+        let (mut ok, mut failed) = (0, Vec::new());
+        let mut i = 0;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            i += 1;
+            let one = || -> std::io::Result<String> {
+                let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
+                s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                write!(
+                    s,
+                    "GET /loop-{i} HTTP/1.1\r\nHost: server\r\nConnection: close\r\n\r\n"
+                )?;
+                let mut out = String::new();
+                s.read_to_string(&mut out)?;
+                Ok(out)
+            };
+            match one() {
+                Ok(r) if r.starts_with("HTTP/1.1 200") => ok += 1,
+                Ok(r) => failed.push(format!("request {i}: {}", r.lines().next().unwrap_or(""))),
+                Err(e) => failed.push(format!("request {i}: {e}")),
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (ok, failed)
+    })
+}
+
+#[test]
+fn an_upgrade_with_mtls_on_hands_over_the_tunnel_listener_and_loses_no_request() {
+    if !privileged("an_upgrade_with_mtls_on_hands_over_the_tunnel_listener_and_loses_no_request") {
+        return;
+    }
+    let mut lab = Lab::with_policy(|_| mtls_policy("STRICT"), None);
+    // A long-lived connection through the tunnel, opened before the upgrade.
+    let dst = SocketAddr::V4(SocketAddrV4::new(lab.b.pod("server").ip4, PORT));
+    let (to_client, requests) = std::sync::mpsc::channel::<u32>();
+    let (answers, from_client) = std::sync::mpsc::channel::<std::io::Result<bool>>();
+    let long_lived = lab.a.pod("client").ns.spawn(move || {
+        let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(5)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        for i in requests {
+            let answered = write!(s, "GET /long-{i} HTTP/1.1\r\nHost: server\r\n\r\n")
+                .and_then(|()| read_response(&mut s))
+                .map(|r| r.starts_with("HTTP/1.1 200") && r.contains(&format!("/long-{i}")));
+            answers.send(answered).expect("answer");
+        }
+    });
+    let ask = |i: u32| {
+        to_client.send(i).expect("ask");
+        from_client
+            .recv_timeout(Duration::from_secs(10))
+            .expect("an answer")
+    };
+    assert!(ask(1).expect("first request"));
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let looping = request_loop(&lab, "client", stop.clone());
+    std::thread::sleep(Duration::from_millis(300));
+    let config_b = lab.dir.join("b.yaml");
+    let successor = lab
+        .b
+        .start_agent(&["--config", config_b.to_str().expect("utf8")]);
+    let mut old = std::mem::replace(&mut lab._agents.1, successor);
+    std::thread::sleep(Duration::from_millis(500));
+    // The old agent's tunnel connection still carries the long-lived connection's stream.
+    assert!(ask(2).expect("a request after the upgrade, on the old connection"));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (answered, failed) = looping.join().expect("request loop");
+    assert!(failed.is_empty(), "lost during the upgrade: {failed:?}");
+    assert!(answered >= 10, "{answered} requests");
+
+    // Once the long-lived connection ends, the old agent has nothing left and exits.
+    drop(to_client);
+    long_lived.join().expect("long-lived connection");
+    let status = old.wait_exit(Duration::from_secs(20));
+    let old_log = old.log();
+    assert!(status.success(), "old agent exit {status}:\n{old_log}");
+    assert!(
+        old_log.contains("tunnel server finished: no connection left"),
+        "{old_log}"
+    );
+    let new_log = lab._agents.1.log();
+    assert!(
+        new_log.contains("mTLS tunnel listener taken over from the running agent"),
+        "{new_log}"
+    );
+    // New connections now reach the successor's tunnel server (its counters start at zero),
+    // and STRICT holds across the upgrade: the program was replaced in place.
+    let r = lab.request("client", "after-upgrade").expect("after");
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert!(metric(&lab.b, "mesh_tunnel_inbound_total{result=\"allowed\"}") >= 1.0);
+    assert!(
+        new_log
+            .lines()
+            .any(|l| l.contains("STRICT mTLS attached at tc egress")
+                && l.contains("\"replaced\":true")),
+        "{new_log}"
+    );
+    assert!(lab.request("outsider", "after-upgrade").is_err());
+}

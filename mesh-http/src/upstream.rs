@@ -420,7 +420,8 @@ impl Upstream {
         })
     }
 
-    /// [`Upstream::send_h1`] along a route: over a ready connection of this thread's pool for
+    /// [`Upstream::send_h1`] along a route (the request line in origin-form, as hyper's pooled
+    /// client writes it for the direct path): over a ready connection of this thread's pool for
     /// (endpoint, route key), or a new one, which then joins the pool. A connection stays
     /// listed while its response is read and is taken again once hyper says it is ready. A
     /// pooled connection that turns out closed before the request went out is replaced by a
@@ -447,6 +448,7 @@ impl Upstream {
             None => self.h1_routed_connect(endpoint, route).await?,
         };
         let mut request = request;
+        origin_form(&mut request);
         let mut fresh = !reused;
         loop {
             let ready = sender.ready().await;
@@ -582,5 +584,23 @@ impl Upstream {
             .send_request(request)
             .await
             .map_err(|e| classify_hyper(endpoint, &e))
+    }
+}
+
+/// Puts an HTTP/1 request's target in origin-form (`/path?query`): hyper's connection-level
+/// sender writes the URI as it is, and an absolute URI is what one sends to a proxy, not to an
+/// origin server, whose application would see `http://10.0.0.5:8080/path` as its path. `CONNECT`
+/// keeps its authority-form.
+fn origin_form<B>(request: &mut Request<B>) {
+    if request.method() == http::Method::CONNECT || request.uri().scheme().is_none() {
+        return;
+    }
+    let target = request
+        .uri()
+        .path_and_query()
+        .map_or("/", |pq| pq.as_str())
+        .to_owned();
+    if let Ok(uri) = target.parse() {
+        *request.uri_mut() = uri;
     }
 }

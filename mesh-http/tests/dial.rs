@@ -202,6 +202,10 @@ async fn routed_connections_are_pooled_per_route_and_never_shared() {
         (0, 2),
         "sent on a's connections only"
     );
+    // In origin-form, as to any origin server (an absolute URI is for proxies: the pod's
+    // application would see `http://ip:port/big` as the path).
+    assert_eq!(written_by(&log, "a", "POST /big HTTP/1.1"), (2, 0));
+    assert_eq!(written_by(&log, "a", "POST http://"), (0, 0));
 
     // gRPC over HTTP/2 goes upstream in HTTP/2, pooled by route too.
     let (listen_h2, _) = serve_on(proxy.clone(), vip, true).await;

@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod kube;
+pub mod mtls;
 pub mod policy;
 pub mod servers;
 pub mod tls;

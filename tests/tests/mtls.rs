@@ -13,15 +13,13 @@ use std::{
     time::Duration,
 };
 
-use mesh_identity::{RootCaPem, TrustDomain};
 use mesh_tests::{
     ADMIN, Agent, Topology,
-    kube::{ApiServer, join_underlay, metric, start_agent, until},
+    kube::{ApiServer, metric, start_agent, until},
+    mtls::{TRUST_DOMAIN, TwoNodes, ca, pod},
     policy::service,
     privileged, sh,
 };
-
-const TRUST_DOMAIN: &str = "cluster.local";
 const PORT: u16 = 7000;
 
 /// Two nodes: A with pods `client` (ServiceAccount client-a) and `intruder` (client-b), B with
@@ -34,22 +32,6 @@ struct Lab {
     _agents: (Agent, Agent),
     dir: PathBuf,
     node_b: Ipv4Addr,
-}
-
-fn ca(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
-    let td = TrustDomain::new(TRUST_DOMAIN).expect("trust domain");
-    let root = RootCaPem::generate_valid_for(&td, Duration::from_secs(2 * 86_400)).expect("CA");
-    let sub = dir.join(name);
-    std::fs::create_dir_all(&sub).expect("dir");
-    root.write_to(&sub).expect("write CA")
-}
-
-fn pod(name: &str, sa: &str, ip: Ipv4Addr, host: Ipv4Addr) -> String {
-    format!(
-        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: demo}}\n\
-         spec: {{serviceAccountName: {sa}, nodeName: node-{host}}}\n\
-         status: {{phase: Running, podIP: {ip}, hostIP: {host}}}\n"
-    )
 }
 
 /// The first lab's MeshPolicy: capture the pod on node B, refuse client-b by principal at L4.
@@ -75,62 +57,31 @@ impl Lab {
     /// The lab with `policy(server pod)` as its documents besides the namespace and the pods,
     /// and workload certificates of `lifetime` (default 24h).
     fn with_policy(policy: impl FnOnce(&mesh_tests::Pod) -> String, lifetime: Option<&str>) -> Lab {
-        let a = Topology::with_net(&["client", "intruder", "outsider"], 211);
-        let b = Topology::with_net(&["server"], 212);
-        let (node_a, node_b) = join_underlay(&a, &b);
-        a.node.sh(&[
-            "ip",
-            "route",
-            "add",
-            "10.212.0.0/16",
-            "via",
-            &node_b.to_string(),
-        ]);
-        b.node.sh(&[
-            "ip",
-            "route",
-            "add",
-            "10.211.0.0/16",
-            "via",
-            &node_a.to_string(),
-        ]);
-        let dir = std::env::temp_dir().join(format!("{}-mtls", a.id));
-        std::fs::create_dir_all(&dir).expect("dir");
-        let (ca_cert, ca_key) = ca(&dir, "ca");
+        let nodes = TwoNodes::new(&["client", "intruder", "outsider"], 211, &["server"], 212);
+        let (a, b, node_a, node_b) = (&nodes.a, &nodes.b, nodes.node_a, nodes.node_b);
         let (client, intruder, server) = (a.pod("client"), a.pod("intruder"), b.pod("server"));
         server.ns.echo("server", PORT, &[]);
         let extra = policy(server);
         let policy = [
             "apiVersion: v1\nkind: Namespace\nmetadata: {name: demo, labels: {skiff.dev/mesh: enabled}}\n"
                 .to_string(),
-            pod("client", "client-a", client.ip4, node_a),
-            pod("intruder", "client-b", intruder.ip4, node_a),
-            pod("server", "server", server.ip4, node_b),
+            pod("client", "demo", "client-a", client.ip4, node_a),
+            pod("intruder", "demo", "client-b", intruder.ip4, node_a),
+            pod("server", "demo", "server", server.ip4, node_b),
             extra,
         ]
         .join("---\n");
-        let policy_path = dir.join("policy.yaml");
+        let policy_path = nodes.dir.join("policy.yaml");
         std::fs::write(&policy_path, policy).expect("policy");
+        let lifetime = lifetime.map_or(String::new(), |l| format!("  certificate_lifetime: {l}\n"));
         let config = |name: &str, node_ip: Ipv4Addr, ifaces: &[&str]| {
-            let path = dir.join(format!("{name}.yaml"));
-            std::fs::write(
-                &path,
-                format!(
-                    "interfaces: [{}]\npolicy: {}\nmesh:\n  trust_domain: {TRUST_DOMAIN}\n  ca_cert: {}\n  ca_key: {}\n  node_ip: {node_ip}\n{}",
-                    ifaces.join(", "),
-                    policy_path.display(),
-                    ca_cert.display(),
-                    ca_key.display(),
-                    lifetime.map_or(String::new(), |l| format!("  certificate_lifetime: {l}\n"))
-                ),
-            )
-            .expect("config");
-            path
+            nodes.config(name, Some(node_ip), ifaces, Some(&policy_path), &lifetime)
         };
         let config_a = config("a", node_a, &[&client.host_if, &intruder.host_if]);
         let config_b = config("b", node_b, &[&server.host_if]);
         let agent_a = a.start_agent(&["--config", config_a.to_str().expect("utf8")]);
         let agent_b = b.start_agent(&["--config", config_b.to_str().expect("utf8")]);
+        let TwoNodes { a, b, dir, .. } = nodes;
         Lab {
             a,
             b,
@@ -521,28 +472,16 @@ fn kubernetes_mode_tunnels_with_identities_from_the_pods() {
     if !privileged("kubernetes_mode_tunnels_with_identities_from_the_pods") {
         return;
     }
-    let a = Topology::with_net(&["client"], 211);
-    let b = Topology::with_net(&["server"], 212);
-    let (node_a, node_b) = join_underlay(&a, &b);
-    a.node.sh(&[
-        "ip",
-        "route",
-        "add",
-        "10.212.0.0/16",
-        "via",
-        &node_b.to_string(),
-    ]);
-    b.node.sh(&[
-        "ip",
-        "route",
-        "add",
-        "10.211.0.0/16",
-        "via",
-        &node_a.to_string(),
-    ]);
-    let dir = std::env::temp_dir().join(format!("{}-mtls", a.id));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let (ca_cert, ca_key) = ca(&dir, "ca");
+    let nodes = TwoNodes::new(&["client"], 211, &["server"], 212);
+    // One file for both nodes, as one ConfigMap: the node IP comes from `--node-ip`.
+    let config = nodes.config("agent", None, &[], None, "");
+    let TwoNodes {
+        a,
+        b,
+        node_a,
+        node_b,
+        ..
+    } = nodes;
     let (client, server) = (a.pod("client"), b.pod("server"));
     server.ns.echo("server", PORT, &[]);
     let api = ApiServer::start_at(&a, &format!("{node_a}:0"));
@@ -554,16 +493,6 @@ fn kubernetes_mode_tunnels_with_identities_from_the_pods() {
     ));
     k8s_pod(&api, "client", "client-a", "node-a", client.ip4, node_a);
     k8s_pod(&api, "server", "server", "node-b", server.ip4, node_b);
-    let config = dir.join("agent.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "mesh:\n  trust_domain: {TRUST_DOMAIN}\n  ca_cert: {}\n  ca_key: {}\n",
-            ca_cert.display(),
-            ca_key.display()
-        ),
-    )
-    .expect("config");
     let config = config.to_str().expect("utf8");
     let _agent_a = start_agent(
         &a,
@@ -1054,7 +983,7 @@ fn an_upgrade_with_mtls_on_hands_over_the_tunnel_listener_and_loses_no_request()
     assert!(
         new_log
             .lines()
-            .any(|l| l.contains("STRICT mTLS attached at tc egress")
+            .any(|l| l.contains("STRICT mTLS attached at TC egress")
                 && l.contains("\"replaced\":true")),
         "{new_log}"
     );

@@ -168,7 +168,7 @@ async fn supervise(o: &Options) -> anyhow::Result<ExitCode> {
 
 /// The namespaces the policy's objects live in: they must exist before kubectl can create
 /// anything in them (the runner's policy files hold no Namespace objects).
-fn namespaces_of(policy: &str) -> anyhow::Result<BTreeSet<String>> {
+pub(crate) fn namespaces_of(policy: &str) -> anyhow::Result<BTreeSet<String>> {
     let mut found = BTreeSet::new();
     for doc in serde_yaml::Deserializer::from_str(policy) {
         let v = <serde_json::Value as serde::Deserialize>::deserialize(doc)?;
@@ -181,7 +181,7 @@ fn namespaces_of(policy: &str) -> anyhow::Result<BTreeSet<String>> {
 
 /// The IPv4 address at the other end of the veth `interface`: `ip` names the peer's network
 /// namespace (by its nsid) and the peer's ifindex.
-fn peer_ipv4(interface: &str) -> anyhow::Result<Ipv4Addr> {
+pub(crate) fn peer_ipv4(interface: &str) -> anyhow::Result<Ipv4Addr> {
     let link = ip_json(&["link", "show", "dev", interface])?;
     let link = &link[0];
     let (Some(nsid), Some(peer)) = (link["link_netnsid"].as_i64(), link["link_index"].as_i64())

@@ -8,6 +8,7 @@ mod k8s_agent;
 mod kernels;
 mod kube;
 mod manifests;
+mod mtls_agent;
 mod setup;
 mod soak;
 mod test;
@@ -93,12 +94,17 @@ enum Command {
     /// namespace): `mesh-apiserver`, the CRDs, the case's policy applied with kubectl, a Pod
     /// object for the client, then `mesh-agent run --kubernetes`.
     K8sAgent(k8s_agent::Options),
+    /// The agent command of the conformance run through the mTLS tunnel (run by `run.py` in
+    /// the node namespace): two agents as two nodes, the backends' Pods on the second, every
+    /// request carried through its tunnel port.
+    MtlsAgent(mtls_agent::Options),
 }
 
 fn main() -> anyhow::Result<std::process::ExitCode> {
     let cli = Cli::parse();
     let done = match cli.command {
         Command::K8sAgent(opts) => return k8s_agent::run(&opts),
+        Command::MtlsAgent(opts) => return mtls_agent::run(&opts),
         Command::Setup => setup::run(),
         Command::Demo { kubernetes } => {
             setup::run()?;

@@ -1,7 +1,8 @@
 //! `cargo xtask test`: the whole suite, as CI runs it. Privileged tests are required here: one that
 //! cannot run fails instead of skipping (`MESH_REQUIRE_PRIVILEGED`). Then the Gateway API
-//! conformance requests in `../shared/conformance` drive the agent from the outside, in file mode
-//! and in Kubernetes mode (`xtask k8s-agent` as the runner's agent command), then a one-minute
+//! conformance requests in `../shared/conformance` drive the agent from the outside, in file mode,
+//! in Kubernetes mode (`xtask k8s-agent` as the runner's agent command) and through the mTLS
+//! tunnel between two agents (`xtask mtls-agent`), then a one-minute
 //! soak (`cargo xtask soak`: RSS and fds back to their baseline after load). Last, the
 //! privileged tests again on Debian bookworm's 6.1 kernel in a VM (`cargo xtask kernels --kernel
 //! 6.1`), the oldest kernel the agent is meant to run on.
@@ -126,9 +127,10 @@ impl Steps {
 }
 
 /// Runs every conformance request with the shared runner as it is (`run.py` exits non-zero
-/// unless all pass): with the agent in file mode and in Kubernetes mode, where this binary's
+/// unless all pass): with the agent in file mode; in Kubernetes mode, where this binary's
 /// `k8s-agent` subcommand turns the runner's policy file and client interface into API objects
-/// (see `k8s_agent.rs`). The two runs go at once, each in a mount namespace of its own (see
+/// (see `k8s_agent.rs`); and through the mTLS tunnel, where `mtls-agent` runs a second agent
+/// as the backends' node (see `mtls_agent.rs`). The runs go at once, each in a mount namespace of its own (see
 /// [`isolated`]): most of a run is waiting (agent start-up, one curl after another), and one
 /// after the other they took a third of CI's time.
 fn conformance(agent: &Path, apiserver: &Path, steps: &mut Steps) -> anyhow::Result<()> {
@@ -144,11 +146,20 @@ fn conformance(agent: &Path, apiserver: &Path, steps: &mut Steps) -> anyhow::Res
         agent.display(),
         apiserver.display()
     );
-    let runs = [("file mode", file), ("Kubernetes mode", kubernetes)];
+    let tunnel = format!(
+        "{} mtls-agent --agent {} --policy {{policy}} --interface {{iface}} --dir {{dir}}",
+        xtask.display(),
+        agent.display()
+    );
+    let runs = [
+        ("file mode", file),
+        ("Kubernetes mode", kubernetes),
+        ("mTLS tunnel", tunnel),
+    ];
     for (mode, cmd) in &runs {
         println!("== conformance, {mode}: run.py --agent-cmd '{cmd}'");
     }
-    let outcomes = steps.time("conformance (both modes)", || {
+    let outcomes = steps.time("conformance (three modes)", || {
         Ok(std::thread::scope(|s| {
             let handles: Vec<_> = runs
                 .iter()

@@ -126,11 +126,19 @@ pub const STRICT_SLOT: TcSlot = TcSlot {
 };
 
 impl TcSlot {
-    /// `tc ingress` or `tc egress`, as logs and `/status` say.
+    /// `tc ingress` or `tc egress`, as `/status` says.
     pub fn hook(&self) -> &'static str {
         match self.direction {
             TcAttachType::Egress => "tc egress",
             _ => "tc ingress",
+        }
+    }
+
+    /// `TC ingress` or `TC egress`, as logs say.
+    fn hook_phrase(&self) -> &'static str {
+        match self.direction {
+            TcAttachType::Egress => "TC egress",
+            _ => "TC ingress",
         }
     }
 }
@@ -212,7 +220,7 @@ pub fn tc(
         attach_err(iface, format!("not a bpf_link, cannot be pinned: {e}"))
     })?;
     let link = pin_link(iface, link, pin)?;
-    info!(iface = %iface, mode = "tcx", replaced, "{} attached at {}", slot.what, slot.hook());
+    info!(iface = %iface, mode = "tcx", replaced, "{} attached at {}", slot.what, slot.hook_phrase());
     Ok(Attached {
         iface: iface.clone(),
         mode: Mode::Tcx,
@@ -258,7 +266,7 @@ fn tc_filter(
         }
     };
     let link = prog.take_link(id)?;
-    info!(iface = %iface, mode = "clsact", replaced, "{} attached at {} (no TCX before Linux 6.6)", slot.what, slot.hook());
+    info!(iface = %iface, mode = "clsact", replaced, "{} attached at {} (no TCX before Linux 6.6)", slot.what, slot.hook_phrase());
     Ok(Attached {
         iface: iface.clone(),
         mode: Mode::Clsact,

@@ -1,5 +1,5 @@
 //! `cargo xtask bench --only mtls`: what the mTLS tunnel costs, on two node namespaces joined by
-//! an underlay veth (the lab of `tests/tests/mtls.rs`), each with its agent (the release build).
+//! an underlay veth (`mesh_tests::mtls::TwoNodes`, as in `tests/tests/mtls.rs`), each with its agent (the release build).
 //!
 //! Three paths from the client pod of node A to node B:
 //! - **direct**: a port no agent captures;
@@ -18,15 +18,16 @@ use std::{
 };
 
 use anyhow::Context as _;
-use mesh_identity::{RootCaPem, TrustDomain};
-use mesh_tests::{Agent, Topology, kube::join_underlay};
+use mesh_tests::{
+    Agent, Topology,
+    mtls::{TwoNodes, pod},
+};
 
 use super::{
     load::{self, quantile},
     procs,
 };
 
-const TRUST_DOMAIN: &str = "cluster.local";
 /// HTTP echo (captured) and iperf3 (captured) on both server pods; the direct ports are not.
 const HTTP: u16 = 7000;
 const IPERF: u16 = 5201;
@@ -55,80 +56,47 @@ struct Lab {
 
 impl Lab {
     fn new(bin: &Path) -> anyhow::Result<Lab> {
-        let a = Topology::with_net(&["client"], 221);
-        let b = Topology::with_net(&["server", "plain"], 222);
-        let (node_a, node_b) = join_underlay(&a, &b);
-        a.node.sh(&[
-            "ip",
-            "route",
-            "add",
-            "10.222.0.0/16",
-            "via",
-            &node_b.to_string(),
-        ]);
-        b.node.sh(&[
-            "ip",
-            "route",
-            "add",
-            "10.221.0.0/16",
-            "via",
-            &node_a.to_string(),
-        ]);
-        let dir = std::env::temp_dir().join(format!("{}-bench-mtls", a.id));
-        std::fs::create_dir_all(&dir)?;
-        let td = TrustDomain::new(TRUST_DOMAIN)?;
-        let (ca_cert, ca_key) =
-            RootCaPem::generate_valid_for(&td, Duration::from_secs(86_400))?.write_to(&dir)?;
+        let nodes = TwoNodes::new(&["client"], 221, &["server", "plain"], 222);
+        let (a, b, node_a, node_b) = (&nodes.a, &nodes.b, nodes.node_a, nodes.node_b);
         for pod in ["server", "plain"] {
             let ns = &b.pod(pod).ns;
             for port in [HTTP, HTTP_DIRECT] {
                 ns.echo(pod, port, &[]);
             }
         }
-        let pod = |name: &str, ns: &str, ip: Ipv4Addr, host: Ipv4Addr| {
-            format!(
-                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}}}\n\
-                 spec: {{serviceAccountName: {name}}}\n\
-                 status: {{phase: Running, podIP: {ip}, hostIP: {host}}}\n"
-            )
-        };
         let policy = [
             "apiVersion: v1\nkind: Namespace\nmetadata: {name: demo, labels: {skiff.dev/mesh: enabled}}\n"
                 .to_string(),
             "apiVersion: v1\nkind: Namespace\nmetadata: {name: plain}\n".to_string(),
-            pod("client", "demo", a.pod("client").ip4, node_a),
-            pod("server", "demo", b.pod("server").ip4, node_b),
-            pod("plain", "plain", b.pod("plain").ip4, node_b),
+            pod("client", "demo", "client", a.pod("client").ip4, node_a),
+            pod("server", "demo", "server", b.pod("server").ip4, node_b),
+            pod("plain", "plain", "plain", b.pod("plain").ip4, node_b),
             format!(
                 "apiVersion: skiff.dev/v1alpha1\nkind: MeshPolicy\nmetadata: {{name: mesh, namespace: demo}}\n\
                  spec:\n  capture: [{{cidr: 10.222.0.0/16, ports: [{HTTP}, {IPERF}]}}]\n"
             ),
         ]
         .join("---\n");
-        let policy_path = dir.join("policy.yaml");
+        let policy_path = nodes.dir.join("policy.yaml");
         std::fs::write(&policy_path, policy)?;
-        let config = |name: &str, node_ip: Ipv4Addr, ifaces: &[&str]| -> anyhow::Result<PathBuf> {
-            let path = dir.join(format!("{name}.yaml"));
-            std::fs::write(
-                &path,
-                format!(
-                    "interfaces: [{}]\npolicy: {}\naccess_log: false\nmesh:\n  trust_domain: {TRUST_DOMAIN}\n  ca_cert: {}\n  ca_key: {}\n  node_ip: {node_ip}\n",
-                    ifaces.join(", "),
-                    policy_path.display(),
-                    ca_cert.display(),
-                    ca_key.display()
-                ),
-            )?;
-            Ok(path)
+        let config = |name: &str, node_ip: Ipv4Addr, ifaces: &[&str]| {
+            nodes.config(
+                name,
+                Some(node_ip),
+                ifaces,
+                Some(&policy_path),
+                "access_log: false\n",
+            )
         };
-        let config_a = config("a", node_a, &[&a.pod("client").host_if])?;
+        let config_a = config("a", node_a, &[&a.pod("client").host_if]);
         let config_b = config(
             "b",
             node_b,
             &[&b.pod("server").host_if, &b.pod("plain").host_if],
-        )?;
+        );
         let agent_a = a.start_agent_bin(bin, &["--config", config_a.to_str().context("utf8")?]);
         let agent_b = b.start_agent_bin(bin, &["--config", config_b.to_str().context("utf8")?]);
+        let TwoNodes { a, b, dir, .. } = nodes;
         Ok(Lab {
             a,
             b,

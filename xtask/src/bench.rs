@@ -15,7 +15,7 @@ mod table;
 
 use std::path::Path;
 
-use anyhow::bail;
+use anyhow::{Context as _, bail};
 
 use crate::util::{build_release, root};
 
@@ -105,9 +105,9 @@ pub fn run(only: Option<Section>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `--quick`: every data-path scenario once, briefly, with `agent`; fails if any did not
-/// complete (after all have run), so CI keeps the benchmark working. Figures are printed but
-/// mean little.
+/// `--quick`: every data-path scenario once, briefly, with `agent`, then the mTLS rows; fails
+/// if any did not complete (the data path's after all have run), so CI keeps the benchmark
+/// working. Figures are printed but mean little.
 pub fn quick(agent: &Path) -> anyhow::Result<()> {
     if !mesh_tests::privileged("bench --quick") {
         bail!("the benchmark needs root (BPF, network namespaces)");
@@ -129,6 +129,11 @@ pub fn quick(agent: &Path) -> anyhow::Result<()> {
             failed.join("\n")
         );
     }
+    // The mTLS rows, once and briefly: every path and measurement must complete.
+    let plan = data_path::Plan::QUICK;
+    let table = mtls::run(agent, plan.rounds, plan.secs)
+        .context("the mTLS rows (cargo xtask bench --only mtls)")?;
+    println!("\nmTLS tunnel, quick:\n{table}");
     Ok(())
 }
 

@@ -17,17 +17,14 @@
 )]
 
 use std::net::SocketAddr;
-use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mesh_identity::{FileCa, Identities, IdentitiesConfig, RootCaPem, SpiffeId, TrustDomain};
 use mesh_tunnel::{Decision, Inbound, TunnelClient, TunnelConfig, TunnelServer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-const CLIENT: &str = "spiffe://cluster.local/ns/bench/sa/client";
-const SERVER: &str = "spiffe://cluster.local/ns/bench/sa/server";
+mod common;
+
 const CHUNK: usize = 256 * 1024;
 const RUNS: usize = 3;
 
@@ -41,22 +38,7 @@ async fn main() {
     }
     let bytes = mib * 1024 * 1024;
 
-    let domain = TrustDomain::new("cluster.local").unwrap();
-    let root = RootCaPem::generate_valid_for(&domain, Duration::from_secs(3600)).unwrap();
-    let ca = FileCa::from_pem(
-        domain,
-        root.cert_pem.as_bytes(),
-        Path::new("memory/ca.crt"),
-        root.key_pem.as_bytes(),
-        Path::new("memory/ca.key"),
-    )
-    .unwrap();
-    let bundle = ca.bundle();
-    let ids = Identities::new(Arc::new(ca), IdentitiesConfig::default()).unwrap();
-    let (client_id, server_id): (SpiffeId, SpiffeId) =
-        (CLIENT.parse().unwrap(), SERVER.parse().unwrap());
-    ids.add(client_id.clone()).await.unwrap();
-    ids.add(server_id.clone()).await.unwrap();
+    let (ids, bundle, client_id, server_id) = common::identities().await;
     let sink = sink_backend().await;
 
     println!("one stream, {mib} MiB, loopback, best of {RUNS}");

@@ -17,16 +17,14 @@
 )]
 
 use std::io::{Read, Write};
-use std::path::Path;
-use std::sync::Arc;
+use std::ops::DerefMut;
 use std::time::{Duration, Instant};
 
 use mesh_identity::tls::{client_config, server_config, server_name};
-use mesh_identity::{FileCa, Identities, IdentitiesConfig, RootCaPem, SpiffeId, TrustDomain};
-use rustls::{ClientConnection, ServerConnection};
+use rustls::{ClientConnection, ConnectionCommon, ServerConnection};
 
-const CLIENT: &str = "spiffe://cluster.local/ns/bench/sa/client";
-const SERVER: &str = "spiffe://cluster.local/ns/bench/sa/server";
+mod common;
+
 const WRITE: usize = 64 * 1024;
 
 #[tokio::main(flavor = "current_thread")]
@@ -35,22 +33,7 @@ async fn main() {
         .nth(1)
         .map(|a| a.parse().unwrap())
         .unwrap_or(1024);
-    let domain = TrustDomain::new("cluster.local").unwrap();
-    let root = RootCaPem::generate_valid_for(&domain, Duration::from_secs(3600)).unwrap();
-    let ca = FileCa::from_pem(
-        domain,
-        root.cert_pem.as_bytes(),
-        Path::new("memory/ca.crt"),
-        root.key_pem.as_bytes(),
-        Path::new("memory/ca.key"),
-    )
-    .unwrap();
-    let bundle = ca.bundle();
-    let ids = Identities::new(Arc::new(ca), IdentitiesConfig::default()).unwrap();
-    let (client_id, server_id): (SpiffeId, SpiffeId) =
-        (CLIENT.parse().unwrap(), SERVER.parse().unwrap());
-    ids.add(client_id.clone()).await.unwrap();
-    ids.add(server_id.clone()).await.unwrap();
+    let (ids, bundle, client_id, server_id) = common::identities().await;
     let client_cfg = client_config(&ids, client_id, &bundle, server_id.clone()).unwrap();
     let server_cfg = server_config(&ids, server_id.clone(), &bundle).unwrap();
 
@@ -80,38 +63,31 @@ async fn main() {
     );
 }
 
-/// Moves handshake flights between the two until neither has anything to say.
+/// Moves handshake flights between the two until neither has anything to say, then the
+/// server's last words (session tickets, if any).
 fn handshake(client: &mut ClientConnection, server: &mut ServerConnection) {
     let mut buf = Vec::new();
     while client.is_handshaking() || server.is_handshaking() {
-        buf.clear();
-        while client.wants_write() {
-            client.write_tls(&mut buf).unwrap();
-        }
-        let mut rd = &buf[..];
-        while !rd.is_empty() {
-            server.read_tls(&mut rd).unwrap();
-            server.process_new_packets().unwrap();
-        }
-        buf.clear();
-        while server.wants_write() {
-            server.write_tls(&mut buf).unwrap();
-        }
-        let mut rd = &buf[..];
-        while !rd.is_empty() {
-            client.read_tls(&mut rd).unwrap();
-            client.process_new_packets().unwrap();
-        }
+        pump(client, server, &mut buf);
+        pump(server, client, &mut buf);
     }
-    // The server's session tickets, if any.
+    pump(server, client, &mut buf);
+}
+
+/// Everything `from` has to send, read and processed by `to`.
+fn pump<A, B, DA, DB>(from: &mut A, to: &mut B, buf: &mut Vec<u8>)
+where
+    A: DerefMut<Target = ConnectionCommon<DA>>,
+    B: DerefMut<Target = ConnectionCommon<DB>>,
+{
     buf.clear();
-    while server.wants_write() {
-        server.write_tls(&mut buf).unwrap();
+    while from.wants_write() {
+        from.write_tls(buf).unwrap();
     }
     let mut rd = &buf[..];
     while !rd.is_empty() {
-        client.read_tls(&mut rd).unwrap();
-        client.process_new_packets().unwrap();
+        to.read_tls(&mut rd).unwrap();
+        to.process_new_packets().unwrap();
     }
 }
 

@@ -152,6 +152,22 @@ fn capture(t: &Topology, file: &Path) -> Child {
     child
 }
 
+/// The packets of a capture file, one line each (`tcpdump -nn -r`), with tcpdump's messages.
+fn packets(t: &Topology, file: &Path) -> String {
+    let out = t
+        .node
+        .cmd("tcpdump")
+        .args(["-nn", "-r"])
+        .arg(file)
+        .output()
+        .expect("tcpdump -r");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 fn stop(mut c: Child) {
     // Packets still on their way into the capture.
     std::thread::sleep(Duration::from_millis(300));
@@ -326,19 +342,7 @@ fn pods_on_two_nodes_talk_through_the_mtls_tunnel() {
         !contains(b"INTRUDER-MARKER"),
         "the refused payload crossed the underlay in plaintext"
     );
-    let summary = lab
-        .a
-        .node
-        .cmd("tcpdump")
-        .args(["-nn", "-r"])
-        .arg(&pcap)
-        .output()
-        .expect("tcpdump -r");
-    let summary = format!(
-        "{}{}",
-        String::from_utf8_lossy(&summary.stdout),
-        String::from_utf8_lossy(&summary.stderr)
-    );
+    let summary = packets(&lab.a, &pcap);
     assert!(
         summary.contains(&format!("{}.15008", lab.node_b)),
         "no tunnel packets: {summary}"
@@ -760,15 +764,7 @@ fn http_routes_grpc_and_identity_deny_rules_work_through_the_tunnel() {
             "{needle} crossed the underlay in plaintext"
         );
     }
-    let summary = lab
-        .a
-        .node
-        .cmd("tcpdump")
-        .args(["-nn", "-r"])
-        .arg(&pcap)
-        .output()
-        .expect("tcpdump -r");
-    let summary = String::from_utf8_lossy(&summary.stdout).to_string();
+    let summary = packets(&lab.a, &pcap);
     assert!(
         summary.contains(&format!("{}.15008", lab.node_b)),
         "no tunnel packets: {summary}"

@@ -430,14 +430,7 @@ pub fn attach(
 
 /// The loaded `authorize_tc` program.
 pub fn tc_program(bpf: &mut Ebpf) -> Result<&mut SchedClassifier, Error> {
-    let prog: &mut SchedClassifier = bpf
-        .program_mut(TC_PROGRAM)
-        .ok_or(Error::MissingProgram(TC_PROGRAM))?
-        .try_into()?;
-    if prog.fd().is_err() {
-        prog.load()?;
-    }
-    Ok(prog)
+    super::classifier(bpf, TC_PROGRAM)
 }
 
 /// The loaded `authorize` (XDP) program.

@@ -283,14 +283,7 @@ impl Programs {
         if missing.is_empty() {
             return Ok(());
         }
-        let prog: &mut SchedClassifier = self
-            .bpf
-            .program_mut(CAPTURE_PROGRAM)
-            .ok_or(Error::MissingProgram(CAPTURE_PROGRAM))?
-            .try_into()?;
-        if prog.fd().is_err() {
-            prog.load()?;
-        }
+        let prog = classifier(&mut self.bpf, CAPTURE_PROGRAM)?;
         for iface in missing {
             let pin = self.dir.join(format!("capture-{iface}"));
             let a = attach::tc(prog, attach::CAPTURE_SLOT, iface, &pin, self.kernel.tcx)?;
@@ -549,6 +542,18 @@ impl Drop for Programs {
             self.detach();
         }
     }
+}
+
+/// The object's TC program `name`, loaded into the kernel on first use.
+fn classifier<'a>(bpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier, Error> {
+    let prog: &mut SchedClassifier = bpf
+        .program_mut(name)
+        .ok_or(Error::MissingProgram(name))?
+        .try_into()?;
+    if prog.fd().is_err() {
+        prog.load()?;
+    }
+    Ok(prog)
 }
 
 /// Removes and returns the links whose interface is not in `want`.

@@ -6,7 +6,6 @@ use std::{collections::BTreeSet, net::IpAddr, path::Path};
 use aya::{
     Ebpf,
     maps::{HashMap as BpfHashMap, MapData, PerCpuHashMap},
-    programs::SchedClassifier,
 };
 use mesh_common::mtls as kmtls;
 use mesh_policy::InterfaceName;
@@ -68,13 +67,7 @@ pub fn attach(
     pin_dir: &Path,
     tcx: bool,
 ) -> Result<Vec<Attached>, Error> {
-    let prog: &mut SchedClassifier = bpf
-        .program_mut(PROGRAM)
-        .ok_or(Error::MissingProgram(PROGRAM))?
-        .try_into()?;
-    if prog.fd().is_err() {
-        prog.load()?;
-    }
+    let prog = super::classifier(bpf, PROGRAM)?;
     interfaces
         .iter()
         .map(|iface| {

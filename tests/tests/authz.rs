@@ -194,7 +194,7 @@ impl Authz {
     fn detach(&mut self) {
         let attached = std::mem::take(&mut self.attached);
         self.node
-            .run(move || authz::detach(attached))
+            .run(move || ebpf::attach::detach_all(attached))
             .expect("detach");
     }
 

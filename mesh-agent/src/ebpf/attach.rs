@@ -387,3 +387,15 @@ pub fn detach_sk_lookup(link: PinnedLink, pin: &Path) {
     }
     let _ = std::fs::remove_file(pin);
 }
+
+/// Detaches every link (see [`detach`]); every link is tried, the first failure is
+/// returned.
+pub fn detach_all(attached: Vec<Attached>) -> Result<(), Error> {
+    let mut first = None;
+    for a in attached {
+        if let Err(e) = detach(a) {
+            first.get_or_insert(e);
+        }
+    }
+    first.map_or(Ok(()), Err)
+}

@@ -445,18 +445,6 @@ pub fn program(bpf: &mut Ebpf) -> Result<&mut Xdp, Error> {
     Ok(prog)
 }
 
-/// Detaches every link (see [`attach::detach`]); every link is tried, the first failure is
-/// returned.
-pub fn detach(attached: Vec<Attached>) -> Result<(), Error> {
-    let mut first = None;
-    for a in attached {
-        if let Err(e) = attach::detach(a) {
-            first.get_or_insert(e);
-        }
-    }
-    first.map_or(Ok(()), Err)
-}
-
 /// Counters summed over CPUs: every rule of the active rule set and every rule id that counted
 /// packets, and every interface the program counted a default decision on.
 pub fn stats(bpf: &Ebpf) -> Result<Stats, Error> {

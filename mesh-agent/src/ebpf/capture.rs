@@ -1,16 +1,34 @@
 //! Writes the capture part of a kernel plan: `CAPTURE_SETTINGS` (fail mode, mark) and the
 //! `CAPTURE_V4`/`CAPTURE_V6` tries (prefix -> port set). The plan is already merged and checked
 //! against the map limits; this only encodes it and makes the maps hold exactly it.
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{collections::BTreeMap, net::IpAddr, path::Path};
 
 use aya::{
     Ebpf,
     maps::{Array, LpmTrie, MapData, lpm_trie::Key},
 };
 use mesh_common::redirect::{self, AddrV4, AddrV6, PortRange as KernelRange, PortSet, Settings};
-use mesh_policy::{CaptureRule, FailMode, PortRange};
+use mesh_policy::{CaptureRule, FailMode, InterfaceName, PortRange};
 
-use super::{Error, maps};
+use super::{Error, attach, attach::Attached, maps};
+
+/// Attaches the capture program at TC ingress of each interface, links pinned at
+/// `<pin_dir>/capture-<iface>` (see [`attach::tc`]).
+pub fn attach(
+    bpf: &mut Ebpf,
+    interfaces: &[InterfaceName],
+    pin_dir: &Path,
+    tcx: bool,
+) -> Result<Vec<Attached>, Error> {
+    let prog = super::classifier(bpf, super::CAPTURE_PROGRAM)?;
+    interfaces
+        .iter()
+        .map(|iface| {
+            let pin = pin_dir.join(format!("capture-{iface}"));
+            attach::tc(prog, attach::CAPTURE_SLOT, iface, &pin, tcx)
+        })
+        .collect()
+}
 
 /// Writes the fail mode and the packet mark the program applies.
 pub fn write_settings(bpf: &mut Ebpf, fail_mode: FailMode, mark: u32) -> Result<(), Error> {

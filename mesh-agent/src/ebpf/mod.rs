@@ -245,67 +245,31 @@ impl Programs {
 
     /// Attaches every program the plan uses where it says, and detaches the rest.
     fn sync_links(&mut self, plan: &KernelPlan) -> Result<(), Error> {
-        self.sync_capture_links(&plan.interfaces)?;
+        let Programs {
+            bpf,
+            dir,
+            kernel,
+            capture,
+            authz,
+            strict,
+            ..
+        } = self;
+        let tcx = kernel.tcx;
         let when = |used: bool| -> &[InterfaceName] { if used { &plan.interfaces } else { &[] } };
-        self.sync_authz_links(when(!plan.authz.is_empty()))?;
-        self.sync_strict_links(when(!plan.strict.is_empty()))
-    }
-
-    fn sync_strict_links(&mut self, want: &[InterfaceName]) -> Result<(), Error> {
-        authz::detach(drop_unwanted(&mut self.strict, want))?;
-        let missing: Vec<InterfaceName> = want
-            .iter()
-            .filter(|i| !self.strict.contains_key(*i))
-            .cloned()
-            .collect();
-        if missing.is_empty() {
-            return Ok(());
-        }
-        for a in strict::attach(&mut self.bpf, &missing, &self.dir, self.kernel.tcx)? {
-            self.strict.insert(a.iface.clone(), a);
-        }
-        Ok(())
+        sync_links(capture, &plan.interfaces, |missing| {
+            capture::attach(bpf, missing, dir, tcx)
+        })?;
+        sync_links(authz, when(!plan.authz.is_empty()), |missing| {
+            authz::attach(bpf, missing, dir, tcx)
+        })?;
+        sync_links(strict, when(!plan.strict.is_empty()), |missing| {
+            strict::attach(bpf, missing, dir, tcx)
+        })
     }
 
     /// Plaintext connection openings STRICT refused, by interface.
     pub fn strict_refused(&self) -> Vec<(String, u64)> {
         strict::refused(&self.bpf).unwrap_or_default()
-    }
-
-    fn sync_capture_links(&mut self, want: &[InterfaceName]) -> Result<(), Error> {
-        for gone in drop_unwanted(&mut self.capture, want) {
-            attach::detach(gone)?;
-        }
-        let missing: Vec<&InterfaceName> = want
-            .iter()
-            .filter(|i| !self.capture.contains_key(*i))
-            .collect();
-        if missing.is_empty() {
-            return Ok(());
-        }
-        let prog = classifier(&mut self.bpf, CAPTURE_PROGRAM)?;
-        for iface in missing {
-            let pin = self.dir.join(format!("capture-{iface}"));
-            let a = attach::tc(prog, attach::CAPTURE_SLOT, iface, &pin, self.kernel.tcx)?;
-            self.capture.insert(iface.clone(), a);
-        }
-        Ok(())
-    }
-
-    fn sync_authz_links(&mut self, want: &[InterfaceName]) -> Result<(), Error> {
-        authz::detach(drop_unwanted(&mut self.authz, want))?;
-        let missing: Vec<InterfaceName> = want
-            .iter()
-            .filter(|i| !self.authz.contains_key(*i))
-            .cloned()
-            .collect();
-        if missing.is_empty() {
-            return Ok(());
-        }
-        for a in authz::attach(&mut self.bpf, &missing, &self.dir, self.kernel.tcx)? {
-            self.authz.insert(a.iface.clone(), a);
-        }
-        Ok(())
     }
 
     /// What `/status` shows: attached interfaces and modes, map fill levels.
@@ -473,10 +437,12 @@ impl Programs {
 
     /// Unpins and detaches every link; the interfaces are left as they were before the agent.
     pub fn detach(&mut self) {
-        if let Err(e) = authz::detach(std::mem::take(&mut self.authz).into_values().collect()) {
+        if let Err(e) = attach::detach_all(std::mem::take(&mut self.authz).into_values().collect())
+        {
             warn!(error = %e, "detaching authorization");
         }
-        if let Err(e) = authz::detach(std::mem::take(&mut self.strict).into_values().collect()) {
+        if let Err(e) = attach::detach_all(std::mem::take(&mut self.strict).into_values().collect())
+        {
             warn!(error = %e, "detaching STRICT mTLS");
         }
         for (iface, a) in std::mem::take(&mut self.capture) {
@@ -557,6 +523,28 @@ fn classifier<'a>(bpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Sched
 }
 
 /// Removes and returns the links whose interface is not in `want`.
+/// Detaches the links of interfaces not in `want`, then attaches (with `attach`) to those of
+/// `want` that have no link yet.
+fn sync_links(
+    links: &mut BTreeMap<InterfaceName, Attached>,
+    want: &[InterfaceName],
+    attach: impl FnOnce(&[InterfaceName]) -> Result<Vec<Attached>, Error>,
+) -> Result<(), Error> {
+    attach::detach_all(drop_unwanted(links, want))?;
+    let missing: Vec<InterfaceName> = want
+        .iter()
+        .filter(|i| !links.contains_key(*i))
+        .cloned()
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    for a in attach(&missing)? {
+        links.insert(a.iface.clone(), a);
+    }
+    Ok(())
+}
+
 fn drop_unwanted(
     links: &mut BTreeMap<InterfaceName, Attached>,
     want: &[InterfaceName],

@@ -182,12 +182,17 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
         }))
     });
 
+    let workers = Arc::new(
+        crate::workers::Workers::start(cfg.workers)
+            .map_err(|e| anyhow::anyhow!("starting {} worker threads: {e}", cfg.workers))?,
+    );
     // mTLS between nodes: identities of this node's workloads and the tunnel server.
     let mesh = match (&cfg.mesh, tunnel_listener) {
         (Some(m), Some(listener)) => {
             let mesh = crate::mesh::Mesh::start(
                 m,
                 listener,
+                &workers,
                 store.clone(),
                 cfg.connect_timeout,
                 http.clone(),
@@ -217,10 +222,6 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
     });
     let stats = Arc::new(Stats::default());
     let (stop_tx, stop_rx) = watch::channel(false);
-    let workers = Arc::new(
-        crate::workers::Workers::start(cfg.workers)
-            .map_err(|e| anyhow::anyhow!("starting {} worker threads: {e}", cfg.workers))?,
-    );
     let mut loops = Vec::new();
     for l in std::iter::once(listeners.v4).chain(listeners.v6) {
         // Every worker accepts from its own duplicate of the listening socket; the socket

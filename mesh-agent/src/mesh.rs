@@ -28,9 +28,9 @@ use tokio::{
     net::{TcpListener, TcpStream},
     sync::watch,
 };
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
-use crate::{config, policy::Store};
+use crate::{config, policy::Store, workers::Workers};
 
 /// How often the identities held are compared with the policy's workloads.
 const SYNC_EVERY: Duration = Duration::from_millis(250);
@@ -108,13 +108,16 @@ impl std::fmt::Debug for Mesh {
 }
 
 impl Mesh {
-    /// Loads the CA, starts the tunnel server on `listener` (see [`tunnel_listener`]) and keeps the
-    /// identities of this node's enrolled workloads in step with `policy`.
+    /// Loads the CA, starts the tunnel server on `listener` (see [`tunnel_listener`]) on every
+    /// worker, as the data plane's other listeners (each worker accepts from a duplicate of the
+    /// socket, and a tunnel connection and its streams stay on the worker that accepted it), and
+    /// keeps the identities of this node's enrolled workloads in step with `policy`.
     /// `http` serves tunneled HTTP whose requests the policy's HTTP deny rules may refuse by
     /// the source's identity; `idle` is the idle timeout of connections.
     pub async fn start(
         cfg: &config::Mesh,
         listener: std::net::TcpListener,
+        workers: &Workers,
         policy: Store,
         connect_timeout: Duration,
         http: mesh_http::Proxy,
@@ -153,13 +156,28 @@ impl Mesh {
             .map_err(|e| anyhow::anyhow!("tunnel server: {e}"))?;
         let server_stats = server.stats().clone();
         let addr = SocketAddr::new(cfg.node_ip, cfg.tunnel_port);
-        let listener = TcpListener::from_std(listener)
+        let sockets = (1..workers.len())
+            .map(|_| listener.try_clone())
+            .collect::<std::io::Result<Vec<_>>>()
             .with_context(|| format!("mTLS tunnel listener on {addr}"))?;
+        let mut sockets = std::iter::once(listener).chain(sockets);
         info!(%addr, trust_domain = %trust_domain, "mTLS tunnel listening");
         let (stop, stopped) = watch::channel(false);
         let (finish, finished) = watch::channel(false);
+        let serving = workers.spawn_each(|_| {
+            let (socket, server, stopped) = (sockets.next(), server.clone(), stopped.clone());
+            async move {
+                let Some(socket) = socket else { return };
+                match TcpListener::from_std(socket) {
+                    Ok(listener) => server.serve_until(listener, stopped).await,
+                    Err(e) => error!(%addr, error = %e, "registering the mTLS tunnel listener with a worker"),
+                }
+            }
+        });
         tokio::spawn(async move {
-            server.serve_until(listener, stopped).await;
+            for worker in serving {
+                let _ = worker.await;
+            }
             let _ = finish.send(true);
         });
         let mesh = Arc::new(Mesh {
@@ -323,12 +341,12 @@ struct Handler {
 const GATE_PIPE: usize = 256 * 1024;
 
 impl mesh_tunnel::InboundHandler for Handler {
-    type Upstream = mesh_http::BoxedIo;
+    type Upstream = tokio::io::DuplexStream;
 
     fn handle(
         &self,
         inbound: Inbound,
-    ) -> impl std::future::Future<Output = Decision<mesh_http::BoxedIo>> + Send {
+    ) -> impl std::future::Future<Output = Decision<tokio::io::DuplexStream>> + Send {
         let policy = self.policy.current();
         let counts = self.counts.clone();
         let timeout = self.connect_timeout;
@@ -393,7 +411,7 @@ impl mesh_tunnel::InboundHandler for Handler {
                         .iter()
                         .any(|rule| !rule.source.is_empty());
                     if !by_identity {
-                        return Decision::Accept(Box::new(stream) as mesh_http::BoxedIo);
+                        return Decision::Deliver(stream);
                     }
                     let (near, far) = tokio::io::duplex(GATE_PIPE);
                     tokio::spawn(crate::tunnel::deliver_gated(
@@ -405,7 +423,7 @@ impl mesh_tunnel::InboundHandler for Handler {
                         inbound.dst,
                         idle,
                     ));
-                    Decision::Accept(Box::new(near))
+                    Decision::Accept(near)
                 }
                 Ok(Err(e)) => {
                     counts.unreachable.fetch_add(1, Ordering::Relaxed);

@@ -63,7 +63,7 @@ async fn main() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let peer = listener.local_addr().unwrap();
         let handler = |inbound: Inbound| async move {
-            Decision::Accept(TcpStream::connect(inbound.dst).await.unwrap())
+            Decision::<TcpStream>::Deliver(TcpStream::connect(inbound.dst).await.unwrap())
         };
         let server = TunnelServer::new(ids.clone(), &bundle, config.clone(), handler).unwrap();
         let serving = tokio::spawn(async move { server.serve(listener).await });

@@ -24,6 +24,7 @@ use crate::config::{ConfigError, TunnelConfig};
 use crate::error::TunnelError;
 use crate::handshake::{self, Recorded};
 use crate::pool::{Conn, ConnShared, Key, KeyPool, Pool, Slot};
+use crate::readahead::ReadAhead;
 use crate::server::REFUSAL_REASON_HEADER;
 use crate::stats::{HandshakeFailure, Open, TunnelStats};
 use crate::stream::H2Stream;
@@ -176,7 +177,7 @@ impl Inner {
         Ok(pool.insert(Arc::new(Conn { send, shared })))
     }
 
-    async fn handshake(&self, key: &Key) -> Result<TlsStream<TcpStream>, TunnelError> {
+    async fn handshake(&self, key: &Key) -> Result<TlsStream<ReadAhead<TcpStream>>, TunnelError> {
         if self.identities.current(&key.src).is_none() {
             return Err(TunnelError::UnknownSource {
                 src: key.src.clone(),
@@ -206,7 +207,7 @@ impl Inner {
             }
         };
         let _ = tcp.set_nodelay(true);
-        let handshake = TlsConnector::from(config).connect(name, tcp);
+        let handshake = TlsConnector::from(config).connect(name, ReadAhead::new(tcp));
         let failed = |failure: HandshakeFailure, reason: String| {
             self.stats.handshake_failed(failure);
             tracing::warn!(%failure, %reason, "tunnel handshake failed");
@@ -342,7 +343,7 @@ async fn drive(
     key: Key,
     pool: Arc<KeyPool>,
     shared: Arc<ConnShared>,
-    mut connection: h2::client::Connection<Recorded<TlsStream<TcpStream>>, Bytes>,
+    mut connection: h2::client::Connection<Recorded<TlsStream<ReadAhead<TcpStream>>>, Bytes>,
     _open: Open,
 ) {
     let idle_timeout = client.config.idle_timeout;
@@ -443,6 +444,22 @@ impl TunnelStream {
     /// The original destination carried in the CONNECT.
     pub fn dst(&self) -> SocketAddr {
         self.dst
+    }
+
+    /// Relays between this stream and `tcp` until both directions are done, half-closing each
+    /// side when the other ends, with no copy of the bytes in between (see [`crate::relay`]).
+    /// With `idle`, fails with `TimedOut` once no byte moved either way for that long. Returns
+    /// the bytes moved (from `tcp` into the tunnel, from the tunnel to `tcp`).
+    pub async fn relay(
+        &mut self,
+        tcp: &mut TcpStream,
+        idle: Option<std::time::Duration>,
+    ) -> io::Result<(u64, u64)> {
+        let (result, (written, read)) = crate::relay::relay(&mut self.io, tcp, idle).await;
+        // What moved before a failure is counted too.
+        self.written += written;
+        self.read += read;
+        result.map(|()| (written, read))
     }
 
     /// Which pooled connection carries the stream (streams with the same id share one TLS

@@ -23,6 +23,8 @@ mod config;
 mod error;
 mod handshake;
 mod pool;
+mod readahead;
+mod relay;
 mod server;
 mod stats;
 mod stream;

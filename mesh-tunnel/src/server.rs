@@ -27,6 +27,7 @@ use tracing::Instrument;
 use crate::config::TunnelConfig;
 use crate::error::ServerError;
 use crate::handshake;
+use crate::readahead::ReadAhead;
 use crate::stats::{HandshakeFailure, TunnelStats};
 use crate::stream::H2Stream;
 
@@ -57,8 +58,12 @@ pub struct Inbound {
 /// The handler's answer to a CONNECT.
 #[derive(Debug)]
 pub enum Decision<S> {
-    /// Relay the tunnel stream to and from this stream (typically a `TcpStream` to `dst`).
+    /// Relay the tunnel stream to and from this stream.
     Accept(S),
+    /// Relay the tunnel stream to and from this TCP connection (typically to `dst`): the fast
+    /// path, where DATA frames are written to the socket and read from it as they are, without
+    /// a relay buffer in between.
+    Deliver(TcpStream),
     /// Answer with this status (4xx or 5xx; anything else becomes 500) and end the stream. The
     /// reason goes to the client in the [`REFUSAL_REASON_HEADER`] header.
     Refuse {
@@ -312,8 +317,8 @@ impl<H: InboundHandler> Inner<H> {
     async fn handshake(
         &self,
         tcp: TcpStream,
-    ) -> Result<(TlsStream<TcpStream>, Established), (HandshakeFailure, String)> {
-        let start = LazyConfigAcceptor::new(Acceptor::default(), tcp)
+    ) -> Result<(TlsStream<ReadAhead<TcpStream>>, Established), (HandshakeFailure, String)> {
+        let start = LazyConfigAcceptor::new(Acceptor::default(), ReadAhead::new(tcp))
             .await
             .map_err(|e| handshake::classify(&e))?;
         let sni = start.client_hello().server_name().map(str::to_owned);
@@ -382,8 +387,9 @@ impl<H: InboundHandler> Inner<H> {
             dst,
             src_addr,
         };
-        let mut upstream = match self.handler.handle(inbound).await {
-            Decision::Accept(upstream) => upstream,
+        let upstream = match self.handler.handle(inbound).await {
+            Decision::Accept(upstream) => Upstream::Other(upstream),
+            Decision::Deliver(tcp) => Upstream::Tcp(tcp),
             Decision::Refuse { status, reason } => {
                 self.stats.stream_refused();
                 let status = StatusCode::from_u16(status)
@@ -408,14 +414,23 @@ impl<H: InboundHandler> Inner<H> {
         let _open = self.stats.stream_opened();
         let mut tunnel = H2Stream::new(send, request.into_body(), self.stats.clone());
         tracing::debug!("CONNECT accepted");
-        match tokio::io::copy_bidirectional_with_sizes(
-            &mut tunnel,
-            &mut upstream,
-            RELAY_BUFFER,
-            RELAY_BUFFER,
-        )
-        .await
-        {
+        let relayed = match upstream {
+            Upstream::Tcp(mut tcp) => {
+                let (result, (to_client, from_client)) =
+                    crate::relay::relay(&mut tunnel, &mut tcp, None).await;
+                result.map(|()| (from_client, to_client))
+            }
+            Upstream::Other(mut other) => {
+                tokio::io::copy_bidirectional_with_sizes(
+                    &mut tunnel,
+                    &mut other,
+                    RELAY_BUFFER,
+                    RELAY_BUFFER,
+                )
+                .await
+            }
+        };
+        match relayed {
             Ok((from_client, to_client)) => {
                 tracing::debug!(from_client, to_client, "tunnel stream done");
             }
@@ -426,6 +441,12 @@ impl<H: InboundHandler> Inner<H> {
             }
         }
     }
+}
+
+/// Where an accepted stream goes.
+enum Upstream<S> {
+    Tcp(TcpStream),
+    Other(S),
 }
 
 /// Answers a stream with an error status and ends it.

@@ -21,9 +21,9 @@ use crate::stats::TunnelStats;
 /// Both directions of one CONNECT stream.
 pub(crate) struct H2Stream {
     send: SendStream<Bytes>,
-    recv: RecvStream,
+    pub(crate) recv: RecvStream,
     /// Part of the last DATA frame the reader has not taken yet.
-    unread: Bytes,
+    pub(crate) unread: Bytes,
     /// END_STREAM sent: further writes fail.
     shut: bool,
     stats: Arc<TunnelStats>,
@@ -55,6 +55,58 @@ impl H2Stream {
         self.send.send_reset(reason);
     }
 
+    /// Waits until h2 grants send capacity for up to `want` bytes (never zero): what the
+    /// windows and the send buffer allow.
+    pub(crate) fn poll_send_capacity(
+        &mut self,
+        want: usize,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<usize>> {
+        if self.shut {
+            return self.poll_send_error(cx).map(Err);
+        }
+        self.send.reserve_capacity(want);
+        loop {
+            match self.send.capacity() {
+                0 => match ready!(self.send.poll_capacity(cx)) {
+                    Some(Ok(_)) => {}
+                    // The stream can no longer send (reset or closed): report why.
+                    Some(Err(_)) | None => return self.poll_send_error(cx).map(Err),
+                },
+                n => return Poll::Ready(Ok(n)),
+            }
+        }
+    }
+
+    /// Queues `data`, within the capacity granted, as DATA.
+    pub(crate) fn send(&mut self, data: Bytes) -> io::Result<()> {
+        let n = data.len();
+        self.send
+            .send_data(data, false)
+            .map_err(|e| send_failed(e, "the tunnel stream can no longer send"))?;
+        self.stats.sent(n);
+        Ok(())
+    }
+
+    /// Sends END_STREAM: the half-close of the tunneled connection.
+    pub(crate) fn finish(&mut self) -> io::Result<()> {
+        if self.shut {
+            return Ok(());
+        }
+        self.send
+            .send_data(Bytes::new(), true)
+            .map_err(|e| send_failed(e, "the tunnel stream could not be half-closed"))?;
+        self.shut = true;
+        Ok(())
+    }
+
+    /// `n` bytes of `unread` left our hands: drops them and lets the peer send as many more.
+    pub(crate) fn consumed(&mut self, n: usize) {
+        self.unread.advance(n);
+        let _ = self.recv.flow_control().release_capacity(n);
+        self.stats.received(n);
+    }
+
     /// The error to report once the send side is unusable: the peer's reset if there was one.
     fn poll_send_error(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
         if self.shut {
@@ -78,6 +130,15 @@ fn reset_error(reason: Reason) -> io::Error {
         _ => io::ErrorKind::ConnectionReset,
     };
     io::Error::new(kind, format!("tunnel stream reset by the peer: {reason}"))
+}
+
+/// A failed `send_data`: the stream was reset or closed under us.
+fn send_failed(e: h2::Error, what: &str) -> io::Error {
+    if e.is_reset() || e.is_io() {
+        h2_error(e)
+    } else {
+        io::Error::new(io::ErrorKind::BrokenPipe, format!("{what}: {e}"))
+    }
 }
 
 pub(crate) fn h2_error(e: h2::Error) -> io::Error {
@@ -104,10 +165,8 @@ impl AsyncRead for H2Stream {
             if !this.unread.is_empty() {
                 let n = this.unread.len().min(buf.remaining());
                 buf.put_slice(&this.unread[..n]);
-                this.unread.advance(n);
                 // Only now may the peer send more: the bytes have left our hands.
-                let _ = this.recv.flow_control().release_capacity(n);
-                this.stats.received(n);
+                this.consumed(n);
                 return Poll::Ready(Ok(()));
             }
             match ready!(this.recv.poll_data(cx)) {
@@ -139,26 +198,11 @@ impl AsyncWrite for H2Stream {
         if this.shut {
             return this.poll_send_error(cx).map(Err);
         }
-        // Ask for room for the whole buffer; h2 grants what the windows and its buffer allow.
-        this.send.reserve_capacity(buf.len());
-        let granted = match this.send.capacity() {
-            0 => match ready!(this.send.poll_capacity(cx)) {
-                Some(Ok(n)) => n,
-                // The stream can no longer send (reset or closed): report why.
-                Some(Err(_)) | None => return this.poll_send_error(cx).map(Err),
-            },
-            n => n,
-        };
-        // Never zero: `capacity` was not, and `poll_capacity` waits rather than report zero.
+        let granted = ready!(this.poll_send_capacity(buf.len(), cx))?;
+        // Never zero: `poll_send_capacity` waits rather than report zero.
         let n = granted.min(buf.len());
-        match this
-            .send
-            .send_data(Bytes::copy_from_slice(&buf[..n]), false)
-        {
-            Ok(()) => {
-                this.stats.sent(n);
-                Poll::Ready(Ok(n))
-            }
+        match this.send(Bytes::copy_from_slice(&buf[..n])) {
+            Ok(()) => Poll::Ready(Ok(n)),
             Err(_) => this.poll_send_error(cx).map(Err),
         }
     }
@@ -173,11 +217,8 @@ impl AsyncWrite for H2Stream {
         if this.shut {
             return Poll::Ready(Ok(()));
         }
-        match this.send.send_data(Bytes::new(), true) {
-            Ok(()) => {
-                this.shut = true;
-                Poll::Ready(Ok(()))
-            }
+        match this.finish() {
+            Ok(()) => Poll::Ready(Ok(())),
             Err(_) => match ready!(this.send.poll_reset(cx)) {
                 // Already closed cleanly by the peer: nothing left to shut.
                 Ok(Reason::NO_ERROR) => Poll::Ready(Ok(())),

@@ -620,3 +620,104 @@ async fn a_server_told_to_stop_finishes_its_streams_and_the_successor_takes_new_
         .expect("the old server returns once its last stream ended")
         .unwrap();
 }
+
+/// The agent's client side: a captured connection relayed into a tunnel stream with
+/// `TunnelStream::relay` (no buffer in between) to a server that delivers with `Decision::Deliver`;
+/// 4 MiB (a whole stream window) each way with half-close, byte counts on both ends; then a
+/// relay that sees no byte for its idle time ends with `TimedOut`.
+#[tokio::test]
+async fn relay_carries_a_captured_connection_and_times_out_when_idle() {
+    let (ids, bundle) = identities(file_ca(), &[SERVER, CLIENT]).await;
+    let server = Server::start(ids.clone(), &bundle, TunnelConfig::default()).await;
+    let backend = echo_backend().await;
+    let client = TunnelClient::new(ids, bundle, TunnelConfig::default()).unwrap();
+
+    // The application's connection, as the agent accepts it.
+    let captured = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = TcpStream::connect(captured.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (mut accepted, _) = captured.accept().await.unwrap();
+    let mut stream = client
+        .connect(&id(CLIENT), &id(SERVER), server.addr, backend)
+        .await
+        .unwrap();
+    let relay = tokio::spawn(async move {
+        let moved = stream
+            .relay(&mut accepted, Some(Duration::from_secs(10)))
+            .await;
+        (moved, stream.bytes_written(), stream.bytes_read())
+    });
+    let data = payload(4 * MIB, 11);
+    let back = round_trip(app, &data).await;
+    assert!(back == data, "{} bytes came back", back.len());
+    let (moved, written, read) = relay.await.unwrap();
+    assert_eq!(moved.unwrap(), (4 * MIB as u64, 4 * MIB as u64));
+    assert_eq!((written, read), (4 * MIB as u64, 4 * MIB as u64));
+    let stats = server.tunnel.stats().clone();
+    eventually("the server stream to end", || {
+        stats.snapshot().streams_open == 0
+    })
+    .await;
+    assert_eq!(stats.snapshot().bytes_received, 4 * MIB as u64);
+
+    // Nothing moves: the relay gives up after its idle time (and not much later).
+    let app = TcpStream::connect(captured.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (mut accepted, _) = captured.accept().await.unwrap();
+    let mut stream = client
+        .connect(&id(CLIENT), &id(SERVER), server.addr, backend)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let err = stream
+        .relay(&mut accepted, Some(Duration::from_millis(200)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(app);
+}
+
+/// A handler that answers with another stream than a socket (`Decision::Accept`, the agent's
+/// HTTP check): the server copies through it both ways, with half-close.
+#[tokio::test]
+async fn an_accepted_stream_other_than_a_socket_is_relayed_both_ways() {
+    use mesh_tunnel::{Decision, Inbound, TunnelServer};
+    let (ids, bundle) = identities(file_ca(), &[SERVER, CLIENT]).await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    // An in-memory echo: what the tunnel writes into `near` comes back out of it.
+    let handler = |_: Inbound| async {
+        let (near, far) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(async move {
+            let (mut read, mut write) = tokio::io::split(far);
+            if tokio::io::copy(&mut read, &mut write).await.is_ok() {
+                use tokio::io::AsyncWriteExt;
+                let _ = write.shutdown().await;
+            }
+        });
+        Decision::Accept(near)
+    };
+    let tunnel = TunnelServer::new(ids.clone(), &bundle, TunnelConfig::default(), handler).unwrap();
+    let serving = tokio::spawn(async move { tunnel.serve(listener).await });
+    let client = TunnelClient::new(ids, bundle, TunnelConfig::default()).unwrap();
+    let stream = client
+        .connect(
+            &id(CLIENT),
+            &id(SERVER),
+            addr,
+            "127.0.0.1:9".parse().unwrap(),
+        )
+        .await
+        .unwrap();
+    let data = payload(MIB, 5);
+    let back = round_trip(stream, &data).await;
+    assert!(back == data, "{} bytes came back", back.len());
+    serving.abort();
+}

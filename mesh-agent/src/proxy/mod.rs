@@ -665,7 +665,10 @@ async fn relay_tunnel(mut c: TunnelRelay, settings: &Settings) {
         return;
     }
     m.active.get_or_create(&c.labels).inc();
-    let copied = copy_idle(&mut c.client, &mut c.tunnel, settings.idle_timeout).await;
+    let copied = c
+        .tunnel
+        .relay(&mut c.client, Some(settings.idle_timeout))
+        .await;
     m.active.get_or_create(&c.labels).dec();
     m.closed.get_or_create(&c.labels).inc();
     let ms = c.started.elapsed().as_millis() as u64;
@@ -690,82 +693,6 @@ async fn relay_tunnel(mut c: TunnelRelay, settings: &Settings) {
                 "connection failed"
             );
         }
-    }
-}
-
-/// `copy_bidirectional` that gives up when neither side moves a byte for `idle`.
-async fn copy_idle(
-    a: &mut TcpStream,
-    b: &mut mesh_tunnel::TunnelStream,
-    idle: Duration,
-) -> std::io::Result<(u64, u64)> {
-    let moved = Arc::new(AtomicU64::new(0));
-    let mut a = Touch {
-        inner: a,
-        moved: moved.clone(),
-    };
-    let copy = tokio::io::copy_bidirectional_with_sizes(&mut a, b, 64 * 1024, 64 * 1024);
-    tokio::pin!(copy);
-    let mut last = 0;
-    loop {
-        tokio::select! {
-            r = &mut copy => return r,
-            () = tokio::time::sleep(idle) => {
-                let now = moved.load(Ordering::Relaxed);
-                if now == last {
-                    return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "idle"));
-                }
-                last = now;
-            }
-        }
-    }
-}
-
-/// The client side of a tunneled connection, counting the bytes it moves (for the idle timeout).
-struct Touch<'a> {
-    inner: &'a mut TcpStream,
-    moved: Arc<AtomicU64>,
-}
-
-impl tokio::io::AsyncRead for Touch<'_> {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let r = std::pin::Pin::new(&mut *self.inner).poll_read(cx, buf);
-        let n = buf.filled().len() - before;
-        self.moved.fetch_add(n as u64, Ordering::Relaxed);
-        r
-    }
-}
-
-impl tokio::io::AsyncWrite for Touch<'_> {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        let r = std::pin::Pin::new(&mut *self.inner).poll_write(cx, buf);
-        if let std::task::Poll::Ready(Ok(n)) = &r {
-            self.moved.fetch_add(*n as u64, Ordering::Relaxed);
-        }
-        r
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut *self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut *self.inner).poll_shutdown(cx)
     }
 }
 

@@ -80,7 +80,8 @@ pub fn recording_handler(seen: Seen) -> Handler {
                 };
             }
             match TcpStream::connect(inbound.dst).await {
-                Ok(upstream) => Decision::Accept(upstream),
+                // The agent's path: DATA frames straight to and from the socket.
+                Ok(upstream) => Decision::Deliver(upstream),
                 Err(e) => Decision::Refuse {
                     status: 503,
                     reason: format!("cannot connect to {}: {e}", inbound.dst),

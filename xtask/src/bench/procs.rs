@@ -166,6 +166,25 @@ pub fn cpu_seconds(pids: &[u32]) -> f64 {
     ticks as f64 / clock_ticks()
 }
 
+/// CPU time the whole machine spent busy since boot (user, nice, system, irq and softirq of
+/// every CPU, from `/proc/stat`; not idle, iowait or steal), seconds.
+pub fn machine_busy_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: u64 = stat
+        .lines()
+        .find_map(|l| l.strip_prefix("cpu "))
+        .map(|l| {
+            let f: Vec<u64> = l
+                .split_whitespace()
+                .filter_map(|v| v.parse().ok())
+                .collect();
+            // user nice system idle iowait irq softirq steal ...
+            [0, 1, 2, 5, 6].iter().filter_map(|&i| f.get(i)).sum()
+        })
+        .unwrap_or(0);
+    ticks as f64 / clock_ticks()
+}
+
 /// `CLK_TCK`: 100 on every Linux this runs on, asked anyway.
 fn clock_ticks() -> f64 {
     crate::util::output("getconf", &["CLK_TCK"])

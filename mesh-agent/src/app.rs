@@ -293,6 +293,15 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
         admin = %admin_addr,
         "agent ready"
     );
+    // What start-up allocated and freed (BTF, policy parsing) goes back to the kernel now, and
+    // what a load spike leaves in the arenas every `TRIM_EVERY`.
+    crate::memory::trim();
+    tokio::spawn(async {
+        loop {
+            tokio::time::sleep(crate::memory::TRIM_EVERY).await;
+            crate::memory::trim();
+        }
+    });
 
     // From here on nothing fails before the predecessor hears ready: what was adopted is ours.
     capture

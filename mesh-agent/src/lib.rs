@@ -7,6 +7,7 @@ pub mod config;
 pub mod ebpf;
 pub mod handover;
 pub mod k8s;
+pub mod memory;
 pub mod mesh;
 pub mod metrics;
 pub mod policy;

@@ -696,6 +696,12 @@ impl Collector for MeshCollector {
                 MetricType::Counter,
                 |s| s.streams_refused,
             ),
+            (
+                "tunnel_keepalive_failures",
+                "mTLS tunnel connections closed because the peer left a keepalive PING unanswered",
+                MetricType::Counter,
+                |s| s.keepalive_failures,
+            ),
         ] {
             let mut f = encoder.encode_descriptor(name, help, None, kind)?;
             for (side, s) in &sides {

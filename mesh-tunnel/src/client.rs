@@ -23,6 +23,7 @@ use tracing::Instrument;
 use crate::config::{ConfigError, TunnelConfig};
 use crate::error::TunnelError;
 use crate::handshake::{self, Recorded};
+use crate::keepalive::{self, Keepalive};
 use crate::pool::{Conn, ConnShared, Key, KeyPool, Pool, Slot};
 use crate::readahead::ReadAhead;
 use crate::server::REFUSAL_REASON_HEADER;
@@ -347,9 +348,24 @@ async fn drive(
     _open: Open,
 ) {
     let idle_timeout = client.config.idle_timeout;
+    let mut keepalive = Keepalive::new(
+        connection.ping_pong(),
+        client.config.keepalive_interval,
+        client.config.keepalive_timeout,
+    );
     loop {
         let idle_deadline = shared.idle_since().map(|since| since + idle_timeout);
         tokio::select! {
+            () = keepalive::dead(&mut keepalive) => {
+                pool.remove(&shared);
+                client.stats.keepalive_failed();
+                tracing::warn!(
+                    conn = shared.id,
+                    timeout = ?client.config.keepalive_timeout,
+                    "tunnel connection closed: the peer left a keepalive PING unanswered"
+                );
+                break;
+            }
             result = &mut connection => {
                 pool.remove(&shared);
                 match result {

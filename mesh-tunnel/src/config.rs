@@ -17,6 +17,10 @@ pub const DEFAULT_MAX_FRAME_SIZE: u32 = 64 * 1024;
 pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: u32 = 100;
 /// A pooled connection without streams for this long is closed.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Each end of a tunnel connection sends an HTTP/2 PING this often...
+pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// ...and closes the connection when the answer takes longer than this.
+pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest TLS handshake, on either side.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest wait for the TCP connection to the peer node, and then for the answer to a CONNECT.
@@ -43,6 +47,11 @@ pub struct TunnelConfig {
     pub max_streams_per_connection: u32,
     /// Idle time after which the client closes a pooled connection that carries no stream.
     pub idle_timeout: Duration,
+    /// How often each end sends a keepalive PING on a connection.
+    pub keepalive_interval: Duration,
+    /// How long an answer to a keepalive PING may take before the connection counts as dead
+    /// and is closed (its streams fail).
+    pub keepalive_timeout: Duration,
     /// Longest TLS handshake.
     pub handshake_timeout: Duration,
     /// Longest TCP connect to a peer, and longest wait for the answer to a CONNECT.
@@ -57,6 +66,8 @@ impl Default for TunnelConfig {
             max_frame_size: DEFAULT_MAX_FRAME_SIZE,
             max_streams_per_connection: DEFAULT_MAX_STREAMS_PER_CONNECTION,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            keepalive_interval: DEFAULT_KEEPALIVE_INTERVAL,
+            keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
         }
@@ -111,6 +122,8 @@ impl TunnelConfig {
         }
         for (field, value) in [
             ("idle_timeout", self.idle_timeout),
+            ("keepalive_interval", self.keepalive_interval),
+            ("keepalive_timeout", self.keepalive_timeout),
             ("handshake_timeout", self.handshake_timeout),
             ("connect_timeout", self.connect_timeout),
         ] {

@@ -22,6 +22,7 @@ mod client;
 mod config;
 mod error;
 mod handshake;
+mod keepalive;
 mod pool;
 mod readahead;
 mod relay;
@@ -32,8 +33,9 @@ mod stream;
 pub use client::{TunnelClient, TunnelStream};
 pub use config::{
     ConfigError, DEFAULT_CONNECT_TIMEOUT, DEFAULT_CONNECTION_WINDOW, DEFAULT_HANDSHAKE_TIMEOUT,
-    DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_FRAME_SIZE, DEFAULT_MAX_STREAMS_PER_CONNECTION,
-    DEFAULT_STREAM_WINDOW, TunnelConfig,
+    DEFAULT_IDLE_TIMEOUT, DEFAULT_KEEPALIVE_INTERVAL, DEFAULT_KEEPALIVE_TIMEOUT,
+    DEFAULT_MAX_FRAME_SIZE, DEFAULT_MAX_STREAMS_PER_CONNECTION, DEFAULT_STREAM_WINDOW,
+    TunnelConfig,
 };
 pub use error::{ServerError, TunnelError};
 pub use server::{Decision, Inbound, InboundHandler, REFUSAL_REASON_HEADER, TunnelServer};

@@ -27,6 +27,7 @@ use tracing::Instrument;
 use crate::config::TunnelConfig;
 use crate::error::ServerError;
 use crate::handshake;
+use crate::keepalive::{self, Keepalive};
 use crate::readahead::ReadAhead;
 use crate::stats::{HandshakeFailure, TunnelStats};
 use crate::stream::H2Stream;
@@ -266,8 +267,23 @@ impl<H: InboundHandler> Inner<H> {
         // streams go with it.
         let mut streams = JoinSet::new();
         let mut closing = false;
+        let mut keepalive = Keepalive::new(
+            connection.ping_pong(),
+            self.config.keepalive_interval,
+            self.config.keepalive_timeout,
+        );
         loop {
             tokio::select! {
+                () = keepalive::dead(&mut keepalive) => {
+                    self.stats.keepalive_failed();
+                    tracing::warn!(
+                        timeout = ?self.config.keepalive_timeout,
+                        "tunnel connection closed: the client left a keepalive PING unanswered"
+                    );
+                    // Its streams cannot finish: end them with the connection.
+                    streams.abort_all();
+                    break;
+                }
                 _ = stopped(&mut stop), if !closing => {
                     closing = true;
                     // `accept` below then ends once the streams in progress have.

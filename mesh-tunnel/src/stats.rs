@@ -65,6 +65,7 @@ pub struct TunnelStats {
     streams_open: AtomicU64,
     streams_opened: AtomicU64,
     streams_refused: AtomicU64,
+    keepalive_failures: AtomicU64,
     requests_invalid: AtomicU64,
     bytes_sent: AtomicU64,
     bytes_received: AtomicU64,
@@ -86,6 +87,8 @@ pub struct StatsSnapshot {
     pub streams_opened: u64,
     /// CONNECT requests refused (the server's handler said no; the client got a non-200 answer).
     pub streams_refused: u64,
+    /// Connections closed because the peer left a keepalive PING unanswered.
+    pub keepalive_failures: u64,
     /// Server: requests that were not a CONNECT to `ip:port` (answered 405 or 400).
     pub requests_invalid: u64,
     /// Payload bytes written into tunnel streams.
@@ -122,6 +125,7 @@ impl TunnelStats {
             streams_open: get(&self.streams_open),
             streams_opened: get(&self.streams_opened),
             streams_refused: get(&self.streams_refused),
+            keepalive_failures: get(&self.keepalive_failures),
             requests_invalid: get(&self.requests_invalid),
             bytes_sent: get(&self.bytes_sent),
             bytes_received: get(&self.bytes_received),
@@ -138,6 +142,10 @@ impl TunnelStats {
 
     pub(crate) fn stream_refused(&self) {
         add(&self.streams_refused, 1);
+    }
+
+    pub(crate) fn keepalive_failed(&self) {
+        add(&self.keepalive_failures, 1);
     }
 
     pub(crate) fn request_invalid(&self) {

@@ -721,3 +721,129 @@ async fn an_accepted_stream_other_than_a_socket_is_relayed_both_ways() {
     assert!(back == data, "{} bytes came back", back.len());
     serving.abort();
 }
+
+/// A TCP relay in front of a server whose connections can be frozen: they stay open but move
+/// no more bytes, as with a peer agent that hangs. Connections accepted later relay normally.
+struct FreezableProxy {
+    addr: std::net::SocketAddr,
+    frozen: std::sync::Arc<std::sync::Mutex<Vec<std::sync::Arc<std::sync::atomic::AtomicBool>>>>,
+}
+
+impl FreezableProxy {
+    async fn start(to: std::net::SocketAddr) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{Arc, Mutex};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let frozen: Arc<Mutex<Vec<Arc<AtomicBool>>>> = Arc::default();
+        let all = frozen.clone();
+        tokio::spawn(async move {
+            loop {
+                let (inbound, _) = listener.accept().await.unwrap();
+                let outbound = TcpStream::connect(to).await.unwrap();
+                let flag = Arc::new(AtomicBool::new(false));
+                all.lock().unwrap().push(flag.clone());
+                let (ir, iw) = inbound.into_split();
+                let (or, ow) = outbound.into_split();
+                for (mut from, mut to, flag) in [
+                    (
+                        Box::new(ir) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+                        Box::new(ow) as Box<dyn tokio::io::AsyncWrite + Unpin + Send>,
+                        flag.clone(),
+                    ),
+                    (Box::new(or), Box::new(iw), flag),
+                ] {
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = match from.read(&mut buf).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            if flag.load(Ordering::SeqCst) {
+                                // Hold both sockets open and never answer.
+                                std::future::pending::<()>().await;
+                            }
+                            if to.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                        let _ = to.shutdown().await;
+                    });
+                }
+            }
+        });
+        FreezableProxy { addr, frozen }
+    }
+
+    /// Freezes every connection accepted so far.
+    fn freeze(&self) {
+        for flag in self.frozen.lock().unwrap().iter() {
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
+
+/// Keepalive: PINGs answered keep an idle pooled connection; once the peer hangs (its
+/// connection frozen), both ends close the connection within interval + timeout, counting it,
+/// the stream on it fails instead of hanging, and the next stream to the same peer opens a new
+/// connection.
+#[tokio::test]
+async fn an_unanswered_keepalive_ping_closes_the_connection_on_both_ends() {
+    use tokio::io::AsyncReadExt;
+    let config = TunnelConfig {
+        keepalive_interval: Duration::from_millis(100),
+        // Long enough that a loaded test machine answers in time.
+        keepalive_timeout: Duration::from_secs(1),
+        ..TunnelConfig::default()
+    };
+    let (ids, bundle) = identities(file_ca(), &[SERVER, CLIENT]).await;
+    let server = Server::start(ids.clone(), &bundle, config.clone()).await;
+    let proxy = FreezableProxy::start(server.addr).await;
+    let backend = echo_backend().await;
+    let client = TunnelClient::new(ids, bundle, config).unwrap();
+
+    let mut stream = client
+        .connect(&id(CLIENT), &id(SERVER), proxy.addr, backend)
+        .await
+        .unwrap();
+    let data = payload(1024, 9);
+    assert!(exchange(&mut stream, &data).await == data);
+    // Several PING rounds on a healthy connection close nothing.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let (c, s) = (client.stats().clone(), server.tunnel.stats().clone());
+    assert_eq!(c.snapshot().keepalive_failures, 0);
+    assert_eq!(s.snapshot().keepalive_failures, 0);
+    assert_eq!(c.snapshot().connections_open, 1);
+    assert!(exchange(&mut stream, &data).await == data);
+
+    proxy.freeze();
+    let frozen_at = std::time::Instant::now();
+    eventually("both ends to give the connection up", || {
+        c.snapshot().keepalive_failures == 1
+            && c.snapshot().connections_open == 0
+            && s.snapshot().keepalive_failures == 1
+            && s.snapshot().connections_open == 0
+    })
+    .await;
+    assert!(
+        frozen_at.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        frozen_at.elapsed()
+    );
+    // The stream on it ends with an error rather than waiting for bytes that never come.
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+        .await
+        .expect("the stream on the dead connection still hangs");
+    assert!(read.is_err(), "{read:?}");
+
+    // The next stream to the same peer gets a new connection, which works.
+    let mut stream = client
+        .connect(&id(CLIENT), &id(SERVER), proxy.addr, backend)
+        .await
+        .unwrap();
+    assert!(exchange(&mut stream, &data).await == data);
+    assert_eq!(c.snapshot().connections_opened, 2);
+}

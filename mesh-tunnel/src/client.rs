@@ -94,6 +94,7 @@ impl TunnelClient {
             src: src.clone(),
             dst_id: dst_id.clone(),
             peer,
+            thread: std::thread::current().id(),
         };
         let span = tracing::debug_span!("tunnel_outbound", %src, %dst_id, %peer, %dst);
         self.inner.connect(key, dst).instrument(span).await

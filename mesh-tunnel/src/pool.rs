@@ -1,6 +1,8 @@
 //! The client's pool of HTTP/2 connections, per (source identity, destination identity, peer
 //! node): a connection authenticates exactly one pair of workloads, so streams share it only
-//! within that pair.
+//! within that pair. And per thread: the agent's workers are single-threaded runtimes, and a
+//! connection is driven on the worker that dialed it, so streams opened on another worker would
+//! wake that one for every frame they send or receive.
 //!
 //! Each connection counts its streams ([`Slot`]s); a connect takes a slot on a connection below
 //! the stream limit or dials a new one (one dial at a time per key, so a burst of connects to a
@@ -24,6 +26,8 @@ pub(crate) struct Key {
     pub(crate) src: SpiffeId,
     pub(crate) dst_id: SpiffeId,
     pub(crate) peer: SocketAddr,
+    /// The thread opening streams (see the module's documentation).
+    pub(crate) thread: std::thread::ThreadId,
 }
 
 /// Locks a mutex whose data stays consistent even if a holder panicked (counters and vectors

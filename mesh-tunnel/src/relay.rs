@@ -25,6 +25,8 @@ use crate::stream::{H2Stream, h2_error};
 /// The most read from the socket for one DATA frame (h2 splits it into frames of the peer's
 /// largest size) and the allocation the reads share until it is used up.
 const CHUNK: usize = 256 * 1024;
+/// The least room a read is given (one TLS record's worth).
+const MIN_READ: usize = 16 * 1024;
 
 /// Bytes each way: (socket to tunnel, tunnel to socket).
 pub(crate) type Moved = (u64, u64);
@@ -91,7 +93,9 @@ impl Up {
     ) -> Poll<io::Result<()>> {
         loop {
             let granted = ready!(stream.poll_send_capacity(CHUNK, cx))?;
-            if self.buf.capacity() == 0 {
+            // A new allocation when the last one is (nearly) used up, rather than a read too
+            // small to be worth its frame.
+            if self.buf.capacity() < MIN_READ {
                 self.buf.reserve(CHUNK);
             }
             let room = granted.min(self.buf.capacity());

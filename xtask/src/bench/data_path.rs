@@ -234,7 +234,8 @@ impl Lab {
 }
 
 /// Whether something accepts TCP connections at `addr` from `ns`.
-fn listening(ns: &mesh_tests::Netns, addr: SocketAddr) -> bool {
+/// Whether something accepts connections at `addr` in `ns`.
+pub fn listening(ns: &mesh_tests::Netns, addr: SocketAddr) -> bool {
     ns.run(move || TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok())
 }
 

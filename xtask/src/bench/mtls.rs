@@ -24,15 +24,18 @@ use mesh_tests::{
 };
 
 use super::{
+    data_path::listening,
     load::{self, quantile},
-    procs,
+    procs::{self, Server, Spec},
 };
 
-/// HTTP echo (captured) and iperf3 (captured) on both server pods; the direct ports are not.
+/// HTTP (nginx, captured) and iperf3 (captured) on both server pods; the direct ports are not.
 const HTTP: u16 = 7000;
 const IPERF: u16 = 5201;
 const HTTP_DIRECT: u16 = 7001;
 const IPERF_DIRECT: u16 = 5202;
+/// The backends' h2c ports are their HTTP port plus this.
+const H2C_OFFSET: u16 = 10;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Path3 {
@@ -49,6 +52,8 @@ struct Lab {
     a: Topology,
     b: Topology,
     agents: Vec<Agent>,
+    /// Killed on drop.
+    _backends: Vec<Server>,
     bin: PathBuf,
     config_a: PathBuf,
     dir: PathBuf,
@@ -58,10 +63,31 @@ impl Lab {
     fn new(bin: &Path) -> anyhow::Result<Lab> {
         let nodes = TwoNodes::new(&["client"], 221, &["server", "plain"], 222);
         let (a, b, node_a, node_b) = (&nodes.a, &nodes.b, nodes.node_a, nodes.node_b);
+        // The data-path bench's nginx backend (one worker, 200 "ok"): a Python echo server here
+        // stalled for 0.2-0.5 s now and then, which made every path's p99 meaningless.
+        let mut backends = Vec::new();
         for pod in ["server", "plain"] {
-            let ns = &b.pod(pod).ns;
+            let p = b.pod(pod);
             for port in [HTTP, HTTP_DIRECT] {
-                ns.echo(pod, port, &[]);
+                let dir = nodes.dir.join(format!("nginx-{pod}-{port}"));
+                std::fs::create_dir_all(&dir)?;
+                let (ns, addr) = (p.ns.clone(), SocketAddr::from((p.ip4, port)));
+                backends.push(Server::start(
+                    Spec {
+                        name: "backend nginx",
+                        template: "backend-nginx.conf",
+                        vars: vec![
+                            ("H1_PORT", port.to_string()),
+                            // h2c, unused here, on a port nothing captures.
+                            ("H2_PORT", (port + H2C_OFFSET).to_string()),
+                        ],
+                        program: "nginx",
+                        args: &["-c", "@CONF@", "-e", "stderr"],
+                    },
+                    &p.ns,
+                    &dir,
+                    || listening(&ns, addr),
+                )?);
             }
         }
         let policy = [
@@ -101,6 +127,7 @@ impl Lab {
             a,
             b,
             agents: vec![agent_a, agent_b],
+            _backends: backends,
             bin: bin.to_path_buf(),
             config_a,
             dir,

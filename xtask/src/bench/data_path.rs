@@ -281,6 +281,25 @@ pub fn run(plan: Plan, agent_bin: &Path) -> anyhow::Result<Results> {
         .into_iter()
         .map(|t| (t, lab.pids(t).map(|p| procs::rss_kib(&p) as f64)))
         .collect();
+    // What the idle RSS is made of: the heap and stacks, and the pages of the program and its
+    // libraries that are mapped in (shared with any other process that maps the same files).
+    let mut idle_parts = [
+        Row::new(
+            "RSS idle, anonymous (heap, stacks)",
+            Unit::Kib,
+            Better::Lower,
+        ),
+        Row::new(
+            "RSS idle, file-backed (code, libraries)",
+            Unit::Kib,
+            Better::Lower,
+        ),
+    ];
+    for t in Target::PROXIES {
+        for (row, field) in idle_parts.iter_mut().zip(["RssAnon:", "RssFile:"]) {
+            row.push(t, lab.pids(t).map(|p| procs::status_kib(&p, field) as f64));
+        }
+    }
 
     // Each check proves the target serves and adds both headers before anything is measured.
     let mut check = Row::new(
@@ -328,6 +347,7 @@ pub fn run(plan: Plan, agent_bin: &Path) -> anyhow::Result<Results> {
         results.rss.push((t, [v(0), v(1), v(2)]));
     }
     results.rows.extend(rss_rows);
+    results.rows.extend(idle_parts);
     results.rows.extend(idle_connection_rows(&mut lab, plan));
     results.rows.push(check);
     // Last: they add the authorization program, which every packet of the client's link then

@@ -144,11 +144,16 @@ fn stat_fields(pid: u32) -> Option<Vec<String>> {
 
 /// Summed VmRSS of `pids`, KiB.
 pub fn rss_kib(pids: &[u32]) -> u64 {
+    status_kib(pids, "VmRSS:")
+}
+
+/// Summed `field` of `pids`' `/proc/PID/status` (`VmRSS:`, `RssAnon:`, `RssFile:`), KiB.
+pub fn status_kib(pids: &[u32], field: &str) -> u64 {
     pids.iter()
         .filter_map(|p| {
             let s = std::fs::read_to_string(format!("/proc/{p}/status")).ok()?;
             s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .find_map(|l| l.strip_prefix(field))
                 .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
         })
         .sum()

@@ -482,7 +482,16 @@ impl Collector for HttpCollector {
     }
 }
 
-/// Resident memory, CPU time and open file descriptors of the agent, from /proc/self.
+/// The log writer's count of lines it dropped (its queue full), once logging is set up.
+static LOG_DROPS: OnceLock<tracing_appender::non_blocking::ErrorCounter> = OnceLock::new();
+
+/// Makes `mesh_log_lines_dropped_total` read `counter` (the first call wins).
+pub fn count_dropped_log_lines(counter: tracing_appender::non_blocking::ErrorCounter) {
+    let _ = LOG_DROPS.set(counter);
+}
+
+/// Resident memory, CPU time and open file descriptors of the agent, from /proc/self, and the
+/// log lines dropped.
 #[derive(Debug)]
 struct ProcessCollector;
 
@@ -509,6 +518,13 @@ impl Collector for ProcessCollector {
             "Open file descriptors",
             None,
             fds.metric_type(),
+        )?)?;
+        let dropped = ConstCounter::new(LOG_DROPS.get().map_or(0, |c| c.dropped_lines() as u64));
+        dropped.encode(encoder.encode_descriptor(
+            "log_lines_dropped",
+            "Log lines (access logs included) dropped because the log writer's queue was full",
+            None,
+            dropped.metric_type(),
         )?)?;
         Ok(())
     }

@@ -356,6 +356,7 @@ fn promtool_accepts_the_metrics_exposition() {
         ("mesh_process_resident_memory_bytes", vec![]),
         ("mesh_process_cpu_seconds_total", vec![]),
         ("mesh_process_open_fds", vec![]),
+        ("mesh_log_lines_dropped_total", vec![]),
     ] {
         assert!(
             sample_sum(&text, name, &labels).is_some(),

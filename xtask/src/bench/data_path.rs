@@ -271,6 +271,7 @@ pub fn policy_text(server: Ipv4Addr, deny: bool) -> String {
 
 /// Runs every scenario under `plan` with the agent at `agent_bin`.
 pub fn run(plan: Plan, agent_bin: &Path) -> anyhow::Result<Results> {
+    let wanted = Scenarios::from_env()?;
     let mut lab = Lab::start(agent_bin)?;
     let mut results = Results {
         rows: Vec::new(),
@@ -311,11 +312,16 @@ pub fn run(plan: Plan, agent_bin: &Path) -> anyhow::Result<Results> {
         check.push(t, headers_check(&mut lab, t).map(|()| 1.0));
     }
 
-    for conns in [50, 16] {
-        results.rows.extend(wrk_rows(&mut lab, plan, conns));
+    if wanted.has("http1") {
+        for conns in [50, 16] {
+            results.rows.extend(wrk_rows(&mut lab, plan, conns));
+        }
     }
     let mut rss_1k = Vec::new();
-    for rate in [1000.0, 10_000.0] {
+    for rate in [1000.0, 10_000.0]
+        .into_iter()
+        .filter(|_| wanted.has("rate"))
+    {
         let (rows, curves, rss) = rate_rows(&mut lab, plan, rate);
         results.rows.extend(rows);
         if rate == 1000.0 {
@@ -323,9 +329,15 @@ pub fn run(plan: Plan, agent_bin: &Path) -> anyhow::Result<Results> {
             rss_1k = rss;
         }
     }
-    results.rows.extend(new_connection_rows(&mut lab, plan));
-    results.rows.extend(h2_rows(&mut lab, plan));
-    results.rows.extend(iperf_rows(&mut lab, plan));
+    if wanted.has("connect") {
+        results.rows.extend(new_connection_rows(&mut lab, plan));
+    }
+    if wanted.has("h2") {
+        results.rows.extend(h2_rows(&mut lab, plan));
+    }
+    if wanted.has("l4") {
+        results.rows.extend(iperf_rows(&mut lab, plan));
+    }
 
     let mut rss_rows = [
         Row::new("RSS idle", Unit::Kib, Better::Lower),
@@ -348,8 +360,13 @@ pub fn run(plan: Plan, agent_bin: &Path) -> anyhow::Result<Results> {
     }
     results.rows.extend(rss_rows);
     results.rows.extend(idle_parts);
-    results.rows.extend(idle_connection_rows(&mut lab, plan));
+    if wanted.has("idle") {
+        results.rows.extend(idle_connection_rows(&mut lab, plan));
+    }
     results.rows.push(check);
+    if !wanted.has("ebpf") {
+        return Ok(results);
+    }
     // Last: they add the authorization program, which every packet of the client's link then
     // goes through.
     let policy = lab.dir.join("policy.yaml");
@@ -363,6 +380,33 @@ pub fn run(plan: Plan, agent_bin: &Path) -> anyhow::Result<Results> {
         &lab.dir,
     ));
     Ok(results)
+}
+
+/// The scenarios `MESH_BENCH_SCENARIOS` names (comma-separated), or all of them: for comparing
+/// two agent builds on a few rows without the whole run. The idle RSS rows and the header check
+/// always run.
+struct Scenarios(Option<Vec<String>>);
+
+impl Scenarios {
+    const ALL: [&str; 7] = ["http1", "rate", "connect", "h2", "l4", "idle", "ebpf"];
+
+    fn from_env() -> anyhow::Result<Self> {
+        let Ok(list) = std::env::var("MESH_BENCH_SCENARIOS") else {
+            return Ok(Scenarios(None));
+        };
+        let names: Vec<String> = list.split(',').map(|s| s.trim().to_owned()).collect();
+        if let Some(bad) = names.iter().find(|n| !Self::ALL.contains(&n.as_str())) {
+            bail!(
+                "MESH_BENCH_SCENARIOS: unknown scenario {bad:?}; known: {}",
+                Self::ALL.join(", ")
+            );
+        }
+        Ok(Scenarios(Some(names)))
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.0.as_ref().is_none_or(|n| n.iter().any(|x| x == name))
+    }
 }
 
 fn headers_check(lab: &mut Lab, t: Target) -> anyhow::Result<()> {

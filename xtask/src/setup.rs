@@ -38,6 +38,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("modprobe", "kmod"),
     ("depmod", "kmod"),
     ("xz", "xz-utils"),
+    // The agent's allocator (jemalloc, built from source by tikv-jemalloc-sys).
+    ("make", "make"),
 ];
 
 /// Packages checked by name rather than by a command: `busybox` alone may be the dynamically

@@ -28,8 +28,10 @@ pub static malloc_conf: &[u8] = b"narenas:2,dirty_decay_ms:1000,muzzy_decay_ms:0
 /// How often the control plane trims while the agent runs.
 pub const TRIM_EVERY: Duration = Duration::from_secs(30);
 
-/// Returns the allocator's free pages to the kernel: jemalloc's arenas are purged; under glibc
-/// (without the feature) `malloc_trim` walks its arenas.
+/// Returns the allocators' free pages to the kernel: jemalloc's arenas are purged (with the
+/// feature), and glibc's `malloc_trim` walks its arenas in every build: jemalloc's symbols are
+/// prefixed, so it does not replace `malloc`, and what glibc itself allocates (name lookups,
+/// thread start-up) stays in glibc's heap.
 pub fn trim() {
     #[cfg(feature = "jemalloc")]
     {

@@ -18,7 +18,7 @@ use hyper_util::rt::TokioIo;
 use mesh_policy::{
     Compiled, GrpcOutcome, GrpcRequest, HeaderModifier, HttpAction, HttpFilter, HttpOutcome,
     HttpRule, MatchedPath, Mirror, PathMatchKind, PolicyStore, RequestParts, RouteId,
-    pick_weighted, split_grpc_path,
+    split_grpc_path,
 };
 use tokio::sync::Semaphore;
 
@@ -445,7 +445,7 @@ impl ConnCtx {
 
         // The backend: a weighted pick among the rule's, or the Service / destination itself.
         let (endpoints, backend_filters): (Endpoints<'p>, &[HttpFilter]) = match rule {
-            Some(rule) => match pick_weighted(&rule.backends, random_u32()) {
+            Some(rule) => match rule.pick() {
                 // Gateway API: requests that would go to an unresolved backendRef get 500; the
                 // rule's other backends keep their share.
                 Some(backend) if backend.unresolved => {

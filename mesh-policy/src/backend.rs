@@ -1,6 +1,7 @@
 //! Weighted backends and the weighted pick.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use serde::Serialize;
 
@@ -39,7 +40,8 @@ impl Backend {
 }
 
 /// Picks a backend in proportion to its weight. `random` is any uniformly distributed `u32`
-/// (the crate has no RNG: the caller owns randomness, which also keeps tests deterministic).
+/// (the crate has no RNG: the caller owns randomness, which also keeps tests deterministic);
+/// rules feed it from their [`Split`], which makes the shares exact rather than random.
 ///
 /// Weight-0 backends are never chosen; `None` when every weight is 0. A chosen backend may have
 /// no endpoints: per the Gateway API that share of requests fails (503) rather than being moved
@@ -59,4 +61,49 @@ pub fn pick_weighted(backends: &[Backend], random: u32) -> Option<&Backend> {
         point -= weight;
     }
     None
+}
+
+/// Where a rule is in its weighted split. Each pick takes the next point of a low-discrepancy
+/// sequence (n times the golden ratio, modulo 1, in 32-bit fixed point) instead of a random
+/// number, so every run of consecutive requests is split in the configured ratio: of any N
+/// requests of a 70/30 rule, the first backend gets 0.7 N give or take a few requests, where
+/// random picks miss by about 1.5 / sqrt(N) (4 % at 500 requests). Consecutive points are
+/// far apart, so the backends still take turns rather than runs. One relaxed atomic add per
+/// pick, shared by the agent's threads; it starts again at 0 when the policy is reloaded.
+#[derive(Default)]
+pub struct Split(AtomicU32);
+
+/// 2^32 / golden ratio: the Weyl step with the most evenly spread multiples.
+const GOLDEN_STEP: u32 = 0x9E37_79B9;
+
+impl Split {
+    /// The next point in `[0, 2^32)` for [`pick_weighted`].
+    pub fn next_point(&self) -> u32 {
+        self.0.fetch_add(1, Ordering::Relaxed).wrapping_mul(GOLDEN_STEP)
+    }
+
+    /// The next backend of `backends` in their weighted split.
+    pub fn pick<'b>(&self, backends: &'b [Backend]) -> Option<&'b Backend> {
+        pick_weighted(backends, self.next_point())
+    }
+}
+
+impl Clone for Split {
+    /// A copy starts at the same point and then counts on its own.
+    fn clone(&self) -> Self {
+        Self(AtomicU32::new(self.0.load(Ordering::Relaxed)))
+    }
+}
+
+impl PartialEq for Split {
+    /// Runtime state, not configuration: two rules that differ only here are the same rule.
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for Split {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Split").field(&self.0.load(Ordering::Relaxed)).finish()
+    }
 }

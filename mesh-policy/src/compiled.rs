@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Split};
 use crate::error::{LoadError, ValidationError};
 use crate::grpc::{GrpcCandidate, GrpcDecision, GrpcOutcome, GrpcRequest, GrpcTable};
 use crate::http::{HttpCandidate, HttpDecision, HttpOutcome, HttpTable, RequestParts};
@@ -367,6 +367,7 @@ impl Compiled {
                                 let decision = Decision {
                                     route: route.id.clone(),
                                     backends: rule.rule.backends.clone().into(),
+                                    split: Split::default(),
                                 };
                                 entry.tls.get_or_insert_with(TlsTable::default).add(
                                     route.rank,
@@ -383,6 +384,7 @@ impl Compiled {
                                 entry.tcp = Some(Decision {
                                     route: route.id.clone(),
                                     backends: rule.rule.backends.clone().into(),
+                                    split: Split::default(),
                                 });
                             }
                         }

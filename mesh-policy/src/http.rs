@@ -36,7 +36,7 @@ use std::time::Duration;
 use regex::Regex;
 use serde::Serialize;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Split};
 use crate::filter::{HttpFilter, Redirect};
 use crate::hosts::{HostIndex, HostKey};
 use crate::model::RouteId;
@@ -96,9 +96,17 @@ pub struct HttpRule {
     pub backends: Vec<Backend>,
     /// Timeouts (HTTPRoute only).
     pub timeouts: Timeouts,
+    /// Where the rule is in its weighted split of `backends`.
+    #[serde(skip)]
+    pub split: Split,
 }
 
 impl HttpRule {
+    /// The next backend in the rule's weighted split ([`Split`]).
+    pub fn pick(&self) -> Option<&Backend> {
+        self.split.pick(&self.backends)
+    }
+
     /// The rule's redirect filter, if it has one.
     pub fn redirect(&self) -> Option<&Redirect> {
         self.filters.iter().find_map(|f| match f {
@@ -124,7 +132,7 @@ impl HttpRule {
 pub enum HttpAction<'a> {
     /// Answer with this redirect (its `status_code`).
     Redirect(&'a Redirect),
-    /// Pick a backend with [`crate::pick_weighted`] and forward.
+    /// Pick a backend with [`HttpRule::pick`] and forward.
     Forward,
     /// No backend can take traffic: every backend has weight 0 or no ready endpoints, or the
     /// rule has none. The caller answers 500, as the Gateway API requires.

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::backend::{Backend, pick_weighted};
+use crate::backend::{Backend, Split};
 use crate::hosts::{HostIndex, HostKey};
 use crate::model::RouteId;
 use crate::names::normalize_host;
@@ -22,6 +22,9 @@ pub struct Decision {
     pub route: Arc<RouteId>,
     /// Weighted backends of its rule.
     pub backends: Arc<[Backend]>,
+    /// Where the rule is in its weighted split of `backends`.
+    #[serde(skip)]
+    pub split: Split,
 }
 
 impl Decision {
@@ -31,9 +34,9 @@ impl Decision {
         self.backends.iter().any(Backend::is_routable)
     }
 
-    /// [`pick_weighted`] over this decision's backends.
-    pub fn pick(&self, random: u32) -> Option<&Backend> {
-        pick_weighted(&self.backends, random)
+    /// The next backend in the rule's weighted split ([`Split`]).
+    pub fn pick(&self) -> Option<&Backend> {
+        self.split.pick(&self.backends)
     }
 }
 

@@ -24,7 +24,8 @@
 //!    authorization entries), checked against the kernel map limits.
 //! 5. Per connection or request the agent calls [`Compiled::route_http`],
 //!    [`Compiled::route_grpc`], [`Compiled::route_tls`] or [`Compiled::route_tcp`], and picks a
-//!    backend with [`pick_weighted`] using randomness it supplies.
+//!    backend with the matched rule's `pick`: the next point of the rule's [`Split`], so the
+//!    weights are met exactly rather than on average.
 //! 6. For the mTLS tunnel: [`Compiled::workload`] says which pod owns an IP (its identity, its
 //!    node, whether it is enrolled), [`Compiled::mtls_mode`] whether its namespace accepts
 //!    plaintext, and [`Compiled::authorize_inbound`] / [`Compiled::http_denied_by`] decide a
@@ -62,7 +63,7 @@ mod views;
 mod workload;
 
 pub use authorize::AuthzDecision;
-pub use backend::{Backend, pick_weighted};
+pub use backend::{Backend, Split, pick_weighted};
 pub use bounds::{
     MAX_FLOW_COLLECTION_BYTES, MAX_POLICY_BYTES, MAX_YAML_DEPTH, MAX_YAML_NODES,
     MAX_YAML_SCALAR_BYTES,

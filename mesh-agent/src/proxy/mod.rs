@@ -33,7 +33,6 @@ use crate::{
     policy::Store,
 };
 use balance::{Balancer, ConnectError};
-use mesh_http::headers::random_u32;
 
 /// The destination the client connected to, before capture.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -883,7 +882,7 @@ async fn handle(
         let endpoints: Vec<SocketAddr> = match &decision {
             Some(d) => {
                 span.record("route", d.route.to_string());
-                match d.pick(random_u32()) {
+                match d.pick() {
                     Some(b) if b.is_routable() => b.endpoints.clone(),
                     _ => {
                         warn!("the route has no backend with endpoints; resetting the client");

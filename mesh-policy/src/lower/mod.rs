@@ -22,7 +22,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::jiff::Timestamp;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Split};
 use crate::compiled::CaptureRule;
 use crate::error::ValidationError;
 use crate::filter::{

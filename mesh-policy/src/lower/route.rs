@@ -462,6 +462,7 @@ pub(super) fn lower_rule(
             filters: filters.into_iter().map(|(_, f)| f).collect(),
             backends,
             timeouts,
+            split: Split::default(),
         }),
     })
 }

@@ -682,3 +682,55 @@ fn weighted_pick_distribution() {
     );
     assert!(pick_weighted(&[], 7).is_none());
 }
+
+/// A rule's own picks meet its weights in every window of consecutive requests, not only on
+/// average (the conformance suite checks 500 requests within 0.05 of each weight), and the
+/// backends take turns instead of running in blocks.
+#[test]
+fn a_rules_picks_meet_the_weights_in_every_window() {
+    let spec = r#"  rules:
+  - backendRefs:
+    - {name: v1, port: 8080, weight: 70}
+    - {name: v2, port: 8080, weight: 0}
+    - {name: v3, port: 8080, weight: 20}
+    - {name: v4, port: 8080, weight: 10}
+"#;
+    let compiled = compile(&format!("{}{}", base(), http_route("r", "", spec)));
+    let request = RequestParts {
+        method: "GET",
+        host: "web",
+        path: "/",
+        headers: &[],
+    };
+    let HttpOutcome::Matched(d) = compiled.route_http(web(), &request) else {
+        panic!("should match");
+    };
+    let picks: Vec<&str> = (0..20_000)
+        .map(|_| d.rule.pick().expect("a backend").service.name.as_str())
+        .collect();
+    assert!(!picks.contains(&"v2"), "weight 0 is never chosen");
+    for window in [10usize, 100, 500, 5000] {
+        for start in (0..picks.len() - window).step_by(37) {
+            let slice = &picks[start..start + window];
+            for (name, weight) in [("v1", 0.7), ("v3", 0.2), ("v4", 0.1)] {
+                let got = slice.iter().filter(|p| **p == name).count() as f64;
+                let want = weight * window as f64;
+                assert!(
+                    (got - want).abs() <= 3.0,
+                    "{name}: {got} of {window} from request {start}, want {want}"
+                );
+            }
+        }
+    }
+    let longest_run = picks
+        .chunk_by(|a, b| a == b)
+        .map(|run| (run[0], run.len()))
+        .fold(std::collections::HashMap::new(), |mut m, (name, len)| {
+            let e = m.entry(name).or_insert(0);
+            *e = (*e).max(len);
+            m
+        });
+    assert!(longest_run["v1"] <= 4, "v1 runs: {longest_run:?}");
+    assert_eq!(longest_run["v3"], 1, "{longest_run:?}");
+    assert_eq!(longest_run["v4"], 1, "{longest_run:?}");
+}

@@ -120,7 +120,7 @@ fn tcp_route_lookup_and_tie_break() {
     assert_eq!(decision.route.name, "z-old");
     assert_eq!(decision.backends[0].weight, 2);
     assert_eq!(
-        decision.pick(0).map(|b| b.endpoints.clone()),
+        decision.pick().map(|b| b.endpoints.clone()),
         Some(vec![addr("10.244.0.12:8080")])
     );
     assert!(compiled.route_tcp(web()).is_none());

@@ -318,15 +318,14 @@ pub fn run(plan: Plan, agent_bin: &Path) -> anyhow::Result<Results> {
         }
     }
     let mut rss_1k = Vec::new();
-    for rate in [1000.0, 10_000.0]
-        .into_iter()
-        .filter(|_| wanted.has("rate"))
-    {
-        let (rows, curves, rss) = rate_rows(&mut lab, plan, rate);
-        results.rows.extend(rows);
-        if rate == 1000.0 {
-            results.curves = curves;
-            rss_1k = rss;
+    if wanted.has("rate") {
+        for rate in [1000.0, 10_000.0] {
+            let (rows, curves, rss) = rate_rows(&mut lab, plan, rate);
+            results.rows.extend(rows);
+            if rate == 1000.0 {
+                results.curves = curves;
+                rss_1k = rss;
+            }
         }
     }
     if wanted.has("connect") {

@@ -79,7 +79,9 @@ const GOLDEN_STEP: u32 = 0x9E37_79B9;
 impl Split {
     /// The next point in `[0, 2^32)` for [`pick_weighted`].
     pub fn next_point(&self) -> u32 {
-        self.0.fetch_add(1, Ordering::Relaxed).wrapping_mul(GOLDEN_STEP)
+        self.0
+            .fetch_add(1, Ordering::Relaxed)
+            .wrapping_mul(GOLDEN_STEP)
     }
 
     /// The next backend of `backends` in their weighted split.
@@ -104,6 +106,8 @@ impl PartialEq for Split {
 
 impl std::fmt::Debug for Split {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("Split").field(&self.0.load(Ordering::Relaxed)).finish()
+        f.debug_tuple("Split")
+            .field(&self.0.load(Ordering::Relaxed))
+            .finish()
     }
 }

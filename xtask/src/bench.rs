@@ -48,11 +48,16 @@ pub fn run(only: Option<Section>) -> anyhow::Result<()> {
         let plan = data_path::Plan::FULL;
         let results = data_path::run(plan, &agent)?;
         print(&results);
+        let layout = layout_line(&agent);
+        println!("{layout}");
         let dir = root().join("bench/results");
         report::write(
             &dir,
             &results,
-            &format!("{} rounds of {} s per scenario", plan.rounds, plan.secs),
+            &format!(
+                "{} rounds of {} s per scenario; {layout}",
+                plan.rounds, plan.secs
+            ),
         )?;
         println!(
             "\nwritten: {}/latest.md, latency.png, rss.png",
@@ -135,6 +140,23 @@ pub fn quick(agent: &Path) -> anyhow::Result<()> {
         .context("the mTLS rows (cargo xtask bench --only mtls)")?;
     println!("\nmTLS tunnel, quick:\n{table}");
     Ok(())
+}
+
+/// How much of `mesh-agent/hot-text.order` the measured (release) agent matches: names go stale
+/// with new toolchains and dependency versions, and the idle RSS grows back as they do.
+fn layout_line(agent: &Path) -> String {
+    match crate::layout::coverage(agent) {
+        Ok((found, listed)) => format!(
+            "hot text: {found} of the {listed} functions in {} are in this agent{}",
+            crate::layout::ORDER_FILE,
+            if found * 10 < listed * 9 {
+                " (below 90 %: run `cargo xtask layout`)"
+            } else {
+                ""
+            }
+        ),
+        Err(e) => format!("hot text: {e:#}"),
+    }
 }
 
 fn print(results: &data_path::Results) {

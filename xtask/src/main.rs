@@ -7,6 +7,7 @@ mod fuzz;
 mod k8s_agent;
 mod kernels;
 mod kube;
+mod layout;
 mod manifests;
 mod mtls_agent;
 mod setup;
@@ -81,6 +82,9 @@ enum Command {
         #[arg(long, default_value_t = 10.0)]
         minutes: f64,
     },
+    /// Trace which functions of the release agent run during the quick benchmark and write
+    /// them to `mesh-agent/hot-text.order`, the order the linker places them first in.
+    Layout,
     /// Write the CRDs generated from the Rust types to `manifests/crds/`.
     Crds {
         /// Write nothing; fail with a diff if a committed CRD differs.
@@ -144,6 +148,10 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
         Command::Soak { minutes } => {
             setup::run()?;
             soak::run(minutes, &util::build_agent(false)?)
+        }
+        Command::Layout => {
+            setup::run()?;
+            layout::run()
         }
         Command::Crds { check } => crds::run(check),
         Command::Manifests => {

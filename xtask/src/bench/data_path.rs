@@ -91,7 +91,7 @@ pub struct Results {
 }
 
 impl Lab {
-    fn start(agent_bin: &Path) -> anyhow::Result<Lab> {
+    fn start(agent_bin: &Path, agent_env: &[(&str, &str)]) -> anyhow::Result<Lab> {
         // The control pod's veth has no program: the eBPF rows' untargeted baseline.
         let t = Topology::new(&["client", "server", "control"]);
         let dir = std::env::temp_dir().join(format!("{}-bench", t.id));
@@ -131,7 +131,10 @@ impl Lab {
                 ("MESH_WORKERS", "2"),
                 // No access log lines (per connection or per request), as the peers log none.
                 ("MESH_ACCESS_LOG", "false"),
-            ],
+            ]
+            .into_iter()
+            .chain(agent_env.iter().copied())
+            .collect::<Vec<_>>(),
         );
         let node = t.node.clone();
         let backend_addr = |port| format!("{}:{port}", server.ip4);
@@ -271,8 +274,18 @@ pub fn policy_text(server: Ipv4Addr, deny: bool) -> String {
 
 /// Runs every scenario under `plan` with the agent at `agent_bin`.
 pub fn run(plan: Plan, agent_bin: &Path) -> anyhow::Result<Results> {
+    run_with(plan, agent_bin, &[])
+}
+
+/// [`run`] with `agent_env` added to the agent's environment (`cargo xtask layout` traces the
+/// agent this way).
+pub fn run_with(
+    plan: Plan,
+    agent_bin: &Path,
+    agent_env: &[(&str, &str)],
+) -> anyhow::Result<Results> {
     let wanted = Scenarios::from_env()?;
-    let mut lab = Lab::start(agent_bin)?;
+    let mut lab = Lab::start(agent_bin, agent_env)?;
     let mut results = Results {
         rows: Vec::new(),
         curves: Vec::new(),

@@ -1,6 +1,7 @@
 //! Weighted backends and the weighted pick.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use serde::Serialize;
@@ -69,9 +70,10 @@ pub fn pick_weighted(backends: &[Backend], random: u32) -> Option<&Backend> {
 /// requests of a 70/30 rule, the first backend gets 0.7 N give or take a few requests, where
 /// random picks miss by about 1.5 / sqrt(N) (4 % at 500 requests). Consecutive points are
 /// far apart, so the backends still take turns rather than runs. One relaxed atomic add per
-/// pick, shared by the agent's threads; it starts again at 0 when the policy is reloaded.
-#[derive(Default)]
-pub struct Split(AtomicU32);
+/// pick, shared by the agent's threads and by every clone (lookups hand out clones of L4
+/// decisions); a reloaded policy starts again at 0.
+#[derive(Clone, Default)]
+pub struct Split(Arc<AtomicU32>);
 
 /// 2^32 / golden ratio: the Weyl step with the most evenly spread multiples.
 const GOLDEN_STEP: u32 = 0x9E37_79B9;
@@ -87,13 +89,6 @@ impl Split {
     /// The next backend of `backends` in their weighted split.
     pub fn pick<'b>(&self, backends: &'b [Backend]) -> Option<&'b Backend> {
         pick_weighted(backends, self.next_point())
-    }
-}
-
-impl Clone for Split {
-    /// A copy starts at the same point and then counts on its own.
-    fn clone(&self) -> Self {
-        Self(AtomicU32::new(self.0.load(Ordering::Relaxed)))
     }
 }
 

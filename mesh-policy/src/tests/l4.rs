@@ -104,6 +104,27 @@ fn tls_tie_break_oldest_then_alphabetical() {
     assert!(decision.is_routable());
 }
 
+/// Every lookup hands out a clone of the decision, and the clones share the rule's split: over
+/// many connections (each its own lookup) the weights are met, not stuck on the first backend.
+#[test]
+fn tcp_route_weights_hold_across_lookups() {
+    let route = tcp_route("split", None, "v1").replace(
+        "backendRefs: [{name: v1, port: 8080, weight: 2}]",
+        "backendRefs: [{name: v1, port: 8080, weight: 9}, {name: v2, port: 8080, weight: 1}]",
+    );
+    let compiled = compile(&[base(), route].concat());
+    let mut v1 = 0;
+    for _ in 0..1000 {
+        let decision = compiled
+            .route_tcp(addr("10.96.0.1:8080"))
+            .expect("tcp route");
+        if decision.pick().expect("a backend").service.name == "v1" {
+            v1 += 1;
+        }
+    }
+    assert!((896..=904).contains(&v1), "v1 got {v1} of 1000, want 900");
+}
+
 #[test]
 fn tcp_route_lookup_and_tie_break() {
     let compiled = compile(

@@ -86,9 +86,16 @@ impl Split {
             .wrapping_mul(GOLDEN_STEP)
     }
 
-    /// The next backend of `backends` in their weighted split.
+    /// The next backend of `backends` in their weighted split. A single backend needs no
+    /// position: the shared counter is left alone, so the common one-backend rule costs the
+    /// agent's threads no contended atomic per request.
     pub fn pick<'b>(&self, backends: &'b [Backend]) -> Option<&'b Backend> {
-        pick_weighted(backends, self.next_point())
+        let point = if backends.len() > 1 {
+            self.next_point()
+        } else {
+            0
+        };
+        pick_weighted(backends, point)
     }
 }
 

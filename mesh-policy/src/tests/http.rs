@@ -643,14 +643,8 @@ spec:
     assert_eq!(at(80, "/alt"), "");
 }
 
-#[test]
-fn weighted_pick_distribution() {
-    let spec = r#"  rules:
-  - backendRefs:
-    - {name: v1, port: 8080, weight: 1}
-    - {name: v2, port: 8080, weight: 0}
-    - {name: v3, port: 8080, weight: 3}
-"#;
+/// The rule a `GET web/` request matches in a route `r` with `spec`.
+fn only_rule(spec: &str) -> std::sync::Arc<crate::HttpRule> {
     let compiled = compile(&format!("{}{}", base(), http_route("r", "", spec)));
     let request = RequestParts {
         method: "GET",
@@ -661,23 +655,35 @@ fn weighted_pick_distribution() {
     let HttpOutcome::Matched(d) = compiled.route_http(web(), &request) else {
         panic!("should match");
     };
+    d.rule.clone()
+}
+
+#[test]
+fn weighted_pick_distribution() {
+    let spec = r#"  rules:
+  - backendRefs:
+    - {name: v1, port: 8080, weight: 1}
+    - {name: v2, port: 8080, weight: 0}
+    - {name: v3, port: 8080, weight: 3}
+"#;
+    let rule = only_rule(spec);
     // An evenly spread deterministic sequence over the u32 range.
     let n = 4000u64;
     let mut counts = std::collections::HashMap::new();
     for i in 0..n {
         let random = u32::try_from((i << 32) / n).expect("below 2^32");
-        let backend = pick_weighted(d.backends(), random).expect("a backend");
+        let backend = pick_weighted(&rule.backends, random).expect("a backend");
         *counts.entry(backend.service.name.as_str()).or_insert(0u32) += 1;
     }
     assert_eq!(counts.get("v2"), None, "weight 0 is never chosen");
     assert_eq!(counts.get("v1"), Some(&1000));
     assert_eq!(counts.get("v3"), Some(&3000));
     assert_eq!(
-        pick_weighted(d.backends(), 0).map(|b| b.service.name.as_str()),
+        pick_weighted(&rule.backends, 0).map(|b| b.service.name.as_str()),
         Some("v1")
     );
     assert_eq!(
-        pick_weighted(d.backends(), u32::MAX).map(|b| b.service.name.as_str()),
+        pick_weighted(&rule.backends, u32::MAX).map(|b| b.service.name.as_str()),
         Some("v3")
     );
     assert!(pick_weighted(&[], 7).is_none());
@@ -695,18 +701,9 @@ fn a_rules_picks_meet_the_weights_in_every_window() {
     - {name: v3, port: 8080, weight: 20}
     - {name: v4, port: 8080, weight: 10}
 "#;
-    let compiled = compile(&format!("{}{}", base(), http_route("r", "", spec)));
-    let request = RequestParts {
-        method: "GET",
-        host: "web",
-        path: "/",
-        headers: &[],
-    };
-    let HttpOutcome::Matched(d) = compiled.route_http(web(), &request) else {
-        panic!("should match");
-    };
+    let rule = only_rule(spec);
     let picks: Vec<&str> = (0..20_000)
-        .map(|_| d.rule.pick().expect("a backend").service.name.as_str())
+        .map(|_| rule.pick().expect("a backend").service.name.as_str())
         .collect();
     assert!(!picks.contains(&"v2"), "weight 0 is never chosen");
     for window in [10usize, 100, 500, 5000] {

@@ -183,8 +183,15 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
     });
 
     let workers = Arc::new(
-        crate::workers::Workers::start(cfg.workers)
-            .map_err(|e| anyhow::anyhow!("starting {} worker threads: {e}", cfg.workers))?,
+        crate::workers::Workers::start(cfg.workers, |i| {
+            let worker = crate::metrics::WorkerLabels { worker: i as u32 };
+            metrics
+                .tcp
+                .worker_connections
+                .get_or_create(&worker)
+                .clone()
+        })
+        .map_err(|e| anyhow::anyhow!("starting {} worker threads: {e}", cfg.workers))?,
     );
     // mTLS between nodes: identities of this node's workloads and the tunnel server.
     let mesh = match (&cfg.mesh, tunnel_listener) {
@@ -231,8 +238,9 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
             .map(|_| l.try_clone())
             .collect::<std::io::Result<Vec<_>>>()?;
         let mut sockets = std::iter::once(l).chain(dups);
-        loops.extend(workers.spawn_each(|_| {
+        loops.extend(workers.spawn_each(|i| {
             let socket = sockets.next();
+            let placement = (workers.clone(), i);
             let (settings, stats, stop_rx) = (settings.clone(), stats.clone(), stop_rx.clone());
             // The listeners are shared with a running predecessor: this agent accepts only once
             // it can route what it accepts (Kubernetes mode: once synced).
@@ -254,7 +262,7 @@ pub async fn run(cfg: Config, initial: Compiled) -> anyhow::Result<()> {
                         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                     }
                 }
-                proxy::serve(l, settings, stats, stop_rx).await;
+                proxy::serve(l, settings, stats, stop_rx, placement).await;
             }
         }));
     }

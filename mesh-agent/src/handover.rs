@@ -719,9 +719,13 @@ fn receive(
                         state,
                         fds: fds.by_ref().take(n).collect(),
                     };
-                    workers
-                        .next()
-                        .spawn(proxy::resume(moved, settings.clone(), stats.clone()));
+                    let to = workers.place(None);
+                    let load = workers.count(to);
+                    let (settings, stats) = (settings.clone(), stats.clone());
+                    workers.handle(to).spawn(async move {
+                        proxy::resume(moved, settings, stats).await;
+                        drop(load);
+                    });
                 }
             }
             Ok((Message::Done { draining }, _)) => {

@@ -161,6 +161,13 @@ pub struct AcceptErrorLabels {
     pub reason: &'static str,
 }
 
+/// Labels of the per-worker gauges.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkerLabels {
+    /// The worker's number, as in its thread's name (`mesh-worker-N`).
+    pub worker: u32,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: String,
@@ -183,6 +190,8 @@ pub struct TcpMetrics {
     pub upstream_connect: Family<TcpLabels, Histogram, fn() -> Histogram>,
     /// Captured connections the agent could not accept (out of fds): each one was refused.
     pub accept_errors: Family<AcceptErrorLabels, Counter>,
+    /// Connections each worker thread serves now (captured connections of every kind).
+    pub worker_connections: Family<WorkerLabels, Gauge>,
 }
 
 /// Policy reloads by result (`applied`, `rejected`).
@@ -217,6 +226,7 @@ impl Metrics {
             upstream_connect_errors: Family::default(),
             upstream_connect: Family::new_with_constructor(connect_histogram as fn() -> Histogram),
             accept_errors: Family::default(),
+            worker_connections: Family::default(),
         });
         let policy = Arc::new(PolicyMetrics::default());
         static NEXT_HTTP_METRICS: std::sync::atomic::AtomicU64 =
@@ -271,6 +281,12 @@ impl Metrics {
              the upstream side right after it, by reason (emfile: the agent's open-file limit, \
              enfile: the system's)",
             tcp.accept_errors.clone(),
+        );
+        r.register(
+            "worker_connections",
+            "Captured connections each worker thread serves now; a new connection goes to the \
+             worker serving the fewest",
+            tcp.worker_connections.clone(),
         );
         r.register(
             "policy_reloads",

@@ -2,7 +2,7 @@
 //! costs the agent its two sockets and no pipe; the agent raises its soft open-file limit to the
 //! hard one and shows both in `/status`; at the hard limit it refuses what it cannot hold, counts
 //! it in `mesh_accept_errors_total`, keeps serving what it has, and serves new connections once
-//! old ones close.
+//! old ones close. Connections are spread evenly over the agent's worker threads.
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpStream},
@@ -178,6 +178,47 @@ fn idle_l4_connections_hold_two_fds_each_and_still_echo() {
     let mut conns = conns;
     for (i, c) in conns.iter_mut().enumerate() {
         echo(c, N + i).unwrap_or_else(|e| panic!("connection {i} after idling: {e}"));
+    }
+}
+
+#[test]
+fn connections_are_spread_over_the_worker_threads() {
+    if !privileged("connections_are_spread_over_the_worker_threads") {
+        return;
+    }
+    // The agent's two workers both watch the listening socket, and the kernel wakes them in
+    // the same order: left alone, the first took nearly every connection.
+    const N: usize = 40;
+    let (t, _agent, addr) = lab(None);
+    let conns: Vec<TcpStream> = open(&t.pod("client").ns, addr, N, 0)
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| c.unwrap_or_else(|e| panic!("connection {i}: {e}")))
+        .collect();
+    let per_worker = |t: &Topology| {
+        [0, 1].map(|w| metric(t, &format!("mesh_worker_connections{{worker=\"{w}\"}}")))
+    };
+    let served = per_worker(&t);
+    println!("{N} idle connections per worker: {served:?}");
+    assert_eq!(served.iter().sum::<u64>(), N as u64, "{served:?}");
+    assert!(
+        served.iter().all(|&n| n >= (N as u64) * 2 / 5),
+        "{N} connections served {served:?} by the two workers"
+    );
+    // Those placed on the other worker carry bytes like the rest.
+    let mut conns = conns;
+    for (i, c) in conns.iter_mut().enumerate() {
+        echo(c, N + i).unwrap_or_else(|e| panic!("connection {i}: {e}"));
+    }
+    drop(conns);
+    let deadline = Instant::now() + TIMEOUT;
+    while per_worker(&t) != [0, 0] {
+        assert!(
+            Instant::now() < deadline,
+            "still counted after every connection closed: {:?}",
+            per_worker(&t)
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

@@ -31,6 +31,7 @@ use crate::{
     handover::{ConnKind, ConnState},
     metrics::{AcceptErrorLabels, TcpLabels, TcpMetrics},
     policy::Store,
+    workers::{Load, Workers},
 };
 use balance::{Balancer, ConnectError};
 
@@ -308,6 +309,7 @@ pub async fn serve(
     settings: Arc<Settings>,
     stats: Arc<Stats>,
     mut stop: watch::Receiver<bool>,
+    (workers, me): (Arc<Workers>, usize),
 ) {
     Reserve::fill();
     // Set while accept fails, so that a full fd table is logged once, not at every retry.
@@ -340,13 +342,18 @@ pub async fn serve(
                     let (settings, stats) = (settings.clone(), stats.clone());
                     // Counted before the accept loop can stop: the handover then waits for it.
                     stats.movable.fetch_add(1, Ordering::AcqRel);
-                    tokio::spawn(async move {
-                        let movable = Movable(Some(&stats));
-                        handle(stream, ClientAddr(peer), &settings, &stats, movable).await;
-                        if stats.active.fetch_sub(1, Ordering::AcqRel) == 1 {
-                            stats.drained.notify_waiters();
-                        }
-                    });
+                    let to = workers.place(Some(me));
+                    let load = workers.count(to);
+                    if to == me {
+                        tokio::spawn(connection(Ok(stream), peer, settings, stats, load));
+                    } else {
+                        // Registered with the other worker's event loop from there.
+                        let stream = stream.into_std();
+                        workers.handle(to).spawn(async move {
+                            let stream = stream.and_then(TcpStream::from_std);
+                            connection(stream, peer, settings, stats, load).await;
+                        });
+                    }
                 }
                 Err(e) => {
                     let reason = accept_error_reason(&e);
@@ -377,6 +384,27 @@ pub async fn serve(
                 }
             }
         }
+    }
+}
+
+/// Serves one accepted connection on the worker `load` counts it against (`stream` is an error
+/// when it could not be moved there: it is closed and no more counted).
+async fn connection(
+    stream: std::io::Result<TcpStream>,
+    peer: SocketAddr,
+    settings: Arc<Settings>,
+    stats: Arc<Stats>,
+    _load: Load,
+) {
+    let movable = Movable(Some(&stats));
+    match stream {
+        Ok(stream) => handle(stream, ClientAddr(peer), &settings, &stats, movable).await,
+        Err(e) => {
+            warn!(%peer, error = %e, "moving a connection to another worker failed; it is closed")
+        }
+    }
+    if stats.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+        stats.drained.notify_waiters();
     }
 }
 

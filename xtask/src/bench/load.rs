@@ -184,7 +184,24 @@ pub fn iperf3(
         .stdout(std::process::Stdio::null())
         .spawn()
         .context("starting iperf3 -s")?;
-    std::thread::sleep(Duration::from_millis(200));
+    // Waits for the server's listening socket (`ss`, not a probe connection: a one-off server
+    // would take a probe for its client). A fixed 200 ms was sometimes too short under CI.
+    let listening = || {
+        server
+            .cmd("ss")
+            .args(["-Hltn", &format!("sport = :{port}")])
+            .output()
+            .is_ok_and(|o| !o.stdout.is_empty())
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !listening() {
+        if std::time::Instant::now() > deadline {
+            let _ = srv.kill();
+            let _ = srv.wait();
+            bail!("iperf3 -s did not listen on port {port} within 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let out = client
         .cmd("iperf3")
         .args(["-c", &ip.to_string(), "-p", &port.to_string(), "-J"])

@@ -4,9 +4,9 @@
 //! task it spawns then stay on that thread.
 //!
 //! Why placed and not left where accepted: every worker's event loop watches the same listening
-//! socket and the kernel wakes them in the same order, so the first one took nearly every
-//! connection (in the benchmark, all 16 of wrk's connections on one thread while the other
-//! slept and the proxy was short of a core).
+//! socket and the first one woken accepts whatever is queued. Left at that, one worker took
+//! nearly every connection (in the benchmark, all 16 of wrk's connections on one thread while
+//! the other slept and the proxy was short of a core); why the same one each time was not traced.
 //!
 //! Why not one work-stealing runtime: with the proxy, the load generator and the backends
 //! sharing a node's cores, a request's tasks woke each other across threads (futex wake-ups,

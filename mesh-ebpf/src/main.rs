@@ -290,6 +290,18 @@ const SK_PASS: u32 = 1;
 /// passes untouched.
 #[sk_lookup]
 pub fn steer(ctx: SkLookupContext) -> u32 {
+    // Only right after `capture` inserted something is there anything to find. This runs in
+    // every listener lookup of the node, so it comes first, and a node where `capture` never
+    // inserted (0) is spared the clock.
+    let recent = match TW_LAST.get(0) {
+        Some(0) => false,
+        // SAFETY: a helper without arguments.
+        Some(last) => unsafe { bpf_ktime_get_ns() }.wrapping_sub(*last) < redirect::TW_WINDOW_NS,
+        None => true,
+    };
+    if !recent {
+        return SK_PASS;
+    }
     let p = ctx.lookup;
     // The verifier takes only loads at constant offsets from the context pointer: every field
     // is read on its own, volatile so that the compiler neither copies the struct nor moves
@@ -342,15 +354,6 @@ pub fn steer(ctx: SkLookupContext) -> u32 {
         ),
         _ => return SK_PASS,
     };
-    // Only right after `capture` inserted something is there anything to find.
-    let recent = match TW_LAST.get(0) {
-        // SAFETY: a helper without arguments.
-        Some(last) => unsafe { bpf_ktime_get_ns() }.wrapping_sub(*last) < redirect::TW_WINDOW_NS,
-        None => true,
-    };
-    if !recent {
-        return SK_PASS;
-    }
     // SAFETY: a plain-data lookup; the value is not kept.
     if unsafe { TW_SYNS.get(key) }.is_none() {
         return SK_PASS;

@@ -616,34 +616,67 @@ fn new_connection_rows(lab: &mut Lab, plan: Plan) -> Vec<Row> {
     vec![p50, p99]
 }
 
-/// h2load: h2c GETs and gRPC-shaped unary POSTs.
+/// h2load: h2c GETs and gRPC-shaped unary POSTs, with the proxy's CPU per request for each.
 fn h2_rows(lab: &mut Lab, plan: Plan) -> Vec<Row> {
-    let mut h2c = Row::new(
-        "h2c req/s (h2load, 16 conns x 10 streams)",
-        Unit::PerSecond,
-        Better::Higher,
-    );
-    let mut grpc = Row::new(
-        "gRPC unary req/s (h2load, 16 conns x 10 streams)",
-        Unit::PerSecond,
-        Better::Higher,
-    );
+    let rps_row = |what: &str| {
+        Row::new(
+            format!("{what} req/s (h2load, 16 conns x 10 streams)"),
+            Unit::PerSecond,
+            Better::Higher,
+        )
+    };
+    let cpu_row = |what: &str| {
+        Row::new(
+            format!("CPU per request, {what} (h2load, 16 conns x 10 streams)"),
+            Unit::Micros,
+            Better::Lower,
+        )
+    };
+    let (mut h2c, mut h2c_cpu) = (rps_row("h2c"), cpu_row("h2c"));
+    let (mut grpc, mut grpc_cpu) = (rps_row("gRPC unary"), cpu_row("gRPC unary"));
     let body = lab.dir.join("grpc-body");
     for _ in 0..plan.rounds {
         for t in Target::ALL {
-            let url = format!("http://{}/", lab.http_addr(t, true));
-            let r = lab
-                .ready(t)
-                .and_then(|()| load::h2load(lab.client(), &url, 16, 10, plan.secs, None));
-            h2c.push(t, r);
-            let url = format!("{url}bench.Bench/Unary");
-            let r = lab
-                .ready(t)
-                .and_then(|()| load::h2load(lab.client(), &url, 16, 10, plan.secs, Some(&body)));
-            grpc.push(t, r);
+            let base = format!("http://{}/", lab.http_addr(t, true));
+            let runs = [
+                (base.clone(), None, &mut h2c, &mut h2c_cpu),
+                (
+                    format!("{base}bench.Bench/Unary"),
+                    Some(body.as_path()),
+                    &mut grpc,
+                    &mut grpc_cpu,
+                ),
+            ];
+            for (url, post, rps, cpu) in runs {
+                let run = |lab: &mut Lab| -> anyhow::Result<(load::H2load, Option<f64>)> {
+                    lab.ready(t)?;
+                    let pids = lab.pids(t).ok();
+                    let before = pids.as_deref().map(procs::cpu_seconds);
+                    let r = load::h2load(lab.client(), &url, 16, 10, plan.secs, post)?;
+                    let per_req = pids
+                        .as_deref()
+                        .zip(before)
+                        .map(|(p, b)| (procs::cpu_seconds(p) - b) * 1e6 / r.requests as f64);
+                    Ok((r, per_req))
+                };
+                match run(lab) {
+                    Ok((r, per_req)) => {
+                        rps.push(t, Ok(r.rps));
+                        if let Some(c) = per_req {
+                            cpu.push(t, Ok(c));
+                        }
+                    }
+                    Err(e) => {
+                        if t != Target::Direct {
+                            cpu.push(t, Err(anyhow::anyhow!("{e:#}")));
+                        }
+                        rps.push(t, Err(e));
+                    }
+                }
+            }
         }
     }
-    vec![h2c, grpc]
+    vec![h2c, h2c_cpu, grpc, grpc_cpu]
 }
 
 /// iperf3 through the agent (captured port) and direct, one stream and eight.

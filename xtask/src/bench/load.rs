@@ -103,6 +103,13 @@ fn duration_us(v: &str) -> Option<f64> {
     num.trim().parse::<f64>().ok().map(|n| n * mult)
 }
 
+/// What one `h2load` run measured.
+pub struct H2load {
+    pub rps: f64,
+    /// Requests completed (all of them succeeded).
+    pub requests: u64,
+}
+
 /// `h2load` (prior-knowledge h2c): requests per second over `secs`, `conns` connections with
 /// `streams` concurrent streams each; `post` sends that file as a POST body with gRPC's
 /// headers. Fails if any request did not succeed.
@@ -113,7 +120,7 @@ pub fn h2load(
     streams: u32,
     secs: f64,
     post: Option<&std::path::Path>,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<H2load> {
     let mut c = ns.cmd("h2load");
     c.args([
         "-t",
@@ -155,17 +162,22 @@ pub fn h2load(
     };
     let (done, ok) = (count("done"), count("succeeded"));
     let codes = line("status codes:")?;
-    if done.is_none_or(|d| d == 0) || done != ok {
-        bail!("h2load: {requests}; {codes}");
-    }
+    let done = match done {
+        Some(d) if d > 0 && Some(d) == ok => d,
+        _ => bail!("h2load: {requests}; {codes}"),
+    };
     if !codes.contains(" 0 3xx, 0 4xx, 0 5xx") {
         bail!("h2load: {codes}");
     }
-    line("finished in")?
+    let rps = line("finished in")?
         .split(',')
         .find_map(|p| p.trim().strip_suffix("req/s"))
         .and_then(|v| v.trim().parse().ok())
-        .with_context(|| format!("no req/s in h2load's report:\n{text}"))
+        .with_context(|| format!("no req/s in h2load's report:\n{text}"))?;
+    Ok(H2load {
+        rps,
+        requests: done,
+    })
 }
 
 /// iperf3 from `client` to a one-off server in `server` on `port`: Gbit/s received over `secs`

@@ -435,6 +435,31 @@ fn headers_check(lab: &mut Lab, t: Target) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The CPU clock of a target's proxy processes, read before a run; `None` inside for direct,
+/// which has no proxy (or when its processes could not be listed).
+struct CpuMeter(Option<(Vec<u32>, f64)>);
+
+impl CpuMeter {
+    fn start(lab: &mut Lab, t: Target) -> Self {
+        CpuMeter(lab.pids(t).ok().map(|p| {
+            let before = procs::cpu_seconds(&p);
+            (p, before)
+        }))
+    }
+
+    /// The processes measured.
+    fn pids(&self) -> Option<&[u32]> {
+        self.0.as_ref().map(|(p, _)| p.as_slice())
+    }
+
+    /// User + system CPU microseconds per request since `start`, over `requests` requests.
+    fn per_request(&self, requests: u64) -> Option<f64> {
+        self.0
+            .as_ref()
+            .map(|(p, before)| (procs::cpu_seconds(p) - before) * 1e6 / requests as f64)
+    }
+}
+
 /// wrk at `conns` connections: requests/s, p99, and (at 16) CPU per request.
 fn wrk_rows(lab: &mut Lab, plan: Plan, conns: u32) -> Vec<Row> {
     let mut rps = Row::new(
@@ -456,14 +481,10 @@ fn wrk_rows(lab: &mut Lab, plan: Plan, conns: u32) -> Vec<Row> {
         for t in Target::ALL {
             let run = |lab: &mut Lab| -> anyhow::Result<(load::Wrk, Option<f64>)> {
                 lab.ready(t)?;
-                let pids = lab.pids(t).ok();
-                let before = pids.as_deref().map(procs::cpu_seconds);
+                let meter = CpuMeter::start(lab, t);
                 let url = format!("http://{}/", lab.http_addr(t, false));
                 let w = load::wrk(lab.client(), &url, conns, plan.secs)?;
-                let per_req = pids
-                    .as_deref()
-                    .zip(before)
-                    .map(|(p, b)| (procs::cpu_seconds(p) - b) * 1e6 / w.requests as f64);
+                let per_req = meter.per_request(w.requests);
                 Ok((w, per_req))
             };
             match run(lab) {
@@ -516,13 +537,12 @@ fn rate_rows(
             let last = round + 1 == plan.rounds;
             let run = |lab: &mut Lab| -> anyhow::Result<(load::Rated, Option<(f64, u64)>)> {
                 lab.ready(t)?;
-                let pids = lab.pids(t).ok();
-                let before = pids.as_deref().map(procs::cpu_seconds);
+                let meter = CpuMeter::start(lab, t);
                 let addr = lab.http_addr(t, false);
                 let ns = lab.client().clone();
                 let secs = plan.secs;
                 // RSS sampled halfway through, while the load runs.
-                let sampler = pids.clone().map(|p| {
+                let sampler = meter.pids().map(<[u32]>::to_vec).map(|p| {
                     thread::spawn(move || {
                         thread::sleep(Duration::from_secs_f64(0.3 + secs / 2.0));
                         procs::rss_kib(&p)
@@ -536,10 +556,7 @@ fn rate_rows(
                     Duration::from_secs_f64(plan.secs),
                 )?;
                 let rss = sampler.and_then(|s| s.join().ok());
-                let used = pids
-                    .as_deref()
-                    .zip(before)
-                    .map(|(p, b)| (procs::cpu_seconds(p) - b) * 1e6 / r.latencies_us.len() as f64);
+                let used = meter.per_request(r.latencies_us.len() as u64);
                 Ok((r, used.zip(rss)))
             };
             match run(lab) {
@@ -650,13 +667,9 @@ fn h2_rows(lab: &mut Lab, plan: Plan) -> Vec<Row> {
             for (url, post, rps, cpu) in runs {
                 let run = |lab: &mut Lab| -> anyhow::Result<(load::H2load, Option<f64>)> {
                     lab.ready(t)?;
-                    let pids = lab.pids(t).ok();
-                    let before = pids.as_deref().map(procs::cpu_seconds);
+                    let meter = CpuMeter::start(lab, t);
                     let r = load::h2load(lab.client(), &url, 16, 10, plan.secs, post)?;
-                    let per_req = pids
-                        .as_deref()
-                        .zip(before)
-                        .map(|(p, b)| (procs::cpu_seconds(p) - b) * 1e6 / r.requests as f64);
+                    let per_req = meter.per_request(r.requests);
                     Ok((r, per_req))
                 };
                 match run(lab) {

@@ -35,6 +35,8 @@ const BACKEND_H2: u16 = 8081;
 /// The peers' listeners in the node namespace: HTTP/1.1 and h2c.
 const HAPROXY_PORTS: (u16, u16) = (8001, 8011);
 const NGINX_PORTS: (u16, u16) = (8002, 8012);
+/// HAProxy's TCP listener in the node namespace, to the direct iperf3 port.
+const HAPROXY_L4: u16 = 8021;
 /// L4 ports on the server pod: the captured one goes through the agent, the other is direct
 /// (and is the "untargeted" traffic the programs look at and pass).
 const IPERF_CAPTURED: u16 = 5201;
@@ -145,8 +147,10 @@ impl Lab {
                 vars: vec![
                     ("LISTEN_H1", format!("{}:{}", client.gw4, HAPROXY_PORTS.0)),
                     ("LISTEN_H2", format!("{}:{}", client.gw4, HAPROXY_PORTS.1)),
+                    ("LISTEN_L4", format!("{}:{HAPROXY_L4}", client.gw4)),
                     ("BACKEND_H1", backend_addr(BACKEND_H1)),
                     ("BACKEND_H2", backend_addr(BACKEND_H2)),
+                    ("BACKEND_L4", backend_addr(IPERF_DIRECT)),
                 ],
                 program: "haproxy",
                 args: &["-db", "-f", "@CONF@"],
@@ -452,11 +456,16 @@ impl CpuMeter {
         self.0.as_ref().map(|(p, _)| p.as_slice())
     }
 
-    /// User + system CPU microseconds per request since `start`, over `requests` requests.
-    fn per_request(&self, requests: u64) -> Option<f64> {
+    /// User + system CPU seconds since `start`.
+    fn seconds(&self) -> Option<f64> {
         self.0
             .as_ref()
-            .map(|(p, before)| (procs::cpu_seconds(p) - before) * 1e6 / requests as f64)
+            .map(|(p, before)| procs::cpu_seconds(p) - before)
+    }
+
+    /// User + system CPU microseconds per request since `start`, over `requests` requests.
+    fn per_request(&self, requests: u64) -> Option<f64> {
+        self.seconds().map(|s| s * 1e6 / requests as f64)
     }
 }
 
@@ -692,36 +701,75 @@ fn h2_rows(lab: &mut Lab, plan: Plan) -> Vec<Row> {
     vec![h2c, h2c_cpu, grpc, grpc_cpu]
 }
 
-/// iperf3 through the agent (captured port) and direct, one stream and eight.
+/// iperf3 direct, through the agent (captured port) and through HAProxy in TCP mode, one stream
+/// and eight; the proxy's CPU per GB moved, and the whole machine's.
 fn iperf_rows(lab: &mut Lab, plan: Plan) -> Vec<Row> {
     let mut rows = Vec::new();
     for streams in [1u32, 8] {
-        let mut row = Row::new(
-            format!(
-                "iperf3, {streams} stream{}",
-                if streams > 1 { "s" } else { "" }
-            ),
+        let s = if streams > 1 { "s" } else { "" };
+        let mut rate = Row::new(
+            format!("iperf3, {streams} stream{s}"),
             Unit::Gbits,
             Better::Higher,
         );
+        let mut cpu = Row::new(
+            format!("proxy CPU per GB moved, iperf3 {streams} stream{s}"),
+            Unit::Millis,
+            Better::Lower,
+        );
+        let mut machine = Row::new(
+            format!("machine CPU per GB moved, iperf3 {streams} stream{s}"),
+            Unit::Millis,
+            Better::Lower,
+        );
         for _ in 0..plan.rounds {
-            for (t, port) in [
-                (Target::Direct, IPERF_DIRECT),
-                (Target::Agent, IPERF_CAPTURED),
-            ] {
-                let server = lab.t.pod("server").ns.clone();
-                let r = load::iperf3(
-                    lab.client(),
-                    &server,
-                    lab.server_ip(),
-                    port,
-                    streams,
-                    plan.secs,
-                );
-                row.push(t, r);
+            for t in [Target::Direct, Target::Agent, Target::Haproxy] {
+                let run = |lab: &mut Lab| -> anyhow::Result<(f64, Option<f64>, f64)> {
+                    lab.ready(t)?;
+                    let (connect, listen) = match t {
+                        Target::Agent => ((lab.server_ip(), IPERF_CAPTURED), IPERF_CAPTURED),
+                        Target::Haproxy => ((lab.t.pod("client").gw4, HAPROXY_L4), IPERF_DIRECT),
+                        _ => ((lab.server_ip(), IPERF_DIRECT), IPERF_DIRECT),
+                    };
+                    let meter = CpuMeter::start(lab, t);
+                    let busy = procs::machine_busy_seconds();
+                    let server = lab.t.pod("server").ns.clone();
+                    let gbits = load::iperf3(
+                        lab.client(),
+                        &server,
+                        SocketAddr::from(connect),
+                        listen,
+                        streams,
+                        plan.secs,
+                    )?;
+                    let busy = procs::machine_busy_seconds() - busy;
+                    // iperf3 runs whole seconds; milliseconds of CPU per GB.
+                    let gb = gbits * plan.secs.max(1.0).round() / 8.0;
+                    Ok((
+                        gbits,
+                        meter.seconds().map(|c| c * 1e3 / gb),
+                        busy * 1e3 / gb,
+                    ))
+                };
+                match run(lab) {
+                    Ok((gbits, per_gb, busy_per_gb)) => {
+                        rate.push(t, Ok(gbits));
+                        if let Some(c) = per_gb {
+                            cpu.push(t, Ok(c));
+                        }
+                        machine.push(t, Ok(busy_per_gb));
+                    }
+                    Err(e) => {
+                        if t != Target::Direct {
+                            cpu.push(t, Err(anyhow::anyhow!("{e:#}")));
+                        }
+                        machine.push(t, Err(anyhow::anyhow!("{e:#}")));
+                        rate.push(t, Err(e));
+                    }
+                }
             }
         }
-        rows.push(row);
+        rows.extend([rate, cpu, machine]);
     }
     rows
 }

@@ -69,8 +69,17 @@ pub fn rows(
     let ratios = |row: &mut Row| {
         for _ in 0..rounds {
             let (c, s) = (control.clone(), server_ns.clone());
-            let other = thread::spawn(move || load::iperf3(&c, &s, server, CONTROL_PORT, 1, secs));
-            let with = load::iperf3(&client, &server_ns, server, UNTARGETED_PORT, 1, secs);
+            let other = thread::spawn(move || {
+                load::iperf3(&c, &s, (server, CONTROL_PORT).into(), CONTROL_PORT, 1, secs)
+            });
+            let with = load::iperf3(
+                &client,
+                &server_ns,
+                (server, UNTARGETED_PORT).into(),
+                UNTARGETED_PORT,
+                1,
+                secs,
+            );
             let without = other
                 .join()
                 .unwrap_or_else(|_| Err(anyhow::anyhow!("the control iperf3 thread panicked")));

@@ -180,12 +180,13 @@ pub fn h2load(
     })
 }
 
-/// iperf3 from `client` to a one-off server in `server` on `port`: Gbit/s received over `secs`
-/// with `streams` parallel streams.
+/// iperf3 from `client`, connecting to `connect` (the server's address, or a proxy's), to a
+/// one-off server in `server` on `port`: Gbit/s received over `secs` with `streams` parallel
+/// streams.
 pub fn iperf3(
     client: &Netns,
     server: &Netns,
-    ip: std::net::Ipv4Addr,
+    connect: std::net::SocketAddr,
     port: u16,
     streams: u32,
     secs: f64,
@@ -216,7 +217,8 @@ pub fn iperf3(
     }
     let out = client
         .cmd("iperf3")
-        .args(["-c", &ip.to_string(), "-p", &port.to_string(), "-J"])
+        .args(["-c", &connect.ip().to_string()])
+        .args(["-p", &connect.port().to_string(), "-J"])
         .args(["-P", &streams.to_string()])
         .arg("-t")
         .arg(format!("{}", secs.max(1.0).round()))

@@ -221,7 +221,7 @@ pub fn run(bin: &Path, rounds: usize, secs: f64) -> anyhow::Result<String> {
             let (ip, port) = lab.addr(p, false);
             let before = lab.agent_cpu();
             let machine_before = procs::machine_busy_seconds();
-            let bps = load::iperf3(&client, lab.server_ns(p), ip, port, 1, secs)
+            let bps = load::iperf3(&client, lab.server_ns(p), (ip, port).into(), port, 1, secs)
                 .with_context(|| format!("iperf3 {p:?}"))?;
             let machine = procs::machine_busy_seconds() - machine_before;
             let cpu = lab.agent_cpu() - before;

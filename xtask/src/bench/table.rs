@@ -108,6 +108,8 @@ pub enum Unit {
     KbEach,
     /// Nanoseconds.
     Nanos,
+    /// Milliseconds (of CPU per GB moved).
+    Millis,
     /// A plain count.
     Count,
     /// Percent.
@@ -125,6 +127,7 @@ impl Unit {
             Unit::Kib => format!("{:.1} MB", v / 1024.0),
             Unit::KbEach => format!("{v:.1} KB"),
             Unit::Nanos => format!("{v:.0} ns"),
+            Unit::Millis => format!("{v:.0} ms"),
             Unit::Count => format!("{v:.1}"),
             Unit::Percent => format!("{v:.1} %"),
         }

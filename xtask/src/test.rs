@@ -7,7 +7,7 @@
 //! privileged tests again on Debian bookworm's 6.1 kernel in a VM (`cargo xtask kernels --kernel
 //! 6.1`), the oldest kernel the agent is meant to run on.
 use std::{
-    path::Path,
+    path::{Path, PathBuf},
     process::Command,
     time::{Duration, Instant},
 };
@@ -197,13 +197,22 @@ fn conformance(agent: &Path, apiserver: &Path, steps: &mut Steps) -> anyhow::Res
     Ok(())
 }
 
+/// The shared conformance suite: `MESH_CONFORMANCE_DIR`, or `shared/conformance` beside the
+/// repository.
+fn conformance_dir() -> PathBuf {
+    std::env::var_os("MESH_CONFORMANCE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("../shared/conformance"))
+}
+
 /// Runs `run.py` with the agent command; returns its output, or an error holding it.
 fn run_conformance(agent_cmd: &str) -> anyhow::Result<String> {
-    let suite = root().join("../shared/conformance");
+    let suite = conformance_dir();
     let runner = suite.join("run.py");
     if !runner.exists() {
         bail!(
-            "{} is missing: the conformance suite must run",
+            "{} is missing: the conformance suite must run (it is looked for in shared/ beside \
+             the repository, or where MESH_CONFORMANCE_DIR says)",
             runner.display()
         );
     }

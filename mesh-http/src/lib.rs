@@ -523,9 +523,12 @@ impl Proxy {
             state.clone(),
             shared.stats.clone(),
         ));
+        // hyper's h2 server moves each stream's future by value several times (into the
+        // stream's state, into the task it spawns): it gets this small one, and the request's
+        // own state machine (kilobytes) is put on the heap once, at the first poll.
         let service = service_fn(move |request| {
             let ctx = ctx.clone();
-            async move { Ok::<_, Infallible>(ctx.handle(request).await) }
+            async move { Ok::<_, Infallible>(Box::pin(ctx.handle(request)).await) }
         });
         let watched = state.clone();
         let served = async move {

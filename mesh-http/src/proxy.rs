@@ -692,12 +692,15 @@ impl ConnCtx {
         let upstream = &self.shared.upstream;
         let route = self.dial_route(endpoint);
         let route = route.as_ref();
+        // The h2 path is the hot one here (HTTP/1 requests mostly take `h1`'s own path); the
+        // others are boxed so that their state machines (connecting, kilobytes) do not size
+        // every request's future, which is moved by value at each level.
         if upgrade {
-            upstream.send_upgrade(endpoint, route, request).await
+            Box::pin(upstream.send_upgrade(endpoint, route, request)).await
         } else if h2 {
             upstream.send_h2(endpoint, route, request).await
         } else {
-            upstream.send_h1(endpoint, route, request).await
+            Box::pin(upstream.send_h1(endpoint, route, request)).await
         }
     }
 

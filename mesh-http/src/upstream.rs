@@ -522,6 +522,17 @@ impl Upstream {
         {
             return Ok(sender);
         }
+        // Boxed: connecting is rare, and its state would otherwise size every request's future.
+        Box::pin(self.open_h2(endpoint, route, key)).await
+    }
+
+    /// A new HTTP/2 connection to `endpoint`, pooled under `key`.
+    async fn open_h2(
+        &self,
+        endpoint: SocketAddr,
+        route: Option<&Route>,
+        key: PoolKey,
+    ) -> Result<SendRequest<Body>, SendError> {
         let stream = self.connect_conn(endpoint, route).await?;
         let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())

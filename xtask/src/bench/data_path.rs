@@ -734,7 +734,7 @@ fn iperf_rows(lab: &mut Lab, plan: Plan) -> Vec<Row> {
                     let meter = CpuMeter::start(lab, t);
                     let busy = procs::machine_busy_seconds();
                     let server = lab.t.pod("server").ns.clone();
-                    let gbits = load::iperf3(
+                    let r = load::iperf3(
                         lab.client(),
                         &server,
                         SocketAddr::from(connect),
@@ -743,12 +743,11 @@ fn iperf_rows(lab: &mut Lab, plan: Plan) -> Vec<Row> {
                         plan.secs,
                     )?;
                     let busy = procs::machine_busy_seconds() - busy;
-                    // iperf3 runs whole seconds; milliseconds of CPU per GB.
-                    let gb = gbits * plan.secs.max(1.0).round() / 8.0;
+                    // Milliseconds of CPU per GB.
                     Ok((
-                        gbits,
-                        meter.seconds().map(|c| c * 1e3 / gb),
-                        busy * 1e3 / gb,
+                        r.gbits,
+                        meter.seconds().map(|c| c * 1e3 / r.gb),
+                        busy * 1e3 / r.gb,
                     ))
                 };
                 match run(lab) {

@@ -85,7 +85,7 @@ pub fn rows(
                 .unwrap_or_else(|_| Err(anyhow::anyhow!("the control iperf3 thread panicked")));
             row.push(
                 Target::Agent,
-                with.and_then(|w| without.map(|n| 100.0 * w / n)),
+                with.and_then(|w| without.map(|n| 100.0 * w.gbits / n.gbits)),
             );
         }
     };

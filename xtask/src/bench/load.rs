@@ -180,9 +180,16 @@ pub fn h2load(
     })
 }
 
+/// What one iperf3 run received.
+#[derive(Debug, Clone, Copy)]
+pub struct Iperf {
+    pub gbits: f64,
+    /// Gigabytes received over the run.
+    pub gb: f64,
+}
+
 /// iperf3 from `client`, connecting to `connect` (the server's address, or a proxy's), to a
-/// one-off server in `server` on `port`: Gbit/s received over `secs` with `streams` parallel
-/// streams.
+/// one-off server in `server` on `port`, for `secs` with `streams` parallel streams.
 pub fn iperf3(
     client: &Netns,
     server: &Netns,
@@ -190,7 +197,7 @@ pub fn iperf3(
     port: u16,
     streams: u32,
     secs: f64,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<Iperf> {
     let mut srv = server
         .cmd("iperf3")
         .args(["-s", "-1", "-p", &port.to_string()])
@@ -231,10 +238,17 @@ pub fn iperf3(
     if let Some(e) = v["error"].as_str() {
         bail!("iperf3: {e}");
     }
-    v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .map(|b| b / 1e9)
-        .with_context(|| format!("no sum_received in iperf3's report: {v}"))
+    let received = &v["end"]["sum_received"];
+    match (
+        received["bits_per_second"].as_f64(),
+        received["bytes"].as_f64(),
+    ) {
+        (Some(bits), Some(bytes)) => Ok(Iperf {
+            gbits: bits / 1e9,
+            gb: bytes / 1e9,
+        }),
+        _ => bail!("no sum_received in iperf3's report: {v}"),
+    }
 }
 
 /// One HTTP/1.1 request on `s`; the status and body. Understands Content-Length and chunked

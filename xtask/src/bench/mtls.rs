@@ -221,13 +221,12 @@ pub fn run(bin: &Path, rounds: usize, secs: f64) -> anyhow::Result<String> {
             let (ip, port) = lab.addr(p, false);
             let before = lab.agent_cpu();
             let machine_before = procs::machine_busy_seconds();
-            let bps = load::iperf3(&client, lab.server_ns(p), (ip, port).into(), port, 1, secs)
+            let r = load::iperf3(&client, lab.server_ns(p), (ip, port).into(), port, 1, secs)
                 .with_context(|| format!("iperf3 {p:?}"))?;
             let machine = procs::machine_busy_seconds() - machine_before;
             let cpu = lab.agent_cpu() - before;
-            // iperf3's figure is in Gbit/s.
-            gbits[i].push(bps);
-            let gb = bps * secs.max(1.0).round() / 8.0;
+            gbits[i].push(r.gbits);
+            let gb = r.gb;
             cpu_per_gb[i].push(if p == Path3::Direct {
                 f64::NAN
             } else {

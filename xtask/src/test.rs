@@ -151,6 +151,15 @@ fn conformance(agent: &Path, apiserver: &Path, steps: &mut Steps) -> anyhow::Res
         xtask.display(),
         agent.display()
     );
+    // What each run must still see once `/tmp` and `/run` are private (see [`isolated`]).
+    let keep = [
+        root(),
+        conformance_dir(),
+        agent.into(),
+        apiserver.into(),
+        xtask.clone(),
+    ];
+    let keep = &keep;
     let runs = [
         ("file mode", file),
         ("Kubernetes mode", kubernetes),
@@ -166,7 +175,7 @@ fn conformance(agent: &Path, apiserver: &Path, steps: &mut Steps) -> anyhow::Res
                 .map(|(mode, cmd)| {
                     s.spawn(move || {
                         let start = Instant::now();
-                        (*mode, run_conformance(cmd), start.elapsed())
+                        (*mode, run_conformance(cmd, keep), start.elapsed())
                     })
                 })
                 .collect();
@@ -206,7 +215,7 @@ fn conformance_dir() -> PathBuf {
 }
 
 /// Runs `run.py` with the agent command; returns its output, or an error holding it.
-fn run_conformance(agent_cmd: &str) -> anyhow::Result<String> {
+fn run_conformance(agent_cmd: &str, keep: &[PathBuf]) -> anyhow::Result<String> {
     let suite = conformance_dir();
     let runner = suite.join("run.py");
     if !runner.exists() {
@@ -216,7 +225,7 @@ fn run_conformance(agent_cmd: &str) -> anyhow::Result<String> {
             runner.display()
         );
     }
-    let mut cmd = isolated();
+    let mut cmd = isolated(keep)?;
     cmd.arg("python3")
         .arg(&runner)
         .arg("--cases")
@@ -241,7 +250,53 @@ fn run_conformance(agent_cmd: &str) -> anyhow::Result<String> {
 /// namespaces `ml-node`, `ml-client`, ... and keeps its state in `/tmp`; the agents pin under
 /// `/sys/fs/bpf`: in private copies of these, two runs cannot meet. Network namespaces are
 /// still created by the runner, as before; only their names are private.
-fn isolated() -> Command {
+///
+/// Each path of `keep` that lies under `/tmp` or `/run` (a checkout cloned to `/tmp`, say)
+/// stays visible: the top-level entry holding it is bound back into the fresh tmpfs from the
+/// directory the tmpfs hides, which the shell holds open before mounting over it (through
+/// `/proc/self/fd`, which `mount` must not canonicalize: that would name the new, empty `/tmp`).
+fn isolated(keep: &[PathBuf]) -> anyhow::Result<Command> {
+    let mut script = String::from("set -e\n");
+    for (fd, dir) in [(3, "/tmp"), (4, "/run")] {
+        script.push_str(&format!("exec {fd}<{dir}\nmount -t tmpfs tmpfs {dir}\n"));
+        let mut entries: Vec<String> = Vec::new();
+        for path in keep {
+            let path = path
+                .canonicalize()
+                .with_context(|| format!("{} is missing", path.display()))?;
+            let Ok(rest) = path.strip_prefix(dir) else {
+                continue;
+            };
+            let Some(first) = rest.components().next() else {
+                bail!(
+                    "{} is {dir} itself: it cannot stay visible under a private {dir}",
+                    path.display()
+                );
+            };
+            let name = first.as_os_str().to_str().filter(|n| !n.contains('\''));
+            let Some(name) = name else {
+                bail!(
+                    "{}: a path with a quote or not UTF-8 cannot be kept visible",
+                    path.display()
+                );
+            };
+            if !entries.iter().any(|e| e == name) {
+                entries.push(name.to_owned());
+            }
+        }
+        for name in entries {
+            let (from, to) = (
+                format!("/proc/self/fd/{fd}/{name}"),
+                format!("{dir}/{name}"),
+            );
+            script.push_str(&format!(
+                "if [ -d '{from}' ]; then mkdir '{to}'; else touch '{to}'; fi\n\
+                 mount --no-canonicalize --bind '{from}' '{to}'\n"
+            ));
+        }
+        script.push_str(&format!("exec {fd}<&-\n"));
+    }
+    script.push_str("mount -t bpf bpf /sys/fs/bpf\nexec \"$@\"\n");
     let mut c = Command::new("unshare");
     c.args([
         "--mount",
@@ -250,11 +305,10 @@ fn isolated() -> Command {
         "--",
         "sh",
         "-c",
-        "set -e; mount -t tmpfs tmpfs /tmp; mount -t tmpfs tmpfs /run; \
-         mount -t bpf bpf /sys/fs/bpf; exec \"$@\"",
+        &script,
         "sh",
     ]);
-    c
+    Ok(c)
 }
 
 fn secs(d: Duration) -> String {

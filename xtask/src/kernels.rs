@@ -22,7 +22,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::util::{build_agent, cargo, clean_leftovers, output, root};
+use crate::util::{build_agent, cargo, clean_leftovers, entries_under, output, root};
 
 /// Which kernels to run on.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
@@ -625,8 +625,9 @@ fn run_in(cmd: &mut Command, dir: &Path) -> anyhow::Result<()> {
 }
 
 /// The initramfs: busybox, `guest/init`, the boot modules (decompressed, in load order), the
-/// job and where the kernel's module tree is on the host.
-fn initramfs(kernel: &Kernel, job: &str) -> anyhow::Result<Vec<u8>> {
+/// job, where the kernel's module tree is on the host, and the host paths under the guest's
+/// scratch folders that must stay visible (`keep`).
+fn initramfs(kernel: &Kernel, job: &str, keep: &[String]) -> anyhow::Result<Vec<u8>> {
     let mut cpio = Cpio::default();
     for d in ["bin", "dev", "proc", "sys", "newroot", "modules"] {
         cpio.dir(d);
@@ -639,6 +640,7 @@ fn initramfs(kernel: &Kernel, job: &str) -> anyhow::Result<Vec<u8>> {
     cpio.file("job.sh", 0o755, job.as_bytes());
     cpio.file("modroot", 0o644, kernel.tree.to_string_lossy().as_bytes());
     cpio.file("preload", 0o644, PRELOAD.join("\n").as_bytes());
+    cpio.file("keep", 0o644, keep.join("\n").as_bytes());
     let mut order = Vec::new();
     for module in BOOT_MODULES {
         let deps = output(
@@ -775,7 +777,20 @@ fn run_vm(
     let work = cache_dir().join("run").join(&kernel.release);
     std::fs::create_dir_all(&work)?;
     let initrd = work.join("initramfs.cpio");
-    std::fs::write(&initrd, initramfs(kernel, &job(&run, agent, opts.jobs))?)?;
+    // The guest mounts tmpfs over /tmp, /run and /var/tmp: what the job reads from there (a
+    // checkout cloned to /tmp, say) is bound back over it (`guest/init`).
+    let mut needed = vec![root(), agent.to_path_buf(), kernel.tree.clone()];
+    needed.extend(run.iter().map(|t| t.exe.clone()));
+    let mut keep = Vec::new();
+    for dir in ["/tmp", "/run", "/var/tmp"] {
+        keep.extend(
+            entries_under(dir, &needed)?
+                .into_iter()
+                .map(|e| format!("{dir}/{e}")),
+        );
+    }
+    let job = job(&run, agent, opts.jobs);
+    std::fs::write(&initrd, initramfs(kernel, &job, &keep)?)?;
     let pidfile = work.join("qemu.pid");
     kill_stale(&pidfile);
     eprintln!(

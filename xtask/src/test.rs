@@ -14,7 +14,9 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::util::{build_agent, build_apiserver, cargo, clean_leftovers, exec, root};
+use crate::util::{
+    build_agent, build_apiserver, cargo, clean_leftovers, entries_under, exec, root,
+};
 
 /// CI's soak: short, but long enough for restarts and reloads to happen under load.
 const SOAK_MINUTES: f64 = 1.0;
@@ -259,32 +261,7 @@ fn isolated(keep: &[PathBuf]) -> anyhow::Result<Command> {
     let mut script = String::from("set -e\n");
     for (fd, dir) in [(3, "/tmp"), (4, "/run")] {
         script.push_str(&format!("exec {fd}<{dir}\nmount -t tmpfs tmpfs {dir}\n"));
-        let mut entries: Vec<String> = Vec::new();
-        for path in keep {
-            let path = path
-                .canonicalize()
-                .with_context(|| format!("{} is missing", path.display()))?;
-            let Ok(rest) = path.strip_prefix(dir) else {
-                continue;
-            };
-            let Some(first) = rest.components().next() else {
-                bail!(
-                    "{} is {dir} itself: it cannot stay visible under a private {dir}",
-                    path.display()
-                );
-            };
-            let name = first.as_os_str().to_str().filter(|n| !n.contains('\''));
-            let Some(name) = name else {
-                bail!(
-                    "{}: a path with a quote or not UTF-8 cannot be kept visible",
-                    path.display()
-                );
-            };
-            if !entries.iter().any(|e| e == name) {
-                entries.push(name.to_owned());
-            }
-        }
-        for name in entries {
+        for name in entries_under(dir, keep)? {
             let (from, to) = (
                 format!("/proc/self/fd/{fd}/{name}"),
                 format!("{dir}/{name}"),

@@ -32,6 +32,39 @@ pub fn output(program: &str, args: &[&str]) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// The entries directly under `dir` (`/tmp`, say) that hold some path of `keep`, by name, each
+/// once: what must be bound back when a fresh tmpfs is mounted over `dir` (a checkout cloned
+/// to `/tmp`, its build and test executables). Names with a quote are refused: they end up in
+/// shell scripts.
+pub fn entries_under(dir: &str, keep: &[PathBuf]) -> anyhow::Result<Vec<String>> {
+    let mut entries: Vec<String> = Vec::new();
+    for path in keep {
+        let path = path
+            .canonicalize()
+            .with_context(|| format!("{} is missing", path.display()))?;
+        let Ok(rest) = path.strip_prefix(dir) else {
+            continue;
+        };
+        let Some(first) = rest.components().next() else {
+            bail!(
+                "{} is {dir} itself: it cannot stay visible under a private {dir}",
+                path.display()
+            );
+        };
+        let name = first.as_os_str().to_str().filter(|n| !n.contains('\''));
+        let Some(name) = name else {
+            bail!(
+                "{}: a path with a quote or not UTF-8 cannot be kept visible",
+                path.display()
+            );
+        };
+        if !entries.iter().any(|e| e == name) {
+            entries.push(name.to_owned());
+        }
+    }
+    Ok(entries)
+}
+
 pub fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }

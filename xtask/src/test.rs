@@ -268,7 +268,7 @@ fn isolated(keep: &[PathBuf]) -> anyhow::Result<Command> {
             );
             script.push_str(&format!(
                 "if [ -d '{from}' ]; then mkdir '{to}'; else touch '{to}'; fi\n\
-                 mount --no-canonicalize --bind '{from}' '{to}'\n"
+                 mount --no-canonicalize --rbind '{from}' '{to}'\n"
             ));
         }
         script.push_str(&format!("exec {fd}<&-\n"));

@@ -34,32 +34,39 @@ pub fn output(program: &str, args: &[&str]) -> Option<String> {
 
 /// The entries directly under `dir` (`/tmp`, say) that hold some path of `keep`, by name, each
 /// once: what must be bound back when a fresh tmpfs is mounted over `dir` (a checkout cloned
-/// to `/tmp`, its build and test executables). Names with a quote are refused: they end up in
-/// shell scripts.
+/// to `/tmp`, its build and test executables). Each path counts as written and as resolved, so
+/// a symlink under `dir` to elsewhere keeps the link, and one elsewhere into `dir` keeps its
+/// target. Names with a quote or a line break are refused: they end up in shell scripts and
+/// in a file read line by line.
 pub fn entries_under(dir: &str, keep: &[PathBuf]) -> anyhow::Result<Vec<String>> {
     let mut entries: Vec<String> = Vec::new();
     for path in keep {
-        let path = path
-            .canonicalize()
-            .with_context(|| format!("{} is missing", path.display()))?;
-        let Ok(rest) = path.strip_prefix(dir) else {
-            continue;
-        };
-        let Some(first) = rest.components().next() else {
-            bail!(
-                "{} is {dir} itself: it cannot stay visible under a private {dir}",
-                path.display()
-            );
-        };
-        let name = first.as_os_str().to_str().filter(|n| !n.contains('\''));
-        let Some(name) = name else {
-            bail!(
-                "{}: a path with a quote or not UTF-8 cannot be kept visible",
-                path.display()
-            );
-        };
-        if !entries.iter().any(|e| e == name) {
-            entries.push(name.to_owned());
+        let written = std::path::absolute(path)
+            .with_context(|| format!("{}: no absolute form", path.display()))?;
+        let resolved = path.canonicalize().ok();
+        for path in std::iter::once(written).chain(resolved) {
+            let Ok(rest) = path.strip_prefix(dir) else {
+                continue;
+            };
+            let Some(first) = rest.components().next() else {
+                bail!(
+                    "{} is {dir} itself: it cannot stay visible under a private {dir}",
+                    path.display()
+                );
+            };
+            let name = first
+                .as_os_str()
+                .to_str()
+                .filter(|n| !n.contains(['\'', '\n', '\r']));
+            let Some(name) = name else {
+                bail!(
+                    "{}: a path with a quote, a line break or not UTF-8 cannot be kept visible",
+                    path.display()
+                );
+            };
+            if !entries.iter().any(|e| e == name) {
+                entries.push(name.to_owned());
+            }
         }
     }
     Ok(entries)
